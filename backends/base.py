@@ -1,0 +1,170 @@
+"""The Backend interface every engine implements, and the types it speaks.
+
+A backend turns a :class:`GenerationRequest` into a stream of
+:class:`GenerationChunk` and a batch of texts into embeddings. It knows nothing
+of HTTP, tenants or OpenAI's wire format; the gateway translates both ways.
+
+Contract of :meth:`Backend.generate`:
+
+* It is an async iterator. Errors detectable before any work is done
+  (context too long, engine full past its wait limit) are raised before the
+  first chunk, so the caller can still answer with a plain HTTP error.
+* Each chunk carries newly produced text; the last one carries
+  ``finish_reason`` and the final token counts.
+* Closing the iterator early (``aclose()``, or cancelling the task that
+  iterates it) aborts the request and frees its engine resources.
+
+Errors::
+
+    BackendError                     anything a backend raises on purpose
+    ├── InvalidRequestError          the request can never succeed (→ 400)
+    │   └── ContextLengthExceeded    prompt + max_tokens > context (→ 400)
+    ├── BackendOverloaded            no capacity within the wait limit (→ 503)
+    └── BackendUnavailable           not loaded, shut down or failed (→ 503)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+FinishReason = Literal["stop", "length"]
+
+
+class BackendError(Exception):
+    """Base of every error a backend raises deliberately."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequestError(BackendError):
+    """The request is malformed for this backend and will never succeed."""
+
+
+class ContextLengthExceeded(InvalidRequestError):
+    """Prompt tokens plus the requested completion exceed the context window."""
+
+    def __init__(self, *, prompt_tokens: int, max_tokens: int, context_length: int) -> None:
+        super().__init__(
+            f"This model's maximum context length is {context_length} tokens. However, you "
+            f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, "
+            f"{max_tokens} for the completion). Please reduce the prompt or max_tokens.",
+            param="messages",
+        )
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.context_length = context_length
+
+
+class BackendOverloaded(BackendError):
+    """No capacity became free within the wait limit; retry after ``retry_after`` s."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class BackendUnavailable(BackendError):
+    """The backend cannot serve now: still loading, shut down, or crashed."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    """One chat turn, already flattened to text."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How to pick tokens. ``None`` means "the engine's default"."""
+
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """Either ``prompt`` (raw completion) or ``messages`` (chat) is set."""
+
+    request_id: str
+    model: str
+    sampling: SamplingParams
+    prompt: str | None = None
+    messages: tuple[ChatMessage, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationChunk:
+    """New text since the previous chunk; counts are cumulative."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingResult:
+    vectors: list[list[float]]
+    prompt_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class BackendLoad:
+    """A point-in-time view of how busy a backend is."""
+
+    running: int
+    waiting: int
+    capacity: int
+    last_batch_size: int = 0  # sequences in the most recent decode step
+    decode_steps: int = 0  # cumulative
+    decoded_sequences: int = 0  # cumulative sum of batch sizes
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """One engine instance serving one or more public model names."""
+
+    @property
+    def context_length(self) -> int:
+        """Maximum prompt + completion tokens of one sequence."""
+        ...
+
+    @property
+    def ready(self) -> bool:
+        """True once the model is loaded and requests can be served."""
+        ...
+
+    async def start(self) -> None:
+        """Load the model / connect; called once from the app lifespan."""
+        ...
+
+    async def close(self) -> None:
+        """Abort in-flight work and release every resource."""
+        ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Stream the completion; see the module docstring for the contract."""
+        ...
+
+    async def embed(self, texts: Sequence[str]) -> EmbeddingResult:
+        """Pooled embeddings, one vector per text, in order."""
+        ...
+
+    def load(self) -> BackendLoad:
+        """Current running/waiting counts, for metrics and routing."""
+        ...

@@ -1,0 +1,183 @@
+"""The embedded llama.cpp engine behind the Backend interface.
+
+    >>> backend = EmbeddedBackend(EmbeddedConfig(path=None, max_sequences=8))
+    >>> await backend.start()                 # assembles the default model if needed
+    >>> async for chunk in backend.generate(request): ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from backends.base import (
+    BackendError,
+    BackendLoad,
+    BackendUnavailable,
+    ContextLengthExceeded,
+    EmbeddingResult,
+    GenerationChunk,
+    GenerationRequest,
+    InvalidRequestError,
+)
+from backends.llama.engine import EngineConfig, LlamaEngine
+from backends.llama.native import LlamaModel
+from backends.llama.templates import BuiltinTemplate, ChatTemplate
+from backends.model_store import resolve_model_path
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddedConfig:
+    path: str | None = None  # None: the packaged default model
+    context_length: int = 2048  # per sequence
+    max_sequences: int = 8
+    threads: int | None = None  # None: every core
+    template: BuiltinTemplate | None = None  # None: the GGUF's own, else by architecture
+    queue_timeout: float = 30.0
+    max_waiting: int = 256
+    prefill_chunk: int = 256
+    batch_tokens: int = 512
+
+
+class EmbeddedBackend:
+    """Runs a GGUF in-process with continuous batching."""
+
+    def __init__(self, config: EmbeddedConfig) -> None:
+        self.config = config
+        self._model: LlamaModel | None = None
+        self._engine: LlamaEngine | None = None
+        self._template: ChatTemplate | None = None
+        self.model_path: Path | None = None
+
+    @property
+    def context_length(self) -> int:
+        return self.config.context_length
+
+    @property
+    def ready(self) -> bool:
+        return self._engine is not None and self._engine.alive
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.model_path = await asyncio.to_thread(resolve_model_path, cfg.path)
+        model = await asyncio.to_thread(LlamaModel, self.model_path)
+        if cfg.context_length > model.n_ctx_train:
+            model.close()
+            raise ValueError(
+                f"context_length {cfg.context_length} exceeds the model's training context "
+                f"({model.n_ctx_train})"
+            )
+        self._model = model
+        self._template = ChatTemplate.select(
+            configured=cfg.template,
+            embedded=model.chat_template,
+            architecture=model.architecture,
+            bos_token=model.bos_text,
+            eos_token=model.eos_text,
+        )
+        engine = LlamaEngine(
+            model,
+            EngineConfig(
+                context_length=cfg.context_length,
+                max_sequences=cfg.max_sequences,
+                threads=cfg.threads or os.cpu_count() or 1,
+                batch_tokens=max(cfg.batch_tokens, cfg.max_sequences),
+                prefill_chunk=cfg.prefill_chunk,
+                queue_timeout=cfg.queue_timeout,
+                max_waiting=cfg.max_waiting,
+            ),
+        )
+        await asyncio.to_thread(engine.start, asyncio.get_running_loop())
+        self._engine = engine
+
+    async def close(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            await asyncio.to_thread(engine.stop)
+        if self._model is not None:
+            self._model.close()
+            self._model = None
+
+    def load(self) -> BackendLoad:
+        engine = self._engine
+        if engine is None:
+            return BackendLoad(running=0, waiting=0, capacity=self.config.max_sequences)
+        return BackendLoad(
+            running=engine.running_count,
+            waiting=engine.waiting_count,
+            capacity=self.config.max_sequences,
+            last_batch_size=engine.last_batch_size,
+            decode_steps=engine.decode_steps,
+            decoded_sequences=engine.decoded_sequences,
+        )
+
+    @property
+    def template_name(self) -> str | None:
+        return None if self._template is None else self._template.name
+
+    def _require(self) -> tuple[LlamaEngine, LlamaModel]:
+        if self._engine is None or self._model is None or not self._engine.alive:
+            raise BackendUnavailable("the model is not loaded")
+        return self._engine, self._model
+
+    def prompt_tokens(self, request: GenerationRequest) -> list[int]:
+        _, model = self._require()
+        if request.messages is not None:
+            assert self._template is not None
+            text = self._template.render(request.messages)
+        else:
+            text = request.prompt or ""
+        tokens = model.tokenize(text, special=True)
+        if not tokens:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        return tokens
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        engine, _ = self._require()
+        prompt = self.prompt_tokens(request)
+        n_ctx = self.config.context_length
+        requested = request.sampling.max_tokens
+        if len(prompt) + (requested or 1) > n_ctx:
+            raise ContextLengthExceeded(
+                prompt_tokens=len(prompt), max_tokens=requested or 1, context_length=n_ctx
+            )
+        max_tokens = requested if requested is not None else n_ctx - len(prompt)
+        inbox: asyncio.Queue[object] = asyncio.Queue()
+        ticket = engine.submit(prompt, request.sampling, max_tokens, inbox.put_nowait)
+        finished = False
+        try:
+            while True:
+                item = await inbox.get()
+                if isinstance(item, BackendError):
+                    finished = True
+                    raise item
+                assert isinstance(item, GenerationChunk)
+                finished = item.finish_reason is not None
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                # The consumer went away (disconnect, cancel): free the slot now.
+                engine.cancel(ticket)
+
+    async def embed(self, texts: Sequence[str]) -> EmbeddingResult:
+        engine, model = self._require()
+        token_lists = [model.tokenize(t, special=True) for t in texts]
+        for i, tokens in enumerate(token_lists):
+            if len(tokens) > self.config.context_length:
+                raise InvalidRequestError(
+                    f"input[{i}] has {len(tokens)} tokens; the maximum is "
+                    f"{self.config.context_length}",
+                    param="input",
+                )
+        done: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        engine.embed(token_lists, lambda result: done.done() or done.set_result(result))
+        result = await done
+        if isinstance(result, BackendError):
+            raise result
+        assert isinstance(result, list)
+        return EmbeddingResult(vectors=result, prompt_tokens=sum(map(len, token_lists)))

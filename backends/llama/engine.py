@@ -1,0 +1,434 @@
+"""The continuous-batching loop: one thread owns the llama.cpp context.
+
+Callers on the event loop never touch llama.cpp state. They send commands
+(submit, cancel, embed, stop) through a queue; the engine thread drains it
+between decode steps and hands results back with one
+``call_soon_threadsafe`` per step, not one per token.
+
+Each step decodes one token for every running sequence plus up to
+``prefill_chunk`` tokens of pending prompts (chunked prefill), so a long
+prompt delays the others by a bounded amount instead of stalling them. A new
+request joins at the next step; a finished or cancelled one frees its KV cells
+and its sequence slot at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from backends.base import (
+    BackendError,
+    BackendOverloaded,
+    BackendUnavailable,
+    FinishReason,
+    GenerationChunk,
+    SamplingParams,
+)
+from backends.llama.native import Batch, ContextConfig, LlamaContext, LlamaModel, Sampler
+from backends.llama.stop import StopMatcher
+
+log = logging.getLogger(__name__)
+
+Deliver = Callable[[object], None]
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    context_length: int  # per sequence
+    max_sequences: int
+    threads: int
+    batch_tokens: int = 512  # llama_batch capacity per step
+    prefill_chunk: int = 256  # prompt tokens admitted per step
+    queue_timeout: float = 30.0  # seconds a request may wait for a slot
+    max_waiting: int = 256
+
+
+@dataclass(eq=False, slots=True)
+class _Sequence:
+    prompt: list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    deliver: Deliver
+    deadline: float
+    slot: int = -1
+    fed: int = 0  # prompt tokens already in the KV cache
+    next_token: int = -1  # sampled, not yet decoded
+    completion_tokens: int = 0
+    sampler: Sampler | None = None
+    stop: StopMatcher = field(default_factory=lambda: StopMatcher(()))
+    utf8: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+    done: bool = False
+
+
+@dataclass(eq=False, slots=True)
+class _EmbedJob:
+    token_lists: list[list[int]]
+    deliver: Deliver
+
+
+class _Stop:
+    pass
+
+
+class Ticket:
+    """Handle returned by :meth:`LlamaEngine.submit`, used to cancel."""
+
+    __slots__ = ("_seq",)
+
+    def __init__(self, seq: _Sequence) -> None:
+        self._seq = seq
+
+
+class LlamaEngine:
+    """Owns one model, one decoding context and the thread that drives them."""
+
+    def __init__(self, model: LlamaModel, config: EngineConfig) -> None:
+        self.model = model
+        self.config = config
+        self._commands: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._ctx: LlamaContext | None = None
+        self._embed_ctx: LlamaContext | None = None
+        self._batch: Batch | None = None
+        self._waiting: deque[_Sequence] = deque()
+        self._running: dict[int, _Sequence] = {}
+        self._free_slots: list[int] = list(range(config.max_sequences - 1, -1, -1))
+        self._outbox: list[tuple[Deliver, object]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._failed: BaseException | None = None
+        # Read by metrics from other threads; each int has a single writer thread.
+        self.running_count = 0
+        self._submitted = 0  # written by the event loop only
+        self._dequeued = 0  # written by the engine thread only
+        self.last_batch_size = 0
+        self.decode_steps = 0
+        self.decoded_sequences = 0
+
+    # -- lifecycle (event-loop side) -------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        cfg = self.config
+        self._loop = loop
+        self._ctx = LlamaContext(
+            self.model,
+            ContextConfig(
+                n_ctx=cfg.context_length * cfg.max_sequences,
+                n_seq_max=cfg.max_sequences,
+                n_batch=cfg.batch_tokens,
+                threads=cfg.threads,
+            ),
+        )
+        self._batch = Batch(cfg.batch_tokens, cfg.max_sequences)
+        self._thread = threading.Thread(target=self._run, name="lockgate-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        self._commands.put(_Stop())
+        self._thread.join()
+        self._thread = None
+        for resource in (self._batch, self._ctx, self._embed_ctx):
+            if resource is not None:
+                resource.close()
+        self._batch = self._ctx = self._embed_ctx = None
+
+    @property
+    def waiting_count(self) -> int:
+        return self._submitted - self._dequeued
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._failed is None
+
+    # -- requests (event-loop side) --------------------------------------
+
+    def submit(
+        self, prompt: list[int], sampling: SamplingParams, max_tokens: int, deliver: Deliver
+    ) -> Ticket:
+        """Queue a sequence; ``deliver`` receives chunks or a BackendError."""
+        if not self.alive:
+            raise BackendUnavailable("the engine is not running")
+        if self.waiting_count >= self.config.max_waiting:
+            raise BackendOverloaded(
+                "the engine's queue is full; retry shortly", retry_after=self._retry_after()
+            )
+        seq = _Sequence(
+            prompt=prompt,
+            max_tokens=max_tokens,
+            sampling=sampling,
+            deliver=deliver,
+            deadline=time.monotonic() + self.config.queue_timeout,
+            stop=StopMatcher(sampling.stop),
+        )
+        self._submitted += 1
+        self._commands.put(seq)
+        return Ticket(seq)
+
+    def cancel(self, ticket: Ticket) -> None:
+        self._commands.put(ticket)
+
+    def embed(self, token_lists: list[list[int]], deliver: Deliver) -> None:
+        if not self.alive:
+            raise BackendUnavailable("the engine is not running")
+        self._commands.put(_EmbedJob(token_lists, deliver))
+
+    # -- the engine thread -----------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                idle = not self._running and not self._waiting
+                if not self._drain(block=idle):
+                    break
+                self._expire_waiting()
+                self._admit()
+                if self._running:
+                    self._step()
+                self._flush()
+        except BaseException as exc:  # the engine thread must never die silently
+            log.exception("engine loop failed")
+            self._failed = exc
+            self._fail_all(BackendUnavailable("the engine failed; see the server log"))
+            self._flush()
+        finally:
+            self._release_all()
+
+    def _drain(self, *, block: bool) -> bool:
+        """Apply pending commands; False when told to stop."""
+        timeout = self._next_deadline_in() if block else None
+        try:
+            command: object = (
+                self._commands.get(timeout=timeout) if block else self._commands.get_nowait()
+            )
+        except queue.Empty:
+            return True
+        while True:
+            if isinstance(command, _Stop):
+                self._fail_all(BackendUnavailable("the server is shutting down"))
+                self._flush()
+                return False
+            if isinstance(command, _Sequence):
+                self._waiting.append(command)
+            elif isinstance(command, Ticket):
+                self._cancel(command._seq)
+            elif isinstance(command, _EmbedJob):
+                self._run_embedding(command)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _next_deadline_in(self) -> float | None:
+        if not self._waiting:
+            return None
+        return max(0.0, min(s.deadline for s in self._waiting) - time.monotonic())
+
+    def _cancel(self, seq: _Sequence) -> None:
+        if seq.done:
+            return
+        seq.done = True
+        if seq.slot < 0:
+            try:
+                self._waiting.remove(seq)
+                self._dequeued += 1
+            except ValueError:
+                pass
+        else:
+            self._free(seq)
+
+    def _expire_waiting(self) -> None:
+        if not self._waiting:
+            return
+        now = time.monotonic()
+        expired = [s for s in self._waiting if s.deadline <= now]
+        for seq in expired:
+            self._waiting.remove(seq)
+            self._dequeued += 1
+            seq.done = True
+            self._send(
+                seq,
+                BackendOverloaded(
+                    "no engine slot became free within the wait limit",
+                    retry_after=self._retry_after(),
+                ),
+            )
+
+    def _retry_after(self) -> float:
+        return max(1.0, self.waiting_count / max(1, self.config.max_sequences))
+
+    def _admit(self) -> None:
+        while self._waiting and self._free_slots:
+            seq = self._waiting.popleft()
+            self._dequeued += 1
+            seq.slot = self._free_slots.pop()
+            p = seq.sampling
+            seq.sampler = Sampler(
+                self.model,
+                temperature=p.temperature,
+                top_k=p.top_k,
+                top_p=p.top_p,
+                min_p=p.min_p,
+                seed=p.seed,
+                presence_penalty=p.presence_penalty,
+                frequency_penalty=p.frequency_penalty,
+                logit_bias=p.logit_bias,
+            )
+            self._running[seq.slot] = seq
+        self.running_count = len(self._running)
+
+    def _step(self) -> None:
+        batch, ctx = self._batch, self._ctx
+        assert batch is not None and ctx is not None
+        batch.clear()
+        outputs: list[tuple[_Sequence, int]] = []
+        prefilling: list[_Sequence] = []
+        for seq in self._running.values():
+            if seq.next_token >= 0:
+                pos = len(seq.prompt) + seq.completion_tokens - 1
+                outputs.append((seq, batch.add(seq.next_token, pos, seq.slot, logits=True)))
+            else:
+                prefilling.append(seq)
+        budget = min(self.config.prefill_chunk, batch.capacity - len(batch))
+        for seq in prefilling:
+            if budget <= 0:
+                break
+            take = min(budget, len(seq.prompt) - seq.fed)
+            end = seq.fed + take
+            for pos in range(seq.fed, end):
+                last = pos == len(seq.prompt) - 1
+                index = batch.add(seq.prompt[pos], pos, seq.slot, logits=last)
+            seq.fed = end
+            budget -= take
+            if seq.fed == len(seq.prompt):
+                outputs.append((seq, index))
+        ctx.decode(batch)
+        self.decode_steps += 1
+        self.last_batch_size = len(outputs)
+        self.decoded_sequences += len(outputs)
+        for seq, index in outputs:
+            assert seq.sampler is not None
+            self._on_token(seq, seq.sampler.sample(ctx, index))
+
+    def _on_token(self, seq: _Sequence, token: int) -> None:
+        if self.model.is_end_of_generation(token):
+            self._finish(seq, seq.stop.flush() + seq.utf8.decode(b"", final=True), "stop")
+            return
+        seq.completion_tokens += 1
+        seq.next_token = token
+        at_limit = seq.completion_tokens >= seq.max_tokens
+        text, stopped = seq.stop.feed(seq.utf8.decode(self.model.piece(token), final=at_limit))
+        if stopped:
+            self._finish(seq, text, "stop")
+        elif at_limit:
+            self._finish(seq, text + seq.stop.flush(), "length")
+        elif text:
+            self._send(seq, GenerationChunk(text, len(seq.prompt), seq.completion_tokens))
+
+    def _finish(self, seq: _Sequence, text: str, reason: FinishReason) -> None:
+        chunk = GenerationChunk(text, len(seq.prompt), seq.completion_tokens, reason)
+        self._send(seq, chunk)
+        seq.done = True
+        self._free(seq)
+
+    def _free(self, seq: _Sequence) -> None:
+        assert self._ctx is not None
+        self._ctx.forget(seq.slot)
+        if seq.sampler is not None:
+            seq.sampler.close()
+            seq.sampler = None
+        del self._running[seq.slot]
+        self._free_slots.append(seq.slot)
+        self.running_count = len(self._running)
+
+    def _run_embedding(self, job: _EmbedJob) -> None:
+        try:
+            ctx = self._embedding_context()
+            vectors: list[list[float]] = []
+            group: list[list[int]] = []
+            for tokens in job.token_lists:
+                if group and (
+                    sum(map(len, group)) + len(tokens) > self.config.context_length
+                    or len(group) == self.config.max_sequences
+                ):
+                    vectors.extend(self._embed_group(ctx, group))
+                    group = []
+                group.append(tokens)
+            if group:
+                vectors.extend(self._embed_group(ctx, group))
+            self._outbox.append((job.deliver, vectors))
+        except Exception:
+            log.exception("embedding failed")
+            self._outbox.append((job.deliver, BackendUnavailable("the embedding step failed")))
+
+    def _embedding_context(self) -> LlamaContext:
+        if self._embed_ctx is None:
+            n = self.config.context_length
+            self._embed_ctx = LlamaContext(
+                self.model,
+                ContextConfig(
+                    n_ctx=n,
+                    n_seq_max=self.config.max_sequences,
+                    n_batch=n,
+                    threads=self.config.threads,
+                    embeddings=True,
+                ),
+            )
+        return self._embed_ctx
+
+    def _embed_group(self, ctx: LlamaContext, group: Sequence[list[int]]) -> list[list[float]]:
+        batch = Batch(sum(map(len, group)), len(group))
+        try:
+            for seq_id, tokens in enumerate(group):
+                for pos, token in enumerate(tokens):
+                    batch.add(token, pos, seq_id, logits=True)
+            ctx.decode(batch)
+            return [ctx.pooled_embedding(seq_id) for seq_id in range(len(group))]
+        finally:
+            for seq_id in range(len(group)):
+                ctx.forget(seq_id)
+            batch.close()
+
+    # -- delivery ----------------------------------------------------------
+
+    def _send(self, seq: _Sequence, item: GenerationChunk | BackendError) -> None:
+        self._outbox.append((seq.deliver, item))
+
+    def _flush(self) -> None:
+        if not self._outbox or self._loop is None:
+            return
+        outbox, self._outbox = self._outbox, []
+        try:
+            self._loop.call_soon_threadsafe(_deliver_all, outbox)
+        except RuntimeError:  # the event loop is closed: nobody is listening
+            pass
+
+    def _fail_all(self, error: BackendError) -> None:
+        for seq in list(self._running.values()) + list(self._waiting):
+            if not seq.done:
+                seq.done = True
+                self._send(seq, error)
+        self._dequeued += len(self._waiting)
+        self._waiting.clear()
+
+    def _release_all(self) -> None:
+        for seq in list(self._running.values()):
+            if seq.sampler is not None:
+                seq.sampler.close()
+        self._running.clear()
+        self.running_count = 0
+
+
+def _deliver_all(outbox: list[tuple[Deliver, object]]) -> None:
+    for deliver, item in outbox:
+        deliver(item)
+

@@ -1,0 +1,1 @@
+"""Thin HTTP routes: parse → service → JSON or SSE."""

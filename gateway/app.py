@@ -1,0 +1,117 @@
+"""The app factory: the one place that wires settings, backends and routes.
+
+    app = create_app(load_settings(path))                  # embedded engines
+    app = create_app(settings, backends={"m": FakeBackend()})  # tests
+
+Models load in the background after start-up, so ``/health/live`` answers at
+once and ``/health/ready`` turns 200 when every model is loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from backends.base import Backend, BackendError
+from backends.llama.backend import EmbeddedBackend, EmbeddedConfig
+from gateway.api import health, openai
+from gateway.api.disconnect import ClientDisconnected
+from gateway.errors import GatewayError, InvalidRequest, NotFound, describe
+from gateway.metrics import Metrics
+from gateway.service import CLIENT_CLOSED, InferenceService, ModelRegistry, ServedModel
+from gateway.settings import ModelSettings, Settings
+
+log = logging.getLogger(__name__)
+
+
+def build_backend(model: ModelSettings) -> Backend:
+    return EmbeddedBackend(
+        EmbeddedConfig(
+            path=model.path,
+            context_length=model.n_ctx,
+            max_sequences=model.max_sequences,
+            threads=model.threads,
+            template=model.template,
+            queue_timeout=model.queue_timeout,
+            max_waiting=model.max_waiting,
+            prefill_chunk=model.prefill_chunk,
+        )
+    )
+
+
+async def _start_all(backends: Mapping[str, Backend]) -> None:
+    async def start(name: str, backend: Backend) -> None:
+        started = time.perf_counter()
+        try:
+            await backend.start()
+        except Exception:
+            log.exception("model %s failed to load; it will answer 503", name)
+            return
+        log.info("model %s ready in %.1fs", name, time.perf_counter() - started)
+
+    await asyncio.gather(*(start(n, b) for n, b in backends.items()))
+
+
+def _error_response(exc: BaseException) -> Response:
+    info = describe(exc)
+    return Response(info.body(), status_code=info.status, headers=info.headers,
+                    media_type="application/json")
+
+
+async def _on_error(request: Request, exc: Exception) -> Response:
+    return _error_response(exc)
+
+
+async def _on_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 404:
+        return _error_response(NotFound(f"Unknown path: {request.url.path}"))
+    if exc.status_code == 405:
+        error = InvalidRequest(f"Method {request.method} is not allowed on {request.url.path}")
+        info = describe(error)
+        return Response(info.body(), status_code=405, media_type="application/json")
+    return _error_response(InvalidRequest(str(exc.detail)))
+
+
+async def _on_disconnect(request: Request, exc: Exception) -> Response:
+    return Response(status_code=CLIENT_CLOSED)  # nobody is left to read it
+
+
+def create_app(settings: Settings, *, backends: Mapping[str, Backend] | None = None) -> FastAPI:
+    if backends is None:
+        backends = {m.name: build_backend(m) for m in settings.models}
+    created = int(time.time())
+    limits = {m.name: m.max_n for m in settings.models}
+    registry = ModelRegistry(
+        [ServedModel(name, b, limits.get(name, 1), created) for name, b in backends.items()]
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.create_task(_start_all(backends))
+        try:
+            yield
+        finally:
+            loading.cancel()
+            await asyncio.gather(loading, return_exceptions=True)
+            await asyncio.gather(*(b.close() for b in backends.values()), return_exceptions=True)
+
+    app = FastAPI(title="Lockgate", version="0.1.0", lifespan=lifespan)
+    metrics = Metrics(registry.backends)
+    app.state.metrics = metrics
+    app.state.service = InferenceService(registry, metrics)
+    app.include_router(openai.router)
+    app.include_router(health.router)
+    app.add_exception_handler(GatewayError, _on_error)
+    app.add_exception_handler(BackendError, _on_error)
+    app.add_exception_handler(ClientDisconnected, _on_disconnect)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(Exception, _on_error)
+    return app

@@ -1,0 +1,73 @@
+"""``lockgate`` command line: ``lockgate serve``, ``lockgate fetch-model``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from backends.model_store import ModelFileError, resolve_model_path
+from gateway.settings import ConfigError, Settings, load_settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Lockgate LLM gateway")
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML config file", exists=True,
+                              dir_okay=False)
+]
+
+
+def _settings(config: Path | None) -> Settings:
+    try:
+        return load_settings(config)
+    except ConfigError as exc:
+        typer.echo(f"lockgate: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _prepare_models(settings: Settings) -> None:
+    for model in settings.models:
+        try:
+            path = resolve_model_path(model.path)
+        except ModelFileError as exc:
+            typer.echo(f"lockgate: model '{model.name}': {exc}", err=True)
+            raise typer.Exit(2) from None
+        typer.echo(f"model '{model.name}': {path}", err=True)
+
+
+@app.command()
+def serve(
+    config: ConfigOption = None,
+    host: Annotated[str | None, typer.Option(help="bind address (default 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (default 8000)")] = None,
+) -> None:
+    """Start the gateway."""
+    import uvicorn
+
+    from gateway.app import create_app
+
+    settings = _settings(config)
+    server = settings.server.model_copy(
+        update={k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    )
+    logging.basicConfig(level=server.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _prepare_models(settings)
+    uvicorn.run(
+        create_app(settings),
+        host=server.host,
+        port=server.port,
+        loop="uvloop",
+        http="httptools",
+        log_level=server.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+
+
+@app.command("fetch-model")
+def fetch_model(config: ConfigOption = None) -> None:
+    """Assemble and verify the configured model files (no network)."""
+    _prepare_models(_settings(config))

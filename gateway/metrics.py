@@ -1,0 +1,93 @@
+"""Every Prometheus object Lockgate exports, on a registry of its own.
+
+Names carry the ``lockgate_`` prefix and small fixed label sets (model,
+endpoint, status). Engine state is read from the backends at scrape time by
+:class:`EngineCollector`, so the decode loop pays nothing for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from backends.base import Backend
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class EngineCollector(Collector):
+    """Per-model engine gauges, read from ``Backend.load()`` on each scrape."""
+
+    def __init__(self, backends: Callable[[], Mapping[str, Backend]]) -> None:
+        self._backends = backends
+
+    def collect(self) -> Iterable[Metric]:
+        running = GaugeMetricFamily(
+            "lockgate_engine_running_sequences", "Sequences in the decode batch", labels=["model"]
+        )
+        waiting = GaugeMetricFamily(
+            "lockgate_engine_waiting_sequences", "Sequences waiting for a slot", labels=["model"]
+        )
+        capacity = GaugeMetricFamily(
+            "lockgate_engine_capacity_sequences", "Sequence slots", labels=["model"]
+        )
+        batch = GaugeMetricFamily(
+            "lockgate_engine_batch_size", "Sequences in the last decode step", labels=["model"]
+        )
+        steps = CounterMetricFamily(
+            "lockgate_engine_decode_steps", "Decode steps run", labels=["model"]
+        )
+        decoded = CounterMetricFamily(
+            "lockgate_engine_decoded_sequences",
+            "Sum of batch sizes over all decode steps (÷ steps = mean batch size)",
+            labels=["model"],
+        )
+        for name, backend in self._backends().items():
+            load = backend.load()
+            running.add_metric([name], load.running)
+            waiting.add_metric([name], load.waiting)
+            capacity.add_metric([name], load.capacity)
+            batch.add_metric([name], load.last_batch_size)
+            steps.add_metric([name], load.decode_steps)
+            decoded.add_metric([name], load.decoded_sequences)
+        return [running, waiting, capacity, batch, steps, decoded]
+
+
+class Metrics:
+    """Built once per app; pass it to whatever records."""
+
+    def __init__(self, backends: Callable[[], Mapping[str, Backend]]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "lockgate_requests", "Requests by outcome (HTTP status; 499: client went away)",
+            ["model", "endpoint", "status"], registry=r,
+        )
+        self.request_duration = Histogram(
+            "lockgate_request_duration_seconds", "End-to-end request latency",
+            ["model", "endpoint"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "lockgate_time_to_first_token_seconds", "Time from arrival to the first token",
+            ["model"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.time_per_output_token = Histogram(
+            "lockgate_time_per_output_token_seconds", "Mean gap between output tokens",
+            ["model"], buckets=_TOKEN_BUCKETS, registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "lockgate_prompt_tokens", "Prompt tokens processed", ["model"], registry=r
+        )
+        self.completion_tokens = Counter(
+            "lockgate_completion_tokens", "Completion tokens generated", ["model"], registry=r
+        )
+        r.register(EngineCollector(backends))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

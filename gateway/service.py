@@ -1,0 +1,242 @@
+"""The request path without HTTP: pick the backend, start generations, collect or stream.
+
+A request becomes one :class:`~backends.base.GenerationRequest` per choice
+(``n`` × prompts). :meth:`InferenceService.open` starts them all and waits for
+each first chunk, so anything that fails early (unknown model, context too
+long, engine full) is raised before a status line is sent; afterwards the
+caller either :meth:`collect`s the full text or :meth:`stream`s SSE bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import suppress
+from dataclasses import dataclass, field
+
+from backends.base import Backend, FinishReason, GenerationChunk, GenerationRequest
+from gateway.errors import InvalidRequest, ModelNotFound, describe
+from gateway.metrics import Metrics
+from gateway.protocol import ChunkEncoder
+
+CLIENT_CLOSED = 499  # nginx's convention for "the client went away"
+
+
+@dataclass(frozen=True, slots=True)
+class ServedModel:
+    name: str
+    backend: Backend
+    max_n: int
+    created: int
+
+
+class ModelRegistry:
+    """Public model name → backend. Pure lookup; routing policy comes later."""
+
+    def __init__(self, models: Sequence[ServedModel]) -> None:
+        self._models = {m.name: m for m in models}
+
+    def get(self, name: str) -> ServedModel:
+        try:
+            return self._models[name]
+        except KeyError:
+            raise ModelNotFound(name) from None
+
+    def all(self) -> list[ServedModel]:
+        return list(self._models.values())
+
+    def backends(self) -> Mapping[str, Backend]:
+        return {name: m.backend for name, m in self._models.items()}
+
+
+@dataclass(slots=True)
+class Generation:
+    """One choice in flight: its first chunk and the rest of its stream."""
+
+    index: int
+    first: GenerationChunk
+    rest: AsyncIterator[GenerationChunk]
+    counts_prompt: bool  # False for extra choices (n > 1) of the same prompt
+
+
+@dataclass(slots=True)
+class Outcome:
+    text: list[str] = field(default_factory=list)
+    finish_reason: FinishReason = "stop"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Tracker:
+    """Times one HTTP request and records its metrics exactly once."""
+
+    __slots__ = ("_done", "_first_seen", "_metrics", "endpoint", "model", "started")
+
+    def __init__(self, metrics: Metrics, model: str, endpoint: str) -> None:
+        self._metrics = metrics
+        self.model = model
+        self.endpoint = endpoint
+        self.started = time.perf_counter()
+        self._first_seen: float | None = None
+        self._done = False
+
+    def first_token(self) -> None:
+        if self._first_seen is None:
+            self._first_seen = time.perf_counter()
+            self._metrics.time_to_first_token.labels(self.model).observe(
+                self._first_seen - self.started
+            )
+
+    def finish(self, status: int, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+        if self._done:
+            return
+        self._done = True
+        m, now = self._metrics, time.perf_counter()
+        m.requests.labels(self.model, self.endpoint, str(status)).inc()
+        m.request_duration.labels(self.model, self.endpoint).observe(now - self.started)
+        if prompt_tokens:
+            m.prompt_tokens.labels(self.model).inc(prompt_tokens)
+        if completion_tokens:
+            m.completion_tokens.labels(self.model).inc(completion_tokens)
+        if self._first_seen is not None and completion_tokens > 1:
+            m.time_per_output_token.labels(self.model).observe(
+                (now - self._first_seen) / (completion_tokens - 1)
+            )
+
+
+class InferenceService:
+    def __init__(self, registry: ModelRegistry, metrics: Metrics) -> None:
+        self.registry = registry
+        self.metrics = metrics
+
+    def resolve(self, model: str, *, n: int) -> ServedModel:
+        served = self.registry.get(model)
+        if n > served.max_n:
+            raise InvalidRequest(
+                f"n must be at most {served.max_n} for model '{model}'", param="n"
+            )
+        return served
+
+    async def open(
+        self, served: ServedModel, requests: Sequence[GenerationRequest], *, n: int,
+        tracker: Tracker,
+    ) -> list[Generation]:
+        """Start every choice and wait for its first chunk; all or nothing."""
+        streams = [served.backend.generate(r) for r in requests]
+        try:
+            results = await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
+        except asyncio.CancelledError:  # the client left while queued
+            await _close_all(streams)
+            raise
+        failure = next((r for r in results if isinstance(r, BaseException)), None)
+        if failure is not None:
+            await _close_all(streams)
+            raise failure
+        tracker.first_token()
+        return [
+            Generation(i, first, stream, counts_prompt=i % n == 0)
+            for i, (first, stream) in enumerate(zip(results, streams, strict=True))
+            if isinstance(first, GenerationChunk)
+        ]
+
+    async def collect(self, generations: Sequence[Generation]) -> list[Outcome]:
+        """Run every choice to the end, concurrently."""
+        try:
+            return list(await asyncio.gather(*(_drain(g) for g in generations)))
+        finally:
+            await _close_all([g.rest for g in generations])
+
+    async def stream(
+        self, generations: Sequence[Generation], encoder: ChunkEncoder, *, chat: bool,
+        include_usage: bool, tracker: Tracker,
+    ) -> AsyncIterator[bytes]:
+        """SSE bytes for every choice, interleaved as tokens arrive."""
+        prompt_tokens = completion_tokens = 0
+        last: dict[int, GenerationChunk] = {}
+        status = CLIENT_CLOSED
+        try:
+            if chat:
+                for g in generations:
+                    yield encoder.role(g.index)
+            async for index, chunk in _merge(generations):
+                last[index] = chunk
+                if chunk.text:
+                    yield encoder.text(index, chunk.text)
+                if chunk.finish_reason is not None:
+                    yield encoder.finish(index, chunk.finish_reason)
+            for g in generations:
+                chunk = last[g.index]
+                completion_tokens += chunk.completion_tokens
+                if g.counts_prompt:
+                    prompt_tokens += chunk.prompt_tokens
+            if include_usage:
+                yield encoder.usage(prompt_tokens, completion_tokens)
+            yield ChunkEncoder.DONE
+            status = 200
+        except Exception as exc:  # the status line is gone: report in-band
+            info = describe(exc)
+            status = info.status
+            yield info.sse_event()
+            yield ChunkEncoder.DONE
+        finally:
+            await _close_all([g.rest for g in generations])
+            tracker.finish(status, prompt_tokens, completion_tokens)
+
+
+async def _drain(g: Generation) -> Outcome:
+    out = Outcome(text=[g.first.text])
+    chunk = g.first
+    while chunk.finish_reason is None:
+        chunk = await anext(g.rest)
+        out.text.append(chunk.text)
+    out.finish_reason = chunk.finish_reason
+    out.prompt_tokens = chunk.prompt_tokens if g.counts_prompt else 0
+    out.completion_tokens = chunk.completion_tokens
+    return out
+
+
+async def _merge(generations: Sequence[Generation]) -> AsyncIterator[tuple[int, GenerationChunk]]:
+    if len(generations) == 1:  # the common case needs no tasks
+        g = generations[0]
+        yield g.index, g.first
+        if g.first.finish_reason is None:
+            async for chunk in g.rest:
+                yield g.index, chunk
+        return
+    inbox: asyncio.Queue[tuple[int, GenerationChunk] | BaseException | None] = asyncio.Queue()
+
+    async def pump(g: Generation) -> None:
+        try:
+            await inbox.put((g.index, g.first))
+            if g.first.finish_reason is None:
+                async for chunk in g.rest:
+                    await inbox.put((g.index, chunk))
+            await inbox.put(None)
+        except Exception as exc:
+            await inbox.put(exc)
+
+    tasks = [asyncio.create_task(pump(g)) for g in generations]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await inbox.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        with suppress(asyncio.CancelledError):
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _close_all(streams: Sequence[AsyncIterator[GenerationChunk]]) -> None:
+    for s in streams:
+        aclose = getattr(s, "aclose", None)
+        if aclose is not None:
+            with suppress(Exception):
+                await aclose()

@@ -1,0 +1,103 @@
+"""Configuration: a YAML file plus ``LOCKGATE_*`` environment overrides.
+
+Environment variables win over the file; nested keys use ``__``
+(``LOCKGATE_SERVER__PORT=9000``). Unknown keys are errors, and every error
+names the key it is about::
+
+    settings = load_settings(Path("configs/default.yaml"))
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from backends.llama.templates import BuiltinTemplate
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the offending key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Strict):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class ModelSettings(_Strict):
+    """One public model name served by the embedded llama.cpp engine."""
+
+    name: Annotated[str, Field(min_length=1)]
+    backend: Literal["embedded"] = "embedded"
+    path: str | None = None  # None: the packaged default (Gemma 3 270M Q4_K_M)
+    n_ctx: Annotated[int, Field(ge=32, le=1 << 20)] = 2048  # per sequence
+    max_sequences: Annotated[int, Field(ge=1, le=256)] = 8
+    threads: Annotated[int, Field(ge=1, le=512)] | None = None
+    template: BuiltinTemplate | None = None
+    queue_timeout: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    max_waiting: Annotated[int, Field(ge=0, le=100_000)] = 256
+    prefill_chunk: Annotated[int, Field(ge=16, le=8192)] = 256
+    max_n: Annotated[int, Field(ge=1, le=128)] = 1
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="LOCKGATE_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    server: ServerSettings = ServerSettings()
+    models: Annotated[list[ModelSettings], Field(min_length=1)] = [
+        ModelSettings(name="gemma-3-270m")
+    ]
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Settings:
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML arrives as init kwargs; the environment overrides it.
+        return (env_settings, init_settings)
+
+
+def load_settings(path: Path | None) -> Settings:
+    """Read ``path`` (if any), apply the environment, validate everything."""
+    data: Any = {}
+    source = str(path) if path else "the environment"
+    if path is not None:
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors(include_url=False, include_input=False):
+            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            lines.append(f"  {key}: {err['msg']}")
+        raise ConfigError(f"invalid configuration in {source}:\n" + "\n".join(lines)) from None
