@@ -24,6 +24,7 @@ from backends.base import ChatMessage, InvalidRequestError
 
 BuiltinTemplate = Literal["gemma", "llama3", "chatml"]
 
+# Newlines are written as '\n' literals so whitespace control cannot eat them.
 # Gemma has no system role: the system text is prepended to the first user turn,
 # as Google's reference template does.
 _GEMMA = (
@@ -32,30 +33,33 @@ _GEMMA = (
     "{%- for m in messages if m.role == 'system' -%}"
     "{%- set sys.text = sys.text + m.content + '\n\n' -%}"
     "{%- endfor -%}"
-    "{%- set first = namespace(done=false) -%}"
+    "{%- set first = namespace(pending=true) -%}"
     "{%- for m in messages if m.role != 'system' -%}"
     "{%- set role = 'model' if m.role == 'assistant' else 'user' -%}"
-    "<start_of_turn>{{ role }}\n"
-    "{%- if not first.done and role == 'user' %}{{ sys.text }}{% endif -%}"
-    "{%- set first.done = true -%}"
-    "{{ m.content | trim }}<end_of_turn>\n"
+    "{{ '<start_of_turn>' + role + '\n' }}"
+    "{%- if first.pending and role == 'user' %}{{ sys.text }}{% endif -%}"
+    "{%- set first.pending = false -%}"
+    "{{ m.content | trim }}{{ '<end_of_turn>\n' }}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt %}<start_of_turn>model\n{% endif -%}"
+    "{%- if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif -%}"
 )
 
 _LLAMA3 = (
     "{{ bos_token }}"
     "{%- for m in messages -%}"
-    "<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{{ m.content | trim }}<|eot_id|>"
+    "{{ '<|start_header_id|>' + m.role + '<|end_header_id|>\n\n' }}"
+    "{{- m.content | trim }}{{ '<|eot_id|>' }}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{%- endif -%}"
 )
 
 _CHATML = (
     "{%- for m in messages -%}"
-    "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+    "{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif -%}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif -%}"
 )
 
 _BUILTINS: dict[str, str] = {"gemma": _GEMMA, "llama3": _LLAMA3, "chatml": _CHATML}

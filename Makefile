@@ -1,0 +1,57 @@
+# Two commands on a fresh Debian machine with Python 3.11:
+#   make serve   set everything up, then start the gateway on the embedded default
+#   make test    set everything up, then run the linters and every test
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CACHE ?= $(HOME)/.cache/lockgate
+WHEELS := $(CACHE)/wheels
+CONFIG ?= configs/default.yaml
+LLAMA_CPP_PYTHON := 0.3.36
+# Only the library is needed; skipping llama.cpp's tests/examples/tools halves the build.
+LLAMA_CMAKE_ARGS := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+DEPS := $(VENV)/.deps-installed
+
+.PHONY: setup serve test lint unit bench clean
+
+setup: $(DEPS)
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+	  || { echo "Lockgate needs Python >= 3.11 (set PYTHON=...)"; exit 1; }
+	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
+	  echo "installing python3-venv"; apt-get update -qq && apt-get install -y -qq python3-venv \
+	  && $(PYTHON) -m venv $(VENV); }
+	$(BIN)/pip install --quiet --upgrade pip
+
+# llama-cpp-python compiles llama.cpp (~8 min on 2 cores): build the wheel once, reuse it.
+$(DEPS): pyproject.toml | $(BIN)/python
+	@ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl >/dev/null 2>&1 || { \
+	  echo "building llama-cpp-python $(LLAMA_CPP_PYTHON) once; cached in $(WHEELS)"; \
+	  mkdir -p $(WHEELS) && \
+	  CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
+	    $(BIN)/pip wheel --quiet --no-deps "llama-cpp-python==$(LLAMA_CPP_PYTHON)" -w $(WHEELS); }
+	$(BIN)/pip install --quiet --find-links $(WHEELS) \
+	  "llama-cpp-python==$(LLAMA_CPP_PYTHON)" -e '.[dev,bench]'
+	@touch $@
+
+serve: setup
+	$(BIN)/lockgate serve --config $(CONFIG)
+
+lint: setup
+	$(BIN)/ruff check gateway backends tests loadtests
+	$(BIN)/mypy
+
+test: setup lint
+	$(BIN)/lockgate fetch-model --config $(CONFIG)
+	$(BIN)/pytest -q
+
+unit: setup
+	$(BIN)/pytest -q -m "not integration"
+
+bench: setup
+	$(BIN)/python loadtests/bench_engine.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

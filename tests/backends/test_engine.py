@@ -1,0 +1,155 @@
+"""The embedded engine on the real model (Gemma 3 270M), in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_asyncio
+
+from backends.base import (
+    BackendOverloaded,
+    ContextLengthExceeded,
+    GenerationChunk,
+    GenerationRequest,
+    SamplingParams,
+)
+from backends.llama.backend import EmbeddedBackend, EmbeddedConfig
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
+
+PROMPT = "The history of the city of Paris begins"
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def engine() -> AsyncIterator[EmbeddedBackend]:
+    backend = EmbeddedBackend(EmbeddedConfig(context_length=256, max_sequences=8))
+    await backend.start()
+    yield backend
+    await backend.close()
+
+
+def request(prompt: str = PROMPT, **sampling: object) -> GenerationRequest:
+    return GenerationRequest(
+        request_id="t", model="m", prompt=prompt, sampling=SamplingParams(**sampling)  # type: ignore[arg-type]
+    )
+
+
+async def run(backend: EmbeddedBackend, req: GenerationRequest) -> list[GenerationChunk]:
+    return [chunk async for chunk in backend.generate(req)]
+
+
+async def wait_idle(backend: EmbeddedBackend) -> None:
+    for _ in range(200):
+        if backend.load().running == 0 and backend.load().waiting == 0:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"engine still busy: {backend.load()}")
+
+
+async def test_concurrent_requests_share_decode_steps(engine: EmbeddedBackend) -> None:
+    before = engine.load()
+    results = await asyncio.gather(
+        *(run(engine, request(max_tokens=24, seed=i)) for i in range(8))
+    )
+    after = engine.load()
+    for chunks in results:
+        last = chunks[-1]
+        assert last.finish_reason in ("stop", "length")
+        assert last.completion_tokens <= 24
+        assert all(c.prompt_tokens == last.prompt_tokens for c in chunks)
+    steps = after.decode_steps - before.decode_steps
+    sequences = after.decoded_sequences - before.decoded_sequences
+    # Serial decoding would need one step per token; batching shares steps.
+    assert sequences / steps > 4, (sequences, steps)
+    await wait_idle(engine)
+
+
+async def test_same_seed_same_text(engine: EmbeddedBackend) -> None:
+    a = await run(engine, request(max_tokens=20, seed=1234, temperature=0.9))
+    b = await run(engine, request(max_tokens=20, seed=1234, temperature=0.9))
+    c = await run(engine, request(max_tokens=20, seed=4321, temperature=0.9))
+    text = ["".join(x.text for x in chunks) for chunks in (a, b, c)]
+    assert text[0] == text[1]
+    assert text[0] != text[2]
+
+
+async def test_stop_string_across_token_boundary(engine: EmbeddedBackend) -> None:
+    free = await run(engine, request(max_tokens=24, temperature=0.0))
+    pieces = [c.text for c in free if c.text]
+    full = "".join(pieces)
+    # A stop straddling two tokens: the end of one piece and the start of the next.
+    k = next(i for i in range(2, len(pieces) - 1) if len(pieces[i]) >= 3 and len(pieces[i + 1]) >= 2)
+    stop = pieces[k][-2:] + pieces[k + 1][:2]
+    stopped = await run(engine, request(max_tokens=24, temperature=0.0, stop=(stop,)))
+    text = "".join(c.text for c in stopped)
+    assert text == full[: full.index(stop)]
+    assert stopped[-1].finish_reason == "stop"
+    assert stop not in text
+
+
+async def test_length_finish_and_exact_usage(engine: EmbeddedBackend) -> None:
+    # Forbid end-of-generation so the length limit is what ends the sequence.
+    chunks = await run(engine, request(max_tokens=7, temperature=0.0, logit_bias={1: -100.0, 106: -100.0}))
+    assert chunks[-1].finish_reason == "length"
+    assert chunks[-1].completion_tokens == 7
+    prompt_tokens = len(engine.prompt_tokens(request()))
+    assert chunks[-1].prompt_tokens == prompt_tokens
+
+
+async def test_logit_bias_forces_a_token(engine: EmbeddedBackend) -> None:
+    forced = engine.prompt_tokens(request(" banana"))[-1]
+    chunks = await run(engine, request(max_tokens=4, temperature=0.0, logit_bias={forced: 100.0}))
+    assert "".join(c.text for c in chunks).count("banana") == 4
+
+
+async def test_cancel_frees_the_sequence(engine: EmbeddedBackend) -> None:
+    stream = engine.generate(request(max_tokens=200))
+    await anext(stream)
+    await anext(stream)
+    assert engine.load().running == 1
+    await stream.aclose()
+    await wait_idle(engine)
+
+
+async def test_context_length_is_checked_before_any_work(engine: EmbeddedBackend) -> None:
+    with pytest.raises(ContextLengthExceeded) as info:
+        await run(engine, request("word " * 300, max_tokens=10))
+    assert info.value.context_length == 256
+    with pytest.raises(ContextLengthExceeded):
+        await run(engine, request(max_tokens=250))
+
+
+async def test_embeddings_are_unit_length_and_order_preserving(engine: EmbeddedBackend) -> None:
+    texts = ["the cat sat on the mat", "quantum chromodynamics", "the cat sat on the mat"]
+    result = await engine.embed(texts)
+    assert len(result.vectors) == 3
+    for v in result.vectors:
+        assert math.isclose(math.fsum(x * x for x in v), 1.0, rel_tol=1e-4)
+    same = sum(a * b for a, b in zip(result.vectors[0], result.vectors[2], strict=True))
+    other = sum(a * b for a, b in zip(result.vectors[0], result.vectors[1], strict=True))
+    assert same > 0.999 > other
+    alone = (await engine.embed(["quantum chromodynamics"])).vectors[0]
+    assert sum(a * b for a, b in zip(alone, result.vectors[1], strict=True)) > 0.999
+    assert result.prompt_tokens == sum(len(engine.prompt_tokens(request(t))) for t in texts)
+
+
+async def test_waiting_past_the_limit_is_overloaded() -> None:
+    backend = EmbeddedBackend(
+        EmbeddedConfig(context_length=256, max_sequences=1, queue_timeout=0.3)
+    )
+    await backend.start()
+    try:
+        busy = backend.generate(request(max_tokens=200, logit_bias={1: -100.0, 106: -100.0}))
+        await anext(busy)
+        with pytest.raises(BackendOverloaded) as info:
+            await run(backend, request(max_tokens=5))
+        assert info.value.retry_after >= 1
+        await busy.aclose()
+        await wait_idle(backend)
+        # The slot is usable again.
+        assert (await run(backend, request(max_tokens=2)))[-1].completion_tokens <= 2
+    finally:
+        await backend.close()

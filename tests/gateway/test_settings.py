@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.settings import ConfigError, load_settings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_default_config_is_valid() -> None:
+    settings = load_settings(REPO / "configs" / "default.yaml")
+    assert settings.server.host == "127.0.0.1"
+    assert settings.server.port == 8000
+    assert [m.name for m in settings.models] == ["gemma-3-270m"]
+    assert settings.models[0].path is None
+
+
+def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("server:\n  host: 0.0.0.0\n  port: 8100\nmodels:\n  - name: m\n")
+    monkeypatch.setenv("LOCKGATE_SERVER__PORT", "9100")
+    settings = load_settings(config)
+    assert (settings.server.host, settings.server.port) == ("0.0.0.0", 9100)
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "names"),
+    [
+        ("models:\n  - name: m\n    n_ctxx: 5\n", "models.0.n_ctxx"),
+        ("models:\n  - name: m\n    max_sequences: 0\n", "models.0.max_sequences"),
+        ("server:\n  port: 99999\n", "server.port"),
+        ("models:\n  - name: m\n    template: mistral\n", "models.0.template"),
+        ("models:\n  - name: a\n  - name: a\n", "repeated: a"),
+        ("modelz: []\n", "modelz"),
+    ],
+)
+def test_errors_name_the_bad_key(tmp_path: Path, yaml_text: str, names: str) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=names.replace(".", r"\.")) as info:
+        load_settings(config)
+    assert str(config) in str(info.value)
+
+
+def test_bad_environment_value_names_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOCKGATE_SERVER__PORT", "eighty")
+    with pytest.raises(ConfigError, match=r"server\.port"):
+        load_settings(None)
+
+
+def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("server: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_settings(bad)
