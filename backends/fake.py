@@ -24,6 +24,7 @@ from backends.base import (
     BackendUnavailable,
     ContextLengthExceeded,
     EmbeddingResult,
+    FinishReason,
     GenerationChunk,
     GenerationRequest,
 )
@@ -69,7 +70,8 @@ class FakeBackend:
         limit = request.sampling.max_tokens
         if len(words) + (limit or 1) > self._context_length:
             raise ContextLengthExceeded(
-                prompt_tokens=len(words), max_tokens=limit or 1,
+                prompt_tokens=len(words),
+                max_tokens=limit or 1,
                 context_length=self._context_length,
             )
         budget = limit if limit is not None else len(words)
@@ -82,7 +84,9 @@ class FakeBackend:
                 if self.behaviour.startswith("fail_midstream") and i == 3:
                     raise BackendUnavailable("fake backend failed mid-stream")
                 last = i == len(out)
-                reason = ("length" if budget < len(words) else "stop") if last else None
+                reason: FinishReason | None = None
+                if last:
+                    reason = "length" if budget < len(words) else "stop"
                 yield GenerationChunk(
                     (" " if i > 1 else "") + word, len(words), i, finish_reason=reason
                 )

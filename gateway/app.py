@@ -61,8 +61,9 @@ async def _start_all(backends: Mapping[str, Backend]) -> None:
 
 def _error_response(exc: BaseException) -> Response:
     info = describe(exc)
-    return Response(info.body(), status_code=info.status, headers=info.headers,
-                    media_type="application/json")
+    return Response(
+        info.body(), status_code=info.status, headers=info.headers, media_type="application/json"
+    )
 
 
 async def _on_error(request: Request, exc: Exception) -> Response:

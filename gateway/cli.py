@@ -14,8 +14,8 @@ from gateway.settings import ConfigError, Settings, load_settings
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Lockgate LLM gateway")
 
 ConfigOption = Annotated[
-    Path | None, typer.Option("--config", "-c", help="YAML config file", exists=True,
-                              dir_okay=False)
+    Path | None,
+    typer.Option("--config", "-c", help="YAML config file", exists=True, dir_okay=False),
 ]
 
 
@@ -52,8 +52,9 @@ def serve(
     server = settings.server.model_copy(
         update={k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     )
-    logging.basicConfig(level=server.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     _prepare_models(settings)
     uvicorn.run(
         create_app(settings),

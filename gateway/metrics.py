@@ -66,20 +66,31 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "lockgate_requests", "Requests by outcome (HTTP status; 499: client went away)",
-            ["model", "endpoint", "status"], registry=r,
+            "lockgate_requests",
+            "Requests by outcome (HTTP status; 499: client went away)",
+            ["model", "endpoint", "status"],
+            registry=r,
         )
         self.request_duration = Histogram(
-            "lockgate_request_duration_seconds", "End-to-end request latency",
-            ["model", "endpoint"], buckets=_LATENCY_BUCKETS, registry=r,
+            "lockgate_request_duration_seconds",
+            "End-to-end request latency",
+            ["model", "endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.time_to_first_token = Histogram(
-            "lockgate_time_to_first_token_seconds", "Time from arrival to the first token",
-            ["model"], buckets=_LATENCY_BUCKETS, registry=r,
+            "lockgate_time_to_first_token_seconds",
+            "Time from arrival to the first token",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.time_per_output_token = Histogram(
-            "lockgate_time_per_output_token_seconds", "Mean gap between output tokens",
-            ["model"], buckets=_TOKEN_BUCKETS, registry=r,
+            "lockgate_time_per_output_token_seconds",
+            "Mean gap between output tokens",
+            ["model"],
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
         )
         self.prompt_tokens = Counter(
             "lockgate_prompt_tokens", "Prompt tokens processed", ["model"], registry=r

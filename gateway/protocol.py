@@ -178,9 +178,7 @@ def parse(model: type[M], body: bytes) -> M:
         first = exc.errors(include_url=False, include_input=False)[0]
         loc = ".".join(str(part) for part in first["loc"])
         message = first["msg"].removeprefix("Value error, ")
-        raise InvalidRequest(
-            f"{loc}: {message}" if loc else message, param=loc or None
-        ) from None
+        raise InvalidRequest(f"{loc}: {message}" if loc else message, param=loc or None) from None
 
 
 # -- responses -----------------------------------------------------------------
@@ -199,8 +197,13 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def chat_completion(
-    *, rid: str, model: str, created: int, choices: list[tuple[str, FinishReason]],
-    prompt_tokens: int, completion_tokens: int,
+    *,
+    rid: str,
+    model: str,
+    created: int,
+    choices: list[tuple[str, FinishReason]],
+    prompt_tokens: int,
+    completion_tokens: int,
 ) -> dict[str, Any]:
     return {
         "id": rid,
@@ -221,8 +224,13 @@ def chat_completion(
 
 
 def text_completion(
-    *, rid: str, model: str, created: int, choices: list[tuple[str, FinishReason]],
-    prompt_tokens: int, completion_tokens: int,
+    *,
+    rid: str,
+    model: str,
+    created: int,
+    choices: list[tuple[str, FinishReason]],
+    prompt_tokens: int,
+    completion_tokens: int,
 ) -> dict[str, Any]:
     return {
         "id": rid,
@@ -298,7 +306,10 @@ class ChunkEncoder:
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
         return (
-            self._head + b"]," + b'"usage":' + orjson.dumps(usage(prompt_tokens, completion_tokens))
+            self._head
+            + b"],"
+            + b'"usage":'
+            + orjson.dumps(usage(prompt_tokens, completion_tokens))
             + b"}\n\n"
         )
 

@@ -1,7 +1,7 @@
 """The request path without HTTP: pick the backend, start generations, collect or stream.
 
 A request becomes one :class:`~backends.base.GenerationRequest` per choice
-(``n`` × prompts). :meth:`InferenceService.open` starts them all and waits for
+(``n`` times the number of prompts). :meth:`InferenceService.open` starts them all and waits for
 each first chunk, so anything that fails early (unknown model, context too
 long, engine full) is raised before a status line is sent; afterwards the
 caller either :meth:`collect`s the full text or :meth:`stream`s SSE bytes.
@@ -113,13 +113,15 @@ class InferenceService:
     def resolve(self, model: str, *, n: int) -> ServedModel:
         served = self.registry.get(model)
         if n > served.max_n:
-            raise InvalidRequest(
-                f"n must be at most {served.max_n} for model '{model}'", param="n"
-            )
+            raise InvalidRequest(f"n must be at most {served.max_n} for model '{model}'", param="n")
         return served
 
     async def open(
-        self, served: ServedModel, requests: Sequence[GenerationRequest], *, n: int,
+        self,
+        served: ServedModel,
+        requests: Sequence[GenerationRequest],
+        *,
+        n: int,
         tracker: Tracker,
     ) -> list[Generation]:
         """Start every choice and wait for its first chunk; all or nothing."""
@@ -148,8 +150,13 @@ class InferenceService:
             await _close_all([g.rest for g in generations])
 
     async def stream(
-        self, generations: Sequence[Generation], encoder: ChunkEncoder, *, chat: bool,
-        include_usage: bool, tracker: Tracker,
+        self,
+        generations: Sequence[Generation],
+        encoder: ChunkEncoder,
+        *,
+        chat: bool,
+        include_usage: bool,
+        tracker: Tracker,
     ) -> AsyncIterator[bytes]:
         """SSE bytes for every choice, interleaved as tokens arrive."""
         prompt_tokens = completion_tokens = 0

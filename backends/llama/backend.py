@@ -1,8 +1,8 @@
 """The embedded llama.cpp engine behind the Backend interface.
 
-    >>> backend = EmbeddedBackend(EmbeddedConfig(path=None, max_sequences=8))
-    >>> await backend.start()                 # assembles the default model if needed
-    >>> async for chunk in backend.generate(request): ...
+>>> backend = EmbeddedBackend(EmbeddedConfig(path=None, max_sequences=8))
+>>> await backend.start()                 # assembles the default model if needed
+>>> async for chunk in backend.generate(request): ...
 """
 
 from __future__ import annotations
@@ -136,7 +136,13 @@ class EmbeddedBackend:
         return tokens
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        engine, _ = self._require()
+        engine, model = self._require()
+        bad = [t for t in request.sampling.logit_bias if not 0 <= t < model.n_vocab]
+        if bad:
+            raise InvalidRequestError(
+                f"logit_bias token ids must be in [0, {model.n_vocab}); got {bad[0]}",
+                param="logit_bias",
+            )
         prompt = self.prompt_tokens(request)
         n_ctx = self.config.context_length
         requested = request.sampling.max_tokens
@@ -175,7 +181,12 @@ class EmbeddedBackend:
                     param="input",
                 )
         done: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        engine.embed(token_lists, lambda result: done.done() or done.set_result(result))
+
+        def resolve(result: object) -> None:
+            if not done.done():
+                done.set_result(result)
+
+        engine.embed(token_lists, resolve)
         result = await done
         if isinstance(result, BackendError):
             raise result

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import logging
 import queue
 import threading
@@ -407,10 +408,9 @@ class LlamaEngine:
         if not self._outbox or self._loop is None:
             return
         outbox, self._outbox = self._outbox, []
-        try:
+        # RuntimeError: the event loop is closed, so nobody is listening.
+        with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(_deliver_all, outbox)
-        except RuntimeError:  # the event loop is closed: nobody is listening
-            pass
 
     def _fail_all(self, error: BackendError) -> None:
         for seq in list(self._running.values()) + list(self._waiting):
@@ -431,4 +431,3 @@ class LlamaEngine:
 def _deliver_all(outbox: list[tuple[Deliver, object]]) -> None:
     for deliver, item in outbox:
         deliver(item)
-

@@ -231,8 +231,7 @@ class Sampler:
         if logit_bias:
             arr = (C.llama_logit_bias * len(logit_bias))()
             for i, (token, bias) in enumerate(logit_bias.items()):
-                arr[i].token = token
-                arr[i].bias = bias
+                arr[i] = C.llama_logit_bias(token, bias)
             C.llama_sampler_chain_add(
                 chain, C.llama_sampler_init_logit_bias(model.n_vocab, len(logit_bias), arr)
             )

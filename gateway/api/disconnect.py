@@ -10,6 +10,7 @@ against ``http.disconnect``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -42,8 +43,6 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     if task.done():
         return task.result()
     task.cancel()
-    try:
+    with contextlib.suppress(asyncio.CancelledError):
         await task
-    except asyncio.CancelledError:
-        pass
     raise ClientDisconnected

@@ -79,11 +79,13 @@ async def _generate(
         request, tracker, service.open(served, generation_requests, n=body.n, tracker=tracker)
     )
     if body.stream:
-        encoder = ChunkEncoder(rid=rid, model=served.name, chat=chat,
-                               include_usage=body.include_usage)
+        encoder = ChunkEncoder(
+            rid=rid, model=served.name, chat=chat, include_usage=body.include_usage
+        )
         return StreamingResponse(
-            service.stream(generations, encoder, chat=chat, include_usage=body.include_usage,
-                           tracker=tracker),
+            service.stream(
+                generations, encoder, chat=chat, include_usage=body.include_usage, tracker=tracker
+            ),
             media_type="text/event-stream",
             headers=SSE_HEADERS,
         )
@@ -111,7 +113,9 @@ async def chat_completions(request: Request) -> Response:
     messages = body.chat_messages()
     requests = [
         GenerationRequest(
-            request_id=f"{rid}-{i}", model=body.model, sampling=body.sampling(choice=i),
+            request_id=f"{rid}-{i}",
+            model=body.model,
+            sampling=body.sampling(choice=i),
             messages=messages,
         )
         for i in range(body.n)
@@ -125,7 +129,9 @@ async def completions(request: Request) -> Response:
     rid = new_id("cmpl")
     requests = [
         GenerationRequest(
-            request_id=f"{rid}-{p}-{i}", model=body.model, sampling=body.sampling(choice=i),
+            request_id=f"{rid}-{p}-{i}",
+            model=body.model,
+            sampling=body.sampling(choice=i),
             prompt=prompt,
         )
         for p, prompt in enumerate(body.prompts())

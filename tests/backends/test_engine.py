@@ -14,12 +14,15 @@ from backends.base import (
     ContextLengthExceeded,
     GenerationChunk,
     GenerationRequest,
+    InvalidRequestError,
     SamplingParams,
 )
 from backends.llama.backend import EmbeddedBackend, EmbeddedConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
+# Gemma's <eos> and <end_of_turn>: banned where max_tokens must end the sequence.
+NO_EOG = {1: -100.0, 106: -100.0}
 PROMPT = "The history of the city of Paris begins"
 
 
@@ -33,7 +36,10 @@ async def engine() -> AsyncIterator[EmbeddedBackend]:
 
 def request(prompt: str = PROMPT, **sampling: object) -> GenerationRequest:
     return GenerationRequest(
-        request_id="t", model="m", prompt=prompt, sampling=SamplingParams(**sampling)  # type: ignore[arg-type]
+        request_id="t",
+        model="m",
+        prompt=prompt,
+        sampling=SamplingParams(**sampling),  # type: ignore[arg-type]
     )
 
 
@@ -51,9 +57,7 @@ async def wait_idle(backend: EmbeddedBackend) -> None:
 
 async def test_concurrent_requests_share_decode_steps(engine: EmbeddedBackend) -> None:
     before = engine.load()
-    results = await asyncio.gather(
-        *(run(engine, request(max_tokens=24, seed=i)) for i in range(8))
-    )
+    results = await asyncio.gather(*(run(engine, request(max_tokens=24, seed=i)) for i in range(8)))
     after = engine.load()
     for chunks in results:
         last = chunks[-1]
@@ -81,7 +85,9 @@ async def test_stop_string_across_token_boundary(engine: EmbeddedBackend) -> Non
     pieces = [c.text for c in free if c.text]
     full = "".join(pieces)
     # A stop straddling two tokens: the end of one piece and the start of the next.
-    k = next(i for i in range(2, len(pieces) - 1) if len(pieces[i]) >= 3 and len(pieces[i + 1]) >= 2)
+    k = next(
+        i for i in range(2, len(pieces) - 1) if len(pieces[i]) >= 3 and len(pieces[i + 1]) >= 2
+    )
     stop = pieces[k][-2:] + pieces[k + 1][:2]
     stopped = await run(engine, request(max_tokens=24, temperature=0.0, stop=(stop,)))
     text = "".join(c.text for c in stopped)
@@ -92,7 +98,7 @@ async def test_stop_string_across_token_boundary(engine: EmbeddedBackend) -> Non
 
 async def test_length_finish_and_exact_usage(engine: EmbeddedBackend) -> None:
     # Forbid end-of-generation so the length limit is what ends the sequence.
-    chunks = await run(engine, request(max_tokens=7, temperature=0.0, logit_bias={1: -100.0, 106: -100.0}))
+    chunks = await run(engine, request(max_tokens=7, temperature=0.0, logit_bias=NO_EOG))
     assert chunks[-1].finish_reason == "length"
     assert chunks[-1].completion_tokens == 7
     prompt_tokens = len(engine.prompt_tokens(request()))
@@ -142,7 +148,7 @@ async def test_waiting_past_the_limit_is_overloaded() -> None:
     )
     await backend.start()
     try:
-        busy = backend.generate(request(max_tokens=200, logit_bias={1: -100.0, 106: -100.0}))
+        busy = backend.generate(request(max_tokens=200, logit_bias=NO_EOG))
         await anext(busy)
         with pytest.raises(BackendOverloaded) as info:
             await run(backend, request(max_tokens=5))
@@ -153,3 +159,8 @@ async def test_waiting_past_the_limit_is_overloaded() -> None:
         assert (await run(backend, request(max_tokens=2)))[-1].completion_tokens <= 2
     finally:
         await backend.close()
+
+
+async def test_logit_bias_outside_the_vocabulary_is_a_client_error(engine: EmbeddedBackend) -> None:
+    with pytest.raises(InvalidRequestError, match="logit_bias"):
+        await run(engine, request(max_tokens=2, logit_bias={10**7: 1.0}))

@@ -68,9 +68,9 @@ def test_selection_prefers_configured_then_gguf_then_architecture() -> None:
     chosen = ChatTemplate.select(configured=None, embedded=embedded, architecture="gemma3")
     assert chosen.name == "gguf"
     assert chosen.render([ChatMessage("user", "x")]) == "[user]x"
-    assert ChatTemplate.select(configured=None, embedded=None, architecture="gemma3").name == "gemma"
-    assert ChatTemplate.select(configured=None, embedded=None, architecture="llama").name == "llama3"
-    assert ChatTemplate.select(configured=None, embedded=None, architecture="qwen2").name == "chatml"
+    for architecture, family in [("gemma3", "gemma"), ("llama", "llama3"), ("qwen2", "chatml")]:
+        chosen = ChatTemplate.select(configured=None, embedded=None, architecture=architecture)
+        assert chosen.name == family
 
 
 @pytest.mark.parametrize(

@@ -55,9 +55,7 @@ async def test_chat_completion_shape_and_usage(client: httpx.AsyncClient) -> Non
 
 
 async def test_max_completion_tokens_wins_over_max_tokens(client: httpx.AsyncClient) -> None:
-    r = await client.post(
-        "/v1/chat/completions", json=chat(max_tokens=3, max_completion_tokens=1)
-    )
+    r = await client.post("/v1/chat/completions", json=chat(max_tokens=3, max_completion_tokens=1))
     assert r.json()["choices"][0]["message"]["content"] == "one"
 
 
@@ -100,8 +98,12 @@ async def test_completions_with_a_list_of_prompts(client: httpx.AsyncClient) -> 
 async def test_streamed_completions_interleave_choices(client: httpx.AsyncClient) -> None:
     r = await client.post(
         "/v1/completions",
-        json={"model": "echo", "prompt": ["x y", "p q r"], "stream": True,
-              "stream_options": {"include_usage": True}},
+        json={
+            "model": "echo",
+            "prompt": ["x y", "p q r"],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
     )
     events = sse_events(r.text)
     texts: dict[int, str] = {0: "", 1: ""}
@@ -150,9 +152,18 @@ async def test_sampling_parameters_reach_the_backend(
 ) -> None:
     r = await client.post(
         "/v1/chat/completions",
-        json=chat(temperature=0.3, top_p=0.9, top_k=20, min_p=0.05, seed=7, stop=["x", "y"],
-                  presence_penalty=0.5, frequency_penalty=-0.5, logit_bias={"42": -100},
-                  user="u1"),
+        json=chat(
+            temperature=0.3,
+            top_p=0.9,
+            top_k=20,
+            min_p=0.05,
+            seed=7,
+            stop=["x", "y"],
+            presence_penalty=0.5,
+            frequency_penalty=-0.5,
+            logit_bias={"42": -100},
+            user="u1",
+        ),
     )
     assert r.status_code == 200
     s = fakes["echo"].seen[-1].sampling
@@ -175,8 +186,10 @@ async def test_sampling_parameters_reach_the_backend(
         (chat(logprobs=True), None),
         (chat(logit_bias={"not-a-token": 1}), "logit_bias"),
         ({"model": "echo", "messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
-        ({"model": "echo", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
-         None),
+        (
+            {"model": "echo", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            None,
+        ),
     ],
 )
 async def test_validation_errors_are_400_in_openai_shape(

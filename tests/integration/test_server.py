@@ -1,0 +1,255 @@
+"""End to end: the OpenAI SDK against ``lockgate serve`` running the real model."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import openai
+import pytest
+
+from tests.integration.conftest import Server
+
+pytestmark = pytest.mark.integration
+
+# Gemma's end-of-generation tokens (<eos>, <end_of_turn>), banned so that
+# max_tokens is what ends a sequence and counts are exact.
+NO_EOG = {"1": -100, "106": -100}
+MESSAGES = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
+
+
+@pytest.fixture
+def client(server: Server) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="any", max_retries=0) as c:
+        yield c
+
+
+@pytest.fixture
+async def aclient(server: Server) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with openai.AsyncOpenAI(
+        base_url=f"{server.base_url}/v1", api_key="any", max_retries=0
+    ) as c:
+        yield c
+
+
+def wait_for_idle(server: Server, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while server.metric("lockgate_engine_running_sequences") > 0:
+        assert time.monotonic() < deadline, "engine still running sequences"
+        time.sleep(0.05)
+
+
+def test_chat_non_stream(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(model="gemma", messages=MESSAGES, max_tokens=16)
+    choice = r.choices[0]
+    assert choice.message.role == "assistant"
+    assert isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    assert r.usage is not None
+    assert r.usage.prompt_tokens > 5
+    assert 0 < r.usage.completion_tokens <= 16
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_chat_stream_with_usage(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="gemma",
+        messages=MESSAGES,
+        max_tokens=12,
+        stream=True,
+        stream_options={"include_usage": True},
+        logit_bias=NO_EOG,
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text
+    assert chunks[-2].choices[0].finish_reason == "length"
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens == 12
+
+
+def test_completions_with_several_prompts(client: openai.OpenAI) -> None:
+    r = client.completions.create(
+        model="gemma",
+        prompt=["The capital of France is", "1, 2, 3,"],
+        max_tokens=5,
+        temperature=0,
+        logit_bias=NO_EOG,
+    )
+    assert [c.index for c in r.choices] == [0, 1]
+    assert all(c.text and c.finish_reason == "length" for c in r.choices)
+    assert r.usage is not None and r.usage.completion_tokens == 10
+
+
+def test_embeddings(client: openai.OpenAI) -> None:
+    r = client.embeddings.create(model="gemma", input=["hello world", "good night"])
+    assert len(r.data) == 2
+    assert len(r.data[0].embedding) == 640  # Gemma 3 270M hidden size
+    assert r.usage.prompt_tokens > 0
+    # The SDK asks for base64 by default and decodes it; check the float path too.
+    raw = httpx.post(
+        f"{client.base_url}embeddings",
+        json={"model": "gemma", "input": "hello world", "encoding_format": "float"},
+    ).json()
+    assert raw["data"][0]["embedding"] == pytest.approx(r.data[0].embedding, abs=1e-6)
+
+
+def test_models(client: openai.OpenAI) -> None:
+    assert {m.id for m in client.models.list()} == {"gemma", "gemma-single"}
+
+
+def test_seed_reproducibility(client: openai.OpenAI) -> None:
+    def sample(seed: int) -> str | None:
+        r = client.chat.completions.create(
+            model="gemma", messages=MESSAGES, max_tokens=16, temperature=1.0, seed=seed
+        )
+        return r.choices[0].message.content
+
+    assert sample(42) == sample(42)
+    assert sample(42) != sample(43)
+
+
+def test_stop_string_across_token_boundaries(server: Server, client: openai.OpenAI) -> None:
+    stream = client.completions.create(
+        model="gemma",
+        prompt="Once upon a time",
+        max_tokens=24,
+        temperature=0,
+        stream=True,
+        logit_bias=NO_EOG,
+    )
+    pieces = [c.choices[0].text for c in stream if c.choices and c.choices[0].text]
+    full = "".join(pieces)
+    k = next(
+        i for i in range(1, len(pieces) - 1) if len(pieces[i]) >= 3 and len(pieces[i + 1]) >= 2
+    )
+    stop = pieces[k][-2:] + pieces[k + 1][:2]
+    stream = client.completions.create(
+        model="gemma",
+        prompt="Once upon a time",
+        max_tokens=24,
+        temperature=0,
+        stream=True,
+        logit_bias=NO_EOG,
+        stop=[stop],
+    )
+    chunks = [c for c in stream if c.choices]
+    streamed = "".join(c.choices[0].text for c in chunks)
+    assert streamed == full[: full.index(stop)]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+async def test_concurrent_streams_are_batched(server: Server, aclient: openai.AsyncOpenAI) -> None:
+    peak = 0.0
+    done = threading.Event()
+
+    def watch() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, server.metric("lockgate_engine_batch_size"))
+            time.sleep(0.02)
+
+    async def one() -> tuple[int, int]:
+        stream = await aclient.chat.completions.create(
+            model="gemma",
+            messages=MESSAGES,
+            max_tokens=32,
+            stream=True,
+            stream_options={"include_usage": True},
+            logit_bias=NO_EOG,
+        )
+        usage = None
+        async for chunk in stream:
+            usage = chunk.usage or usage
+        assert usage is not None
+        return usage.prompt_tokens, usage.completion_tokens
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        results = await asyncio.gather(*(one() for _ in range(8)))
+    finally:
+        done.set()
+        watcher.join()
+    reference = await aclient.chat.completions.create(
+        model="gemma", messages=MESSAGES, max_tokens=1
+    )
+    assert reference.usage is not None
+    assert results == [(reference.usage.prompt_tokens, 32)] * 8
+    assert peak > 1
+
+
+def test_disconnect_mid_stream_frees_the_sequence(server: Server) -> None:
+    body = {
+        "model": "gemma",
+        "messages": MESSAGES,
+        "max_tokens": 400,
+        "stream": True,
+        "logit_bias": NO_EOG,
+    }
+    with (
+        httpx.Client(timeout=30) as http,
+        http.stream("POST", f"{server.base_url}/v1/chat/completions", json=body) as response,
+    ):
+        lines = response.iter_lines()
+        for _ in range(6):
+            next(lines)
+        assert server.metric("lockgate_engine_running_sequences") == 1
+    wait_for_idle(server)
+
+
+def test_disconnect_while_waiting_non_stream_frees_the_sequence(server: Server) -> None:
+    body = {"model": "gemma", "messages": MESSAGES, "max_tokens": 400, "logit_bias": NO_EOG}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=1.0)
+    wait_for_idle(server)
+
+
+def test_error_statuses_and_shapes(server: Server, client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model="gemma", messages=MESSAGES, temperature=5)
+    assert bad.value.status_code == 400
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="nope", messages=MESSAGES)
+    assert missing.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.chat.completions.create(model="gemma", messages=MESSAGES, max_tokens=600)
+    assert too_long.value.code == "context_length_exceeded"
+    r = httpx.post(
+        f"{server.base_url}/v1/chat/completions",
+        content=b"{oops",
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 400
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_full_engine_answers_503_with_retry_after(server: Server) -> None:
+    body = {
+        "model": "gemma-single",
+        "messages": MESSAGES,
+        "max_tokens": 400,
+        "stream": True,
+        "logit_bias": NO_EOG,
+    }
+    with (
+        httpx.Client(timeout=30) as http,
+        http.stream("POST", f"{server.base_url}/v1/chat/completions", json=body) as busy,
+    ):
+        lines = busy.iter_lines()  # keep a reference: a collected iterator closes the stream
+        next(lines)
+        r = http.post(
+            f"{server.base_url}/v1/chat/completions",
+            json={"model": "gemma-single", "messages": MESSAGES, "max_tokens": 4},
+        )
+    assert r.status_code == 503
+    assert r.json()["error"]["code"] == "overloaded"
+    assert int(r.headers["retry-after"]) >= 1
+    wait_for_idle(server)
+
+
+def test_server_log_has_no_tracebacks(server: Server) -> None:
+    assert "Traceback" not in server.log.read_text()
