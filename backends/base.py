@@ -87,7 +87,7 @@ class SamplingParams:
     max_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0
+    top_k: int | None = None  # None: the backend default; 0: disabled
     min_p: float = 0.0
     seed: int | None = None
     presence_penalty: float = 0.0

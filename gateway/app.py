@@ -42,6 +42,7 @@ def build_backend(model: ModelSettings) -> Backend:
             queue_timeout=model.queue_timeout,
             max_waiting=model.max_waiting,
             prefill_chunk=model.prefill_chunk,
+            default_top_k=model.default_top_k,
         )
     )
 

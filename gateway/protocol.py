@@ -119,7 +119,7 @@ class _SamplingFields(OpenAIBaseModel):
             max_tokens=self._completion_limit(),
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=self.top_k or 0,
+            top_k=self.top_k,
             min_p=self.min_p or 0.0,
             seed=seed,
             presence_penalty=self.presence_penalty or 0.0,

@@ -47,6 +47,9 @@ class ModelSettings(_Strict):
     max_waiting: Annotated[int, Field(ge=0, le=100_000)] = 256
     prefill_chunk: Annotated[int, Field(ge=16, le=8192)] = 256
     max_n: Annotated[int, Field(ge=1, le=128)] = 1
+    # top-k when a request sets none; 40 is llama.cpp's and Ollama's default. Sampling
+    # the full 262k-token Gemma vocabulary costs ~25% of decode throughput; 0 disables.
+    default_top_k: Annotated[int, Field(ge=0)] = 40
 
 
 class Settings(BaseSettings):

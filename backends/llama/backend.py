@@ -40,6 +40,7 @@ class EmbeddedConfig:
     max_waiting: int = 256
     prefill_chunk: int = 256
     batch_tokens: int = 512
+    default_top_k: int = 40
 
 
 class EmbeddedBackend:
@@ -88,6 +89,7 @@ class EmbeddedBackend:
                 prefill_chunk=cfg.prefill_chunk,
                 queue_timeout=cfg.queue_timeout,
                 max_waiting=cfg.max_waiting,
+                default_top_k=cfg.default_top_k,
             ),
         )
         await asyncio.to_thread(engine.start, asyncio.get_running_loop())

@@ -51,6 +51,7 @@ class EngineConfig:
     prefill_chunk: int = 256  # prompt tokens admitted per step
     queue_timeout: float = 30.0  # seconds a request may wait for a slot
     max_waiting: int = 256
+    default_top_k: int = 40  # when a request names none (llama.cpp's and Ollama's default)
 
 
 @dataclass(eq=False, slots=True)
@@ -276,7 +277,7 @@ class LlamaEngine:
             seq.sampler = Sampler(
                 self.model,
                 temperature=p.temperature,
-                top_k=p.top_k,
+                top_k=self.config.default_top_k if p.top_k is None else p.top_k,
                 top_p=p.top_p,
                 min_p=p.min_p,
                 seed=p.seed,
