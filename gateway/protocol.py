@@ -196,8 +196,9 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def chat_completion(
+def completion(
     *,
+    chat: bool,
     rid: str,
     model: str,
     created: int,
@@ -205,40 +206,19 @@ def chat_completion(
     prompt_tokens: int,
     completion_tokens: int,
 ) -> dict[str, Any]:
+    """A non-streamed ``chat.completion`` or ``text_completion`` body."""
     return {
         "id": rid,
-        "object": "chat.completion",
+        "object": "chat.completion" if chat else "text_completion",
         "created": created,
         "model": model,
         "choices": [
             {
                 "index": i,
-                "message": {"role": "assistant", "content": text},
+                **({"message": {"role": "assistant", "content": text}} if chat else {"text": text}),
                 "logprobs": None,
                 "finish_reason": reason,
             }
-            for i, (text, reason) in enumerate(choices)
-        ],
-        "usage": usage(prompt_tokens, completion_tokens),
-    }
-
-
-def text_completion(
-    *,
-    rid: str,
-    model: str,
-    created: int,
-    choices: list[tuple[str, FinishReason]],
-    prompt_tokens: int,
-    completion_tokens: int,
-) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
             for i, (text, reason) in enumerate(choices)
         ],
         "usage": usage(prompt_tokens, completion_tokens),

@@ -126,9 +126,13 @@ class InferenceService:
     ) -> list[Generation]:
         """Start every choice and wait for its first chunk; all or nothing."""
         streams = [served.backend.generate(r) for r in requests]
+        results: list[GenerationChunk | BaseException]
         try:
-            results = await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
-        except asyncio.CancelledError:  # the client left while queued
+            if len(streams) == 1:  # the common case needs no tasks
+                results = [await anext(streams[0])]
+            else:
+                results = await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
+        except BaseException:  # an early error, or the client left while queued
             await _close_all(streams)
             raise
         failure = next((r for r in results if isinstance(r, BaseException)), None)

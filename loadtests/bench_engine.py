@@ -135,57 +135,24 @@ async def http_wave(url: str, model: str, concurrency: int, tokens: int) -> Poin
     return Point("", concurrency, decode, total / (finished - started), ttft)
 
 
+def run_baseline(
+    mode: str, model: Path, tokens: int, threads: int, *extra: str
+) -> dict[str, float]:
+    cmd = [sys.executable, str(HERE / "raw_llama.py"), mode, "--model", str(model)]
+    cmd += ["--prompt", PROMPT, "--tokens", str(tokens), "--threads", str(threads)]
+    cmd += ["--top-k", str(TOP_K), *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
 def raw_point(model: Path, concurrency: int, tokens: int, threads: int) -> Point:
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(HERE / "raw_llama.py"),
-            "batched",
-            "--model",
-            str(model),
-            "--prompt",
-            PROMPT,
-            "--sequences",
-            str(concurrency),
-            "--tokens",
-            str(tokens),
-            "--threads",
-            str(threads),
-            "--top-k",
-            str(TOP_K),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = run_baseline("batched", model, tokens, threads, "--sequences", str(concurrency))
     return Point("raw", concurrency, r["decode_tok_s"], r["e2e_tok_s"], r["ttft_s"])
 
 
 def serial_point(model: Path, tokens: int, threads: int) -> Point:
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(HERE / "raw_llama.py"),
-            "serial",
-            "--model",
-            str(model),
-            "--prompt",
-            PROMPT,
-            "--requests",
-            "4",
-            "--tokens",
-            str(tokens),
-            "--threads",
-            str(threads),
-            "--top-k",
-            str(TOP_K),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = run_baseline("serial", model, tokens, threads, "--requests", "4")
     return Point("lcpp-serial", 1, r["e2e_tok_s"], r["e2e_tok_s"], r["ttft_s"])
 
 

@@ -25,12 +25,11 @@ from gateway.protocol import (
     ChunkEncoder,
     CompletionRequest,
     EmbeddingRequest,
-    chat_completion,
+    completion,
     embedding_list,
     model_card,
     new_id,
     parse,
-    text_completion,
 )
 from gateway.service import CLIENT_CLOSED, InferenceService, Tracker
 
@@ -93,9 +92,9 @@ async def _generate(
     prompt_tokens = sum(o.prompt_tokens for o in outcomes)
     completion_tokens = sum(o.completion_tokens for o in outcomes)
     tracker.finish(200, prompt_tokens, completion_tokens)
-    build = chat_completion if chat else text_completion
     return _json(
-        build(
+        completion(
+            chat=chat,
             rid=rid,
             model=served.name,
             created=int(time.time()),

@@ -6,10 +6,12 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import httpx
 import openai
 import pytest
+from openai.types import Completion
 
 from tests.integration.conftest import Server
 
@@ -33,6 +35,17 @@ async def aclient(server: Server) -> AsyncIterator[openai.AsyncOpenAI]:
         base_url=f"{server.base_url}/v1", api_key="any", max_retries=0
     ) as c:
         yield c
+
+
+def long_stream(model: str) -> dict[str, Any]:
+    """A streamed chat request that runs for seconds unless it is cancelled."""
+    return {
+        "model": model,
+        "messages": MESSAGES,
+        "max_tokens": 400,
+        "stream": True,
+        "logit_bias": NO_EOG,
+    }
 
 
 def wait_for_idle(server: Server, timeout: float = 5.0) -> None:
@@ -113,30 +126,25 @@ def test_seed_reproducibility(client: openai.OpenAI) -> None:
 
 
 def test_stop_string_across_token_boundaries(server: Server, client: openai.OpenAI) -> None:
-    stream = client.completions.create(
-        model="gemma",
-        prompt="Once upon a time",
-        max_tokens=24,
-        temperature=0,
-        stream=True,
-        logit_bias=NO_EOG,
-    )
-    pieces = [c.choices[0].text for c in stream if c.choices and c.choices[0].text]
+    def greedy(stop: list[str] | None) -> list[Completion]:
+        stream = client.completions.create(
+            model="gemma",
+            prompt="Once upon a time",
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            logit_bias=NO_EOG,
+            stop=stop,
+        )
+        return [c for c in stream if c.choices]
+
+    pieces = [c.choices[0].text for c in greedy(None) if c.choices[0].text]
     full = "".join(pieces)
     k = next(
         i for i in range(1, len(pieces) - 1) if len(pieces[i]) >= 3 and len(pieces[i + 1]) >= 2
     )
-    stop = pieces[k][-2:] + pieces[k + 1][:2]
-    stream = client.completions.create(
-        model="gemma",
-        prompt="Once upon a time",
-        max_tokens=24,
-        temperature=0,
-        stream=True,
-        logit_bias=NO_EOG,
-        stop=[stop],
-    )
-    chunks = [c for c in stream if c.choices]
+    stop = pieces[k][-2:] + pieces[k + 1][:2]  # straddles two tokens
+    chunks = greedy([stop])
     streamed = "".join(c.choices[0].text for c in chunks)
     assert streamed == full[: full.index(stop)]
     assert chunks[-1].choices[0].finish_reason == "stop"
@@ -183,13 +191,7 @@ async def test_concurrent_streams_are_batched(server: Server, aclient: openai.As
 
 
 def test_disconnect_mid_stream_frees_the_sequence(server: Server) -> None:
-    body = {
-        "model": "gemma",
-        "messages": MESSAGES,
-        "max_tokens": 400,
-        "stream": True,
-        "logit_bias": NO_EOG,
-    }
+    body = long_stream("gemma")
     with (
         httpx.Client(timeout=30) as http,
         http.stream("POST", f"{server.base_url}/v1/chat/completions", json=body) as response,
@@ -228,13 +230,7 @@ def test_error_statuses_and_shapes(server: Server, client: openai.OpenAI) -> Non
 
 
 def test_full_engine_answers_503_with_retry_after(server: Server) -> None:
-    body = {
-        "model": "gemma-single",
-        "messages": MESSAGES,
-        "max_tokens": 400,
-        "stream": True,
-        "logit_bias": NO_EOG,
-    }
+    body = long_stream("gemma-single")
     with (
         httpx.Client(timeout=30) as http,
         http.stream("POST", f"{server.base_url}/v1/chat/completions", json=body) as busy,
