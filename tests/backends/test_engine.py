@@ -164,3 +164,18 @@ async def test_waiting_past_the_limit_is_overloaded() -> None:
 async def test_logit_bias_outside_the_vocabulary_is_a_client_error(engine: EmbeddedBackend) -> None:
     with pytest.raises(InvalidRequestError, match="logit_bias"):
         await run(engine, request(max_tokens=2, logit_bias={10**7: 1.0}))
+
+
+async def test_a_full_waiting_queue_rejects_at_once() -> None:
+    backend = EmbeddedBackend(EmbeddedConfig(context_length=256, max_sequences=1, max_waiting=0))
+    await backend.start()
+    try:
+        busy = backend.generate(request(max_tokens=200, logit_bias=NO_EOG))
+        await anext(busy)  # a free slot admits the first request despite max_waiting=0
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(BackendOverloaded):
+            await run(backend, request(max_tokens=5))
+        assert asyncio.get_running_loop().time() - started < 0.5
+        await busy.aclose()
+    finally:
+        await backend.close()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,9 @@ def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
     bad.write_text("- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_settings(bad)
+
+
+def test_built_in_defaults_match_the_default_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [k for k in os.environ if k.startswith("LOCKGATE_")]:
+        monkeypatch.delenv(name)
+    assert load_settings(None) == load_settings(REPO / "configs" / "default.yaml")
