@@ -19,17 +19,25 @@ Errors::
     BackendError                     anything a backend raises on purpose
     ├── InvalidRequestError          the request can never succeed (→ 400)
     │   └── ContextLengthExceeded    prompt + max_tokens > context (→ 400)
-    ├── BackendOverloaded            no capacity within the wait limit (→ 503)
-    └── BackendUnavailable           not loaded, shut down or failed (→ 503)
+    ├── BackendOverloaded            no capacity within the wait limit, or the
+    │                                upstream answered 429 (→ 503 + Retry-After)
+    ├── BackendUnavailable           not loaded, shut down, failed, unreachable,
+    │                                or the upstream answered 5xx (→ 503)
+    └── BackendTimeout               connect, first-token or between-chunk timeout (→ 504)
+
+Remote backends translate their upstream's errors into this tree exactly once:
+an upstream 4xx caused by the request becomes an ``InvalidRequestError`` (it is
+the client's mistake, never retried, never an outage); everything else is the
+backend's problem.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class BackendError(Exception):
@@ -72,12 +80,28 @@ class BackendUnavailable(BackendError):
     """The backend cannot serve now: still loading, shut down, or crashed."""
 
 
+class BackendTimeout(BackendError):
+    """The upstream did not connect, start or continue within its time limit."""
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A function call the model asked for; ``arguments`` is a JSON string (OpenAI's form)."""
+
+    id: str
+    name: str
+    arguments: str
+
+
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
-    """One chat turn, already flattened to text."""
+    """One chat turn, its content already flattened to text."""
 
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None  # role "tool": which call this answers
+    name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,13 +109,13 @@ class SamplingParams:
     """How to pick tokens. ``None`` means "the engine's default"."""
 
     max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int | None = None  # None: the backend default; 0: disabled
-    min_p: float = 0.0
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # 0: disabled
+    min_p: float | None = None
     seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     logit_bias: Mapping[int, float] = field(default_factory=dict)
     stop: tuple[str, ...] = ()
 
@@ -105,6 +129,9 @@ class GenerationRequest:
     sampling: SamplingParams
     prompt: str | None = None
     messages: tuple[ChatMessage, ...] | None = None
+    # OpenAI tool definitions and tool_choice, passed to backends that support tools.
+    tools: tuple[Mapping[str, Any], ...] = ()
+    tool_choice: str | Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +142,7 @@ class GenerationChunk:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: FinishReason | None = None
+    tool_calls: tuple[ToolCall, ...] = ()  # complete calls, sent once they are whole
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,9 @@ It needs no model and no threads. Names (a prefix selects the behaviour):
 * ``unavailable``: raises BackendUnavailable before the first chunk.
 * ``fail_midstream``: sends two words, then raises BackendUnavailable.
 
+Given ``tools`` (and a tool_choice other than "none"), any behaviour answers with
+one call to the first tool, its arguments ``{"echo": <the last message>}``.
+
 Token counts are word counts; ``context_length`` applies as for a real engine.
 
     >>> backend = FakeBackend("echo", context_length=64)
@@ -16,6 +19,7 @@ Token counts are word counts; ``context_length`` applies as for a real engine.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Sequence
 
 from backends.base import (
@@ -27,6 +31,7 @@ from backends.base import (
     FinishReason,
     GenerationChunk,
     GenerationRequest,
+    ToolCall,
 )
 
 
@@ -74,6 +79,11 @@ class FakeBackend:
                 max_tokens=limit or 1,
                 context_length=self._context_length,
             )
+        if request.tools and request.tool_choice != "none":
+            name = request.tools[0]["function"]["name"]
+            call = ToolCall("call_0", name, json.dumps({"echo": source}))
+            yield GenerationChunk("", len(words), 1, "tool_calls", tool_calls=(call,))
+            return
         budget = limit if limit is not None else len(words)
         out = words[:budget]
         self.running += 1

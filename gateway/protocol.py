@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from backends.base import ChatMessage, FinishReason, SamplingParams
+from backends.base import ChatMessage, FinishReason, SamplingParams, ToolCall
 from gateway.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -48,10 +48,35 @@ class TextPart(OpenAIBaseModel):
     text: str
 
 
+class FunctionCallIn(OpenAIBaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallIn(OpenAIBaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
+class FunctionDef(OpenAIBaseModel):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(OpenAIBaseModel):
+    type: Literal["function"]
+    function: FunctionDef
+
+
 class ChatMessageIn(OpenAIBaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = None  # tool turns: the call being answered
 
     def flatten(self) -> ChatMessage:
         if self.content is None:
@@ -62,7 +87,16 @@ class ChatMessageIn(OpenAIBaseModel):
             text = "".join(part.text for part in self.content)
         # "developer" is OpenAI's new name for the system role.
         role = "system" if self.role == "developer" else self.role
-        return ChatMessage(role=role, content=text)
+        calls = tuple(
+            ToolCall(c.id, c.function.name, c.function.arguments) for c in self.tool_calls or ()
+        )
+        return ChatMessage(
+            role=role,
+            content=text,
+            tool_calls=calls,
+            tool_call_id=self.tool_call_id,
+            name=self.name,
+        )
 
 
 class StreamOptions(OpenAIBaseModel):
@@ -117,13 +151,13 @@ class _SamplingFields(OpenAIBaseModel):
             seed += choice  # n > 1 with a seed: distinct yet reproducible choices
         return SamplingParams(
             max_tokens=self._completion_limit(),
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
+            temperature=self.temperature,
+            top_p=self.top_p,
             top_k=self.top_k,
-            min_p=self.min_p or 0.0,
+            min_p=self.min_p,
             seed=seed,
-            presence_penalty=self.presence_penalty or 0.0,
-            frequency_penalty=self.frequency_penalty or 0.0,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
             logit_bias=bias,
             stop=stops,
         )
@@ -132,6 +166,11 @@ class _SamplingFields(OpenAIBaseModel):
 class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessageIn], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    tools: Annotated[list[ToolDef], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+
+    def tool_definitions(self) -> tuple[dict[str, Any], ...]:
+        return tuple(t.model_dump(exclude_none=True) for t in self.tools or ())
 
     def _completion_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -202,7 +241,7 @@ def completion(
     rid: str,
     model: str,
     created: int,
-    choices: list[tuple[str, FinishReason]],
+    choices: list[tuple[str, FinishReason, tuple[ToolCall, ...]]],
     prompt_tokens: int,
     completion_tokens: int,
 ) -> dict[str, Any]:
@@ -215,13 +254,32 @@ def completion(
         "choices": [
             {
                 "index": i,
-                **({"message": {"role": "assistant", "content": text}} if chat else {"text": text}),
+                **({"message": _message(text, calls)} if chat else {"text": text}),
                 "logprobs": None,
                 "finish_reason": reason,
             }
-            for i, (text, reason) in enumerate(choices)
+            for i, (text, reason, calls) in enumerate(choices)
         ],
         "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def tool_call_dict(call: ToolCall) -> dict[str, Any]:
+    return {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments},
+    }
+
+
+def _message(text: str, calls: tuple[ToolCall, ...]) -> dict[str, Any]:
+    if not calls:
+        return {"role": "assistant", "content": text}
+    # OpenAI sends content null when the turn is only tool calls.
+    return {
+        "role": "assistant",
+        "content": text or None,
+        "tool_calls": [tool_call_dict(c) for c in calls],
     }
 
 
@@ -275,6 +333,16 @@ class ChunkEncoder:
             body = b'"delta":{"content":' + content + b'},"logprobs":null,"finish_reason":null'
         else:
             body = b'"text":' + content + b',"logprobs":null,"finish_reason":null'
+        return self._choice(index, body)
+
+    def tool_calls(self, index: int, calls: tuple[ToolCall, ...]) -> bytes:
+        """Whole tool calls in one delta (OpenAI may split arguments; clients join them)."""
+        deltas = [{"index": i, **tool_call_dict(c)} for i, c in enumerate(calls)]
+        body = (
+            b'"delta":{"tool_calls":'
+            + orjson.dumps(deltas)
+            + b'},"logprobs":null,"finish_reason":null'
+        )
         return self._choice(index, body)
 
     def finish(self, index: int, reason: FinishReason) -> bytes:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 
-from backends.base import Backend, FinishReason, GenerationChunk, GenerationRequest
+from backends.base import Backend, FinishReason, GenerationChunk, GenerationRequest, ToolCall
 from gateway.errors import InvalidRequest, ModelNotFound, describe
 from gateway.metrics import Metrics
 from gateway.protocol import ChunkEncoder
@@ -63,6 +63,7 @@ class Generation:
 @dataclass(slots=True)
 class Outcome:
     text: list[str] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
     finish_reason: FinishReason = "stop"
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -174,6 +175,8 @@ class InferenceService:
                 last[index] = chunk
                 if chunk.text:
                     yield encoder.text(index, chunk.text)
+                if chunk.tool_calls:
+                    yield encoder.tool_calls(index, chunk.tool_calls)
                 if chunk.finish_reason is not None:
                     yield encoder.finish(index, chunk.finish_reason)
             for g in generations:
@@ -196,11 +199,12 @@ class InferenceService:
 
 
 async def _drain(g: Generation) -> Outcome:
-    out = Outcome(text=[g.first.text])
+    out = Outcome(text=[g.first.text], tool_calls=list(g.first.tool_calls))
     chunk = g.first
     while chunk.finish_reason is None:
         chunk = await anext(g.rest)
         out.text.append(chunk.text)
+        out.tool_calls.extend(chunk.tool_calls)
     out.finish_reason = chunk.finish_reason
     out.prompt_tokens = chunk.prompt_tokens if g.counts_prompt else 0
     out.completion_tokens = chunk.completion_tokens

@@ -139,6 +139,10 @@ class EmbeddedBackend:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         engine, model = self._require()
+        if request.tools and request.tool_choice != "none":
+            raise InvalidRequestError(
+                "tools are not supported by the embedded engine", param="tools"
+            )
         bad = [t for t in request.sampling.logit_bias if not 0 <= t < model.n_vocab]
         if bad:
             raise InvalidRequestError(

@@ -276,15 +276,16 @@ class LlamaEngine:
             self._dequeued += 1
             seq.slot = self._free_slots.pop()
             p = seq.sampling
+            # OpenAI's defaults where the request is silent; top-k is ours (see config).
             seq.sampler = Sampler(
                 self.model,
-                temperature=p.temperature,
+                temperature=1.0 if p.temperature is None else p.temperature,
                 top_k=self.config.default_top_k if p.top_k is None else p.top_k,
-                top_p=p.top_p,
-                min_p=p.min_p,
+                top_p=1.0 if p.top_p is None else p.top_p,
+                min_p=p.min_p or 0.0,
                 seed=p.seed,
-                presence_penalty=p.presence_penalty,
-                frequency_penalty=p.frequency_penalty,
+                presence_penalty=p.presence_penalty or 0.0,
+                frequency_penalty=p.frequency_penalty or 0.0,
                 logit_bias=p.logit_bias,
             )
             self._running[seq.slot] = seq

@@ -98,7 +98,7 @@ async def _generate(
             rid=rid,
             model=served.name,
             created=int(time.time()),
-            choices=[("".join(o.text), o.finish_reason) for o in outcomes],
+            choices=[("".join(o.text), o.finish_reason, tuple(o.tool_calls)) for o in outcomes],
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
         )
@@ -110,12 +110,15 @@ async def chat_completions(request: Request) -> Response:
     body = parse(ChatCompletionRequest, await request.body())
     rid = new_id("chatcmpl")
     messages = body.chat_messages()
+    tools = body.tool_definitions()
     requests = [
         GenerationRequest(
             request_id=f"{rid}-{i}",
             model=body.model,
             sampling=body.sampling(choice=i),
             messages=messages,
+            tools=tools,
+            tool_choice=body.tool_choice,
         )
         for i in range(body.n)
     ]

@@ -179,3 +179,12 @@ async def test_a_full_waiting_queue_rejects_at_once() -> None:
         await busy.aclose()
     finally:
         await backend.close()
+
+
+async def test_tools_are_refused_by_the_embedded_engine(engine: EmbeddedBackend) -> None:
+    tool = {"type": "function", "function": {"name": "f"}}
+    req = GenerationRequest(
+        request_id="t", model="m", prompt="x", sampling=SamplingParams(), tools=(tool,)
+    )
+    with pytest.raises(InvalidRequestError, match="tools"):
+        await run(engine, req)

@@ -283,3 +283,66 @@ async def test_metrics_count_requests_and_tokens(client: httpx.AsyncClient) -> N
     assert 'lockgate_prompt_tokens_total{model="echo"} 3.0' in text
     assert "lockgate_time_to_first_token_seconds_bucket" in text
     assert 'lockgate_engine_capacity_sequences{model="echo"} 8.0' in text
+
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}},
+    }
+]
+
+
+async def test_tool_calls_non_stream(
+    client: httpx.AsyncClient, fakes: dict[str, FakeBackend]
+) -> None:
+    r = await client.post("/v1/chat/completions", json=chat("find it", tools=TOOLS))
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"] == {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_0",
+                "type": "function",
+                "function": {"name": "lookup", "arguments": '{"echo": "find it"}'},
+            }
+        ],
+    }
+    assert fakes["echo"].seen[-1].tools[0]["function"]["name"] == "lookup"
+
+
+async def test_tool_calls_stream_and_tool_results_are_accepted(client: httpx.AsyncClient) -> None:
+    messages = [
+        {"role": "user", "content": "find it"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_0",
+                    "type": "function",
+                    "function": {"name": "lookup", "arguments": "{}"},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_0", "content": "found"},
+    ]
+    r = await client.post(
+        "/v1/chat/completions",
+        json={"model": "echo", "messages": messages, "tools": TOOLS, "stream": True},
+    )
+    events = sse_events(r.text)
+    delta = events[1]["choices"][0]["delta"]
+    assert delta["tool_calls"][0]["index"] == 0
+    assert delta["tool_calls"][0]["function"] == {
+        "name": "lookup",
+        "arguments": '{"echo": "found"}',
+    }
+    assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+async def test_malformed_tools_are_400(client: httpx.AsyncClient) -> None:
+    r = await client.post("/v1/chat/completions", json=chat(tools=[{"type": "function"}]))
+    assert assert_error(r, 400)["param"] == "tools.0.function"
