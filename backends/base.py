@@ -41,12 +41,20 @@ FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class BackendError(Exception):
-    """Base of every error a backend raises deliberately."""
+    """Base of every error a backend raises deliberately.
 
-    def __init__(self, message: str, *, param: str | None = None) -> None:
+    ``code`` carries a machine-readable code when the backend knows one (an
+    upstream's own ``context_length_exceeded``, say); the gateway prefers it.
+    """
+
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        if code is not None:
+            self.code = code
 
 
 class InvalidRequestError(BackendError):
@@ -161,6 +169,7 @@ class BackendLoad:
     last_batch_size: int = 0  # sequences in the most recent decode step
     decode_steps: int = 0  # cumulative
     decoded_sequences: int = 0  # cumulative sum of batch sizes
+    kv_cache_usage: float | None = None  # 0..1, where the engine reports it
 
 
 @runtime_checkable

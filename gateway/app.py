@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -25,29 +25,36 @@ from gateway.api import health, openai
 from gateway.api.disconnect import ClientDisconnected
 from gateway.errors import GatewayError, InvalidRequest, NotFound, describe
 from gateway.metrics import Metrics
+from gateway.remote import build_remote_backend
 from gateway.service import CLIENT_CLOSED, InferenceService, ModelRegistry, ServedModel
-from gateway.settings import ModelSettings, Settings
+from gateway.settings import ModelSettings, RemoteModelSettings, Settings
 
 log = logging.getLogger(__name__)
 
 
-def build_backend(model: ModelSettings) -> Backend:
-    return EmbeddedBackend(
-        EmbeddedConfig(
-            path=model.path,
-            context_length=model.n_ctx,
-            max_sequences=model.max_sequences,
-            threads=model.threads,
-            template=model.template,
-            queue_timeout=model.queue_timeout,
-            max_waiting=model.max_waiting,
-            prefill_chunk=model.prefill_chunk,
-            default_top_k=model.default_top_k,
+def build_backend(model: ModelSettings | RemoteModelSettings) -> Backend:
+    if isinstance(model, ModelSettings):
+        return EmbeddedBackend(
+            EmbeddedConfig(
+                path=model.path,
+                context_length=model.n_ctx,
+                max_sequences=model.max_sequences,
+                threads=model.threads,
+                template=model.template,
+                queue_timeout=model.queue_timeout,
+                max_waiting=model.max_waiting,
+                prefill_chunk=model.prefill_chunk,
+                default_top_k=model.default_top_k,
+            )
         )
-    )
+    return build_remote_backend(model)
 
 
-async def _start_all(backends: Mapping[str, Backend]) -> None:
+def _instance(model: ModelSettings | RemoteModelSettings) -> str:
+    return "embedded" if isinstance(model, ModelSettings) else model.base_url
+
+
+async def _start_all(backends: Sequence[tuple[str, Backend]]) -> None:
     async def start(name: str, backend: Backend) -> None:
         started = time.perf_counter()
         try:
@@ -57,7 +64,7 @@ async def _start_all(backends: Mapping[str, Backend]) -> None:
             return
         log.info("model %s ready in %.1fs", name, time.perf_counter() - started)
 
-    await asyncio.gather(*(start(n, b) for n, b in backends.items()))
+    await asyncio.gather(*(start(n, b) for n, b in backends))
 
 
 def _error_response(exc: BaseException) -> Response:
@@ -87,26 +94,34 @@ async def _on_disconnect(request: Request, exc: Exception) -> Response:
 
 
 def create_app(settings: Settings, *, backends: Mapping[str, Backend] | None = None) -> FastAPI:
-    if backends is None:
-        backends = {m.name: build_backend(m) for m in settings.models}
+    """Build the app; ``backends`` (name → backend) replaces the configured ones in tests."""
     created = int(time.time())
-    limits = {m.name: m.max_n for m in settings.models}
-    registry = ModelRegistry(
-        [ServedModel(name, b, limits.get(name, 1), created) for name, b in backends.items()]
-    )
+    if backends is None:
+        served = [
+            ServedModel(m.name, build_backend(m), m.max_n, created, _instance(m))
+            for m in settings.models
+        ]
+    else:
+        limits = {m.name: m.max_n for m in settings.models}
+        served = [
+            ServedModel(name, b, limits.get(name, 1), created, "injected")
+            for name, b in backends.items()
+        ]
+    registry = ModelRegistry(served)
+    pairs = [(m.name, m.backend) for m in served]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loading = asyncio.create_task(_start_all(backends))
+        loading = asyncio.create_task(_start_all(pairs))
         try:
             yield
         finally:
             loading.cancel()
             await asyncio.gather(loading, return_exceptions=True)
-            await asyncio.gather(*(b.close() for b in backends.values()), return_exceptions=True)
+            await asyncio.gather(*(b.close() for _, b in pairs), return_exceptions=True)
 
     app = FastAPI(title="Lockgate", version="0.1.0", lifespan=lifespan)
-    metrics = Metrics(registry.backends)
+    metrics = Metrics(lambda: [(m.name, m.instance, m.backend) for m in registry.instances()])
     app.state.metrics = metrics
     app.state.service = InferenceService(registry, metrics)
     app.include_router(openai.router)

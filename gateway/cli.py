@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from backends.model_store import ModelFileError, resolve_model_path
-from gateway.settings import ConfigError, Settings, load_settings
+from gateway.settings import ConfigError, ModelSettings, Settings, load_settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Lockgate LLM gateway")
 
@@ -29,6 +29,8 @@ def _settings(config: Path | None) -> Settings:
 
 def _prepare_models(settings: Settings) -> None:
     for model in settings.models:
+        if not isinstance(model, ModelSettings):
+            continue
         try:
             path = resolve_model_path(model.path)
         except ModelFileError as exc:

@@ -14,7 +14,7 @@ says nothing about the internals (the traceback goes to the log only).
 Backend errors (``backends.base``) are mapped in the same table:
 ``ContextLengthExceeded`` → 400 ``context_length_exceeded``,
 ``InvalidRequestError`` → 400, ``BackendOverloaded`` → 503 with
-``Retry-After``, ``BackendUnavailable`` → 503.
+``Retry-After``, ``BackendUnavailable`` → 503, ``BackendTimeout`` → 504.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import orjson
 from backends.base import (
     BackendError,
     BackendOverloaded,
+    BackendTimeout,
     BackendUnavailable,
     ContextLengthExceeded,
     InvalidRequestError,
@@ -94,6 +95,7 @@ _TABLE: tuple[tuple[type[Exception], int, str, str | None], ...] = (
     (NotFound, 404, "invalid_request_error", "not_found"),
     (BackendOverloaded, 503, "server_error", "overloaded"),
     (BackendUnavailable, 503, "server_error", "service_unavailable"),
+    (BackendTimeout, 504, "server_error", "timeout"),
 )
 
 
@@ -110,6 +112,8 @@ def describe(exc: BaseException) -> ErrorInfo:
             headers = {}
             if isinstance(exc, BackendOverloaded):
                 headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+            if isinstance(exc, BackendError) and exc.code is not None:
+                code = exc.code
             return ErrorInfo(status, type_, code, exc.message, exc.param, headers)
     log.error("unhandled error", exc_info=exc)
     return ErrorInfo(500, "server_error", "internal_error", "The server had an internal error.")

@@ -7,7 +7,7 @@ endpoint, status). Engine state is read from the backends at scrape time by
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -22,47 +22,58 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class EngineCollector(Collector):
-    """Per-model engine gauges, read from ``Backend.load()`` on each scrape."""
+    """Per-backend load gauges, read from ``Backend.load()`` on each scrape.
 
-    def __init__(self, backends: Callable[[], Mapping[str, Backend]]) -> None:
+    Labelled by public model name and instance (``embedded`` or the upstream URL),
+    since several backends may serve one name.
+    """
+
+    def __init__(self, backends: Callable[[], Iterable[tuple[str, str, Backend]]]) -> None:
         self._backends = backends
 
     def collect(self) -> Iterable[Metric]:
         running = GaugeMetricFamily(
-            "lockgate_engine_running_sequences", "Sequences in the decode batch", labels=["model"]
+            "lockgate_engine_running_sequences",
+            "Sequences in the decode batch",
+            labels=["model", "instance"],
         )
         waiting = GaugeMetricFamily(
-            "lockgate_engine_waiting_sequences", "Sequences waiting for a slot", labels=["model"]
+            "lockgate_engine_waiting_sequences",
+            "Sequences waiting for a slot",
+            labels=["model", "instance"],
         )
         capacity = GaugeMetricFamily(
-            "lockgate_engine_capacity_sequences", "Sequence slots", labels=["model"]
+            "lockgate_engine_capacity_sequences", "Sequence slots", labels=["model", "instance"]
         )
         batch = GaugeMetricFamily(
-            "lockgate_engine_batch_size", "Sequences in the last decode step", labels=["model"]
+            "lockgate_engine_batch_size",
+            "Sequences in the last decode step",
+            labels=["model", "instance"],
         )
         steps = CounterMetricFamily(
-            "lockgate_engine_decode_steps", "Decode steps run", labels=["model"]
+            "lockgate_engine_decode_steps", "Decode steps run", labels=["model", "instance"]
         )
         decoded = CounterMetricFamily(
             "lockgate_engine_decoded_sequences",
             "Sum of batch sizes over all decode steps (÷ steps = mean batch size)",
-            labels=["model"],
+            labels=["model", "instance"],
         )
-        for name, backend in self._backends().items():
+        for name, instance, backend in self._backends():
             load = backend.load()
-            running.add_metric([name], load.running)
-            waiting.add_metric([name], load.waiting)
-            capacity.add_metric([name], load.capacity)
-            batch.add_metric([name], load.last_batch_size)
-            steps.add_metric([name], load.decode_steps)
-            decoded.add_metric([name], load.decoded_sequences)
+            labels = [name, instance]
+            running.add_metric(labels, load.running)
+            waiting.add_metric(labels, load.waiting)
+            capacity.add_metric(labels, load.capacity)
+            batch.add_metric(labels, load.last_batch_size)
+            steps.add_metric(labels, load.decode_steps)
+            decoded.add_metric(labels, load.decoded_sequences)
         return [running, waiting, capacity, batch, steps, decoded]
 
 
 class Metrics:
     """Built once per app; pass it to whatever records."""
 
-    def __init__(self, backends: Callable[[], Mapping[str, Backend]]) -> None:
+    def __init__(self, backends: Callable[[], Iterable[tuple[str, str, Backend]]]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 
@@ -29,25 +29,42 @@ class ServedModel:
     backend: Backend
     max_n: int
     created: int
+    instance: str = "embedded"  # which engine serves it, for metrics: "embedded" or a URL
 
 
 class ModelRegistry:
-    """Public model name → backend. Pure lookup; routing policy comes later."""
+    """Public model name → the backends that serve it, in configured order.
+
+    Routing across several backends is a later concern; for now a request goes
+    to the first one that is ready (else the first, which answers 503).
+    """
 
     def __init__(self, models: Sequence[ServedModel]) -> None:
-        self._models = {m.name: m for m in models}
+        self._models: dict[str, list[ServedModel]] = {}
+        for m in models:
+            self._models.setdefault(m.name, []).append(m)
 
     def get(self, name: str) -> ServedModel:
         try:
-            return self._models[name]
+            candidates = self._models[name]
         except KeyError:
             raise ModelNotFound(name) from None
+        return next((m for m in candidates if m.backend.ready), candidates[0])
 
-    def all(self) -> list[ServedModel]:
-        return list(self._models.values())
+    def names(self) -> list[ServedModel]:
+        """One entry per public name (the first configured)."""
+        return [entries[0] for entries in self._models.values()]
 
-    def backends(self) -> Mapping[str, Backend]:
-        return {name: m.backend for name, m in self._models.items()}
+    def instances(self) -> list[ServedModel]:
+        return [m for entries in self._models.values() for m in entries]
+
+    def unready(self) -> list[str]:
+        """Names with no ready backend."""
+        return sorted(
+            name
+            for name, entries in self._models.items()
+            if not any(m.backend.ready for m in entries)
+        )
 
 
 @dataclass(slots=True)

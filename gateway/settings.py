@@ -9,11 +9,20 @@ names the key it is about::
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from backends.llama.templates import BuiltinTemplate
@@ -34,7 +43,7 @@ class ServerSettings(_Strict):
 
 
 class ModelSettings(_Strict):
-    """One public model name served by the embedded llama.cpp engine."""
+    """A public model name served by the embedded llama.cpp engine."""
 
     name: Annotated[str, Field(min_length=1)]
     backend: Literal["embedded"] = "embedded"
@@ -52,6 +61,49 @@ class ModelSettings(_Strict):
     default_top_k: Annotated[int, Field(ge=0)] = 40
 
 
+class RemoteModelSettings(_Strict):
+    """A public model name served by an upstream server.
+
+    ``openai``: any OpenAI-compatible server; ``vllm`` and ``llamacpp`` add their
+    own health and load signals; ``ollama`` speaks Ollama's native API.
+    """
+
+    name: Annotated[str, Field(min_length=1)]
+    backend: Literal["openai", "vllm", "llamacpp", "ollama"]
+    base_url: Annotated[str, Field(pattern=r"^https?://")]
+    upstream_model: str | None = None  # the upstream's name for it; default: `name`
+    # The *name* of an environment variable holding the upstream key, so that
+    # configs can live in git; the key itself is never written to a file or a log.
+    api_key_env: str | None = None
+    concurrency: Annotated[int, Field(ge=1, le=4096)] = 8
+    connect_timeout: Annotated[float, Field(gt=0)] = 5.0
+    first_token_timeout: Annotated[float, Field(gt=0)] = 120.0
+    chunk_timeout: Annotated[float, Field(gt=0)] = 60.0
+    health_interval: Annotated[float, Field(gt=0)] = 5.0
+    # Ollama: the context to request on every call (it truncates silently without one)
+    # and how long it keeps the model loaded.
+    num_ctx: Annotated[int, Field(ge=256)] = 4096
+    keep_alive: str | int = "5m"
+    max_n: Annotated[int, Field(ge=1, le=128)] = 1
+
+    @property
+    def upstream(self) -> str:
+        return self.upstream_model or self.name
+
+
+def _entry_kind(value: Any) -> str:
+    backend = value.get("backend", "embedded") if isinstance(value, dict) else value.backend
+    return "embedded" if backend == "embedded" else "remote"
+
+
+# `backend` may be left out for the embedded engine, hence a callable discriminator.
+_ENTRY_TAGS = ("embedded", "remote")
+ModelEntry = Annotated[
+    Annotated[ModelSettings, Tag("embedded")] | Annotated[RemoteModelSettings, Tag("remote")],
+    Discriminator(_entry_kind),
+]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LOCKGATE_", env_nested_delimiter="__", extra="forbid", frozen=True
@@ -59,16 +111,19 @@ class Settings(BaseSettings):
 
     server: ServerSettings = ServerSettings()
     # The same as configs/default.yaml, so `lockgate serve` without --config matches it.
-    models: Annotated[list[ModelSettings], Field(min_length=1)] = [
+    # Several entries may share a name: requests go to the first healthy one.
+    models: Annotated[list[ModelEntry], Field(min_length=1)] = [
         ModelSettings(name="gemma-3-270m", max_n=4)
     ]
 
     @model_validator(mode="after")
-    def _unique_names(self) -> Settings:
-        names = [m.name for m in self.models]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"model names must be unique; repeated: {', '.join(dupes)}")
+    def _api_keys_exist(self) -> Settings:
+        for m in self.models:
+            key_env = m.api_key_env if isinstance(m, RemoteModelSettings) else None
+            if key_env and not os.environ.get(key_env):
+                raise ValueError(
+                    f"model '{m.name}': environment variable {key_env} (api_key_env) is not set"
+                )
         return self
 
     @classmethod
@@ -102,6 +157,8 @@ def load_settings(path: Path | None) -> Settings:
     except ValidationError as exc:
         lines = []
         for err in exc.errors(include_url=False, include_input=False):
-            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            # The union's tag is an implementation detail: models.0.remote.port → models.0.port
+            loc = [p for p in err["loc"] if p not in _ENTRY_TAGS]
+            key = ".".join(str(p) for p in loc) or "(top level)"
             lines.append(f"  {key}: {err['msg']}")
         raise ConfigError(f"invalid configuration in {source}:\n" + "\n".join(lines)) from None

@@ -20,7 +20,7 @@ async def live() -> Response:
 @router.get("/health/ready")
 async def ready(request: Request) -> Response:
     service: InferenceService = request.app.state.service
-    waiting = sorted(m.name for m in service.registry.all() if not m.backend.ready)
+    waiting = service.registry.unready()
     if waiting:
         body = orjson.dumps({"status": "loading", "models_not_ready": waiting})
         return Response(body, status_code=503, media_type="application/json")

@@ -163,7 +163,7 @@ async def embeddings(request: Request) -> Response:
 
 @router.get("/models")
 async def list_models(request: Request) -> Response:
-    models = _service(request).registry.all()
+    models = _service(request).registry.names()
     return _json({"object": "list", "data": [model_card(m.name, m.created) for m in models]})
 
 

@@ -282,7 +282,7 @@ async def test_metrics_count_requests_and_tokens(client: httpx.AsyncClient) -> N
     assert 'lockgate_completion_tokens_total{model="echo"} 3.0' in text
     assert 'lockgate_prompt_tokens_total{model="echo"} 3.0' in text
     assert "lockgate_time_to_first_token_seconds_bucket" in text
-    assert 'lockgate_engine_capacity_sequences{model="echo"} 8.0' in text
+    assert 'lockgate_engine_capacity_sequences{instance="injected",model="echo"} 8.0' in text
 
 
 TOOLS = [

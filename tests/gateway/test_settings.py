@@ -33,7 +33,9 @@ def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.Monk
         ("models:\n  - name: m\n    max_sequences: 0\n", "models.0.max_sequences"),
         ("server:\n  port: 99999\n", "server.port"),
         ("models:\n  - name: m\n    template: mistral\n", "models.0.template"),
-        ("models:\n  - name: a\n  - name: a\n", "repeated: a"),
+        ("models:\n  - name: a\n    backend: vllm\n", "models.0.base_url"),
+        ("models:\n  - name: a\n    backend: ollama\n    base_url: ftp://x\n", "base_url"),
+        ("models:\n  - name: a\n    backend: tgi\n", "models.0"),
         ("modelz: []\n", "modelz"),
     ],
 )
@@ -67,3 +69,30 @@ def test_built_in_defaults_match_the_default_config(monkeypatch: pytest.MonkeyPa
     for name in [k for k in os.environ if k.startswith("LOCKGATE_")]:
         monkeypatch.delenv(name)
     assert load_settings(None) == load_settings(REPO / "configs" / "default.yaml")
+
+
+def test_remote_entries_and_shared_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UPSTREAM_KEY", "sk-test")
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "models:\n"
+        "  - {name: chat, backend: vllm, base_url: 'http://gpu:8000', upstream_model: m,"
+        " api_key_env: UPSTREAM_KEY, concurrency: 64}\n"
+        "  - {name: chat, backend: llamacpp, base_url: 'http://cpu:8080'}\n"
+        "  - {name: small, backend: ollama, base_url: 'http://cpu:11434', num_ctx: 8192}\n"
+    )
+    models = load_settings(config).models
+    assert [(m.name, m.backend) for m in models] == [
+        ("chat", "vllm"),
+        ("chat", "llamacpp"),
+        ("small", "ollama"),
+    ]
+
+
+def test_a_missing_api_key_variable_is_named(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "models:\n  - {name: m, backend: openai, base_url: 'http://x', api_key_env: NOPE_KEY}\n"
+    )
+    with pytest.raises(ConfigError, match="NOPE_KEY"):
+        load_settings(config)

@@ -39,7 +39,7 @@ class Server:
 
     def metric(self, name: str, model: str = "gemma") -> float:
         text = httpx.get(f"{self.base_url}/metrics").text
-        prefix = f'{name}{{model="{model}"}} '
+        prefix = f'{name}{{instance="embedded",model="{model}"}} '
         for line in text.splitlines():
             if line.startswith(prefix):
                 return float(line[len(prefix) :])

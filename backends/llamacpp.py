@@ -1,0 +1,71 @@
+"""llama.cpp's ``llama-server``: the OpenAI-compatible client plus its own signals.
+
+``GET /health`` answers 503 while the model loads and 200 once it serves.
+``GET /props`` gives ``total_slots``: the server's capacity. ``GET /slots``
+(on by default; ``--no-slots`` turns it off) lists each slot with
+``is_processing``. Where it is off, ``GET /metrics`` (with ``--metrics``)
+gives ``llamacpp:requests_processing`` and ``llamacpp:requests_deferred``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import orjson
+from prometheus_client.parser import text_string_to_metric_families
+
+from backends.base import BackendLoad
+from backends.openai_compat import OpenAICompatBackend
+
+
+def busy_slots(slots: list[dict[str, Any]]) -> int:
+    return sum(1 for slot in slots if slot.get("is_processing"))
+
+
+def parse_llamacpp_metrics(text: str) -> tuple[int, int]:
+    """(requests processing, requests deferred) from llama-server's /metrics."""
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            values[sample.name] = sample.value
+    return (
+        int(values.get("llamacpp:requests_processing", 0)),
+        int(values.get("llamacpp:requests_deferred", 0)),
+    )
+
+
+class LlamaCppBackend(OpenAICompatBackend):
+    _slots_total: int | None = None
+    _busy = 0
+    _deferred = 0
+
+    async def probe(self) -> bool:
+        if not await self._get_ok("/health"):
+            return False
+        try:
+            if self._slots_total is None:
+                props = await self._get_json("/props")
+                if isinstance(props, dict) and props.get("total_slots"):
+                    self._slots_total = int(props["total_slots"])
+            slots = await self._get_json("/slots")
+            if isinstance(slots, list):
+                self._busy, self._deferred = busy_slots(slots), 0
+            else:
+                metrics = await self.client.get("/metrics", timeout=self.config.connect_timeout)
+                if metrics.status_code == 200:
+                    self._busy, self._deferred = parse_llamacpp_metrics(metrics.text)
+        except httpx.HTTPError:
+            pass  # healthy; the load figures are just not fresh
+        return True
+
+    async def _get_json(self, path: str) -> object:
+        response = await self.client.get(path, timeout=self.config.connect_timeout)
+        return orjson.loads(response.content) if response.status_code == 200 else None
+
+    def load(self) -> BackendLoad:
+        return BackendLoad(
+            running=max(self._busy, self.in_flight),
+            waiting=self._deferred,
+            capacity=self._slots_total or self.config.concurrency,
+        )

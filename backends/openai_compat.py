@@ -1,0 +1,213 @@
+"""Any OpenAI-compatible upstream: vLLM, llama-server, SGLang, a cloud API.
+
+    backend = OpenAICompatBackend(RemoteConfig(base_url="http://127.0.0.1:8080",
+                                               upstream_model="gemma", concurrency=8))
+
+Generation always streams from the upstream, with ``stream_options.include_usage``
+so the token counts are the upstream's own; the gateway re-frames the chunks
+for its client (dropping the usage chunk if the client did not ask for it).
+Each SSE line is parsed once with orjson, never through pydantic.
+
+Errors are translated by :func:`backends.remote.upstream_error`.
+Closing the generator closes the upstream connection, which is how llama-server,
+vLLM and Ollama learn that a client has gone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import httpx
+import orjson
+
+from backends.base import (
+    BackendUnavailable,
+    ChatMessage,
+    EmbeddingResult,
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    ToolCall,
+)
+from backends.remote import (
+    ERROR_BODY_LIMIT,
+    JSON_HEADERS,
+    RemoteBackend,
+    error_message,
+    transport_error,
+    upstream_error,
+)
+
+_FINISH_REASONS: dict[str, FinishReason] = {
+    "length": "length",
+    "tool_calls": "tool_calls",
+    "function_call": "tool_calls",
+}
+
+
+def _message_dict(m: ChatMessage) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        out["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in m.tool_calls
+        ]
+        out["content"] = m.content or None
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    if m.name is not None:
+        out["name"] = m.name
+    return out
+
+
+def request_body(request: GenerationRequest, upstream_model: str) -> dict[str, Any]:
+    """The upstream request: only what the client set, plus streaming with usage."""
+    p = request.sampling
+    body: dict[str, Any] = {
+        "model": upstream_model,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if request.messages is not None:
+        body["messages"] = [_message_dict(m) for m in request.messages]
+        if request.tools:
+            body["tools"] = list(request.tools)
+        if request.tool_choice is not None:
+            body["tool_choice"] = request.tool_choice
+    else:
+        body["prompt"] = request.prompt or ""
+    optional = {
+        "max_tokens": p.max_tokens,
+        "temperature": p.temperature,
+        "top_p": p.top_p,
+        "top_k": p.top_k,
+        "min_p": p.min_p,
+        "seed": p.seed,
+        "presence_penalty": p.presence_penalty,
+        "frequency_penalty": p.frequency_penalty,
+    }
+    body.update({k: v for k, v in optional.items() if v is not None})
+    if p.stop:
+        body["stop"] = list(p.stop)
+    if p.logit_bias:
+        body["logit_bias"] = {str(k): v for k, v in p.logit_bias.items()}
+    return body
+
+
+class _ToolCallAssembler:
+    """Joins OpenAI's streamed tool-call fragments (by index) into whole calls."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, dict[str, str]] = {}
+
+    def add(self, deltas: list[dict[str, Any]]) -> None:
+        for d in deltas:
+            call = self._calls.setdefault(
+                int(d.get("index", 0)), {"id": "", "name": "", "args": ""}
+            )
+            call["id"] = d.get("id") or call["id"]
+            fn = d.get("function") or {}
+            call["name"] = fn.get("name") or call["name"]
+            call["args"] += fn.get("arguments") or ""
+
+    def calls(self) -> tuple[ToolCall, ...]:
+        return tuple(
+            ToolCall(c["id"] or f"call_{i}", c["name"], c["args"])
+            for i, c in sorted(self._calls.items())
+        )
+
+
+class OpenAICompatBackend(RemoteBackend):
+    """Streams from an OpenAI-compatible server."""
+
+    # -- requests ----------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        path = "/v1/chat/completions" if request.messages is not None else "/v1/completions"
+        body = request_body(request, self.config.upstream_model)
+        self.in_flight += 1
+        try:
+            async for chunk in self._stream(path, body, chat=request.messages is not None):
+                yield chunk
+        finally:
+            self.in_flight -= 1
+
+    async def _stream(
+        self, path: str, body: dict[str, Any], *, chat: bool
+    ) -> AsyncIterator[GenerationChunk]:
+        tools = _ToolCallAssembler()
+        prompt_tokens = completion_tokens = 0
+        finish: FinishReason | None = None
+        pieces = 0
+        async with self.streaming_response(path, body) as response:
+            async for line in self.lines(response):
+                if not line.startswith("data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    break
+                event = orjson.loads(payload)
+                if "error" in event:
+                    message, code = error_message(payload.encode())
+                    raise BackendUnavailable(
+                        f"the upstream failed mid-stream: {message}", code=code
+                    )
+                usage = event.get("usage")
+                if usage:
+                    prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                    completion_tokens = int(usage.get("completion_tokens") or 0)
+                for choice in event.get("choices") or ():
+                    if chat:
+                        delta = choice.get("delta") or {}
+                        text = delta.get("content") or ""
+                        if delta.get("tool_calls"):
+                            tools.add(delta["tool_calls"])
+                    else:
+                        text = choice.get("text") or ""
+                    reason = choice.get("finish_reason")
+                    if reason:
+                        finish = _FINISH_REASONS.get(reason, "stop")
+                    if text:
+                        pieces += 1
+                        yield GenerationChunk(text, prompt_tokens, pieces)
+        # Usage arrives after the finish chunk, so the final chunk is sent last.
+        yield GenerationChunk(
+            "",
+            prompt_tokens,
+            completion_tokens or pieces,
+            finish or "stop",
+            tool_calls=tools.calls(),
+        )
+
+    async def embed(self, texts: Sequence[str]) -> EmbeddingResult:
+        body = {
+            "model": self.config.upstream_model,
+            "input": list(texts),
+            "encoding_format": "float",
+        }
+        try:
+            response = await self.client.post(
+                "/v1/embeddings",
+                content=orjson.dumps(body),
+                headers=JSON_HEADERS,
+            )
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, "embeddings") from None
+        if response.status_code >= 400:
+            raise upstream_error(
+                response.status_code, response.content[:ERROR_BODY_LIMIT], response.headers
+            )
+        data = orjson.loads(response.content)
+        rows = sorted(data["data"], key=lambda d: d["index"])
+        usage = data.get("usage") or {}
+        return EmbeddingResult(
+            vectors=[row["embedding"] for row in rows],
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        )
+
+    async def upstream_models(self) -> list[str]:
+        response = await self.client.get("/v1/models")
+        if response.status_code >= 400:
+            raise upstream_error(response.status_code, response.content, response.headers)
+        return [m["id"] for m in orjson.loads(response.content).get("data", [])]
