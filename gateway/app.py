@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from backends.base import Backend, BackendError
 from backends.llama.backend import EmbeddedBackend, EmbeddedConfig
@@ -129,6 +130,7 @@ def create_app(settings: Settings, *, backends: Mapping[str, Backend] | None = N
     app.add_exception_handler(GatewayError, _on_error)
     app.add_exception_handler(BackendError, _on_error)
     app.add_exception_handler(ClientDisconnected, _on_disconnect)
+    app.add_exception_handler(ClientDisconnect, _on_disconnect)  # left mid-upload
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(Exception, _on_error)
     return app

@@ -13,6 +13,7 @@ streaming path pre-renders the constant part of every chunk (see
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from collections.abc import Sequence
@@ -180,8 +181,13 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | Annotated[list[str], Field(min_length=1)]
+    # A list is a batch; capped so that one request cannot take every sequence slot.
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=16)]
     echo: bool = False
+
+    def _completion_limit(self) -> int | None:
+        # OpenAI's legacy completions default to 16 tokens, not "until the context is full".
+        return 16 if self.max_tokens is None else self.max_tokens
 
     @model_validator(mode="after")
     def _check_echo(self) -> CompletionRequest:
@@ -203,6 +209,9 @@ class EmbeddingRequest(OpenAIBaseModel):
         return [self.input] if isinstance(self.input, str) else list(self.input)
 
 
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|.*[\[\(].*)$")
+
+
 def parse(model: type[M], body: bytes) -> M:
     """Decode and validate a JSON body, raising :class:`InvalidRequest` (400)."""
     try:
@@ -215,7 +224,8 @@ def parse(model: type[M], body: bytes) -> M:
         return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors(include_url=False, include_input=False)[0]
-        loc = ".".join(str(part) for part in first["loc"])
+        # Union members appear in pydantic's path ("prompt.list[str]"); clients want "prompt".
+        loc = ".".join(str(p) for p in first["loc"] if not _UNION_MEMBER.match(str(p)))
         message = first["msg"].removeprefix("Value error, ")
         raise InvalidRequest(f"{loc}: {message}" if loc else message, param=loc or None) from None
 

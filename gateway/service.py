@@ -10,15 +10,18 @@ caller either :meth:`collect`s the full text or :meth:`stream`s SSE bytes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import suppress
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from backends.base import Backend, FinishReason, GenerationChunk, GenerationRequest, ToolCall
 from gateway.errors import InvalidRequest, ModelNotFound, describe
 from gateway.metrics import Metrics
 from gateway.protocol import ChunkEncoder
+
+T = TypeVar("T")
 
 CLIENT_CLOSED = 499  # nginx's convention for "the client went away"
 
@@ -89,12 +92,13 @@ class Outcome:
 class Tracker:
     """Times one HTTP request and records its metrics exactly once."""
 
-    __slots__ = ("_done", "_first_seen", "_metrics", "endpoint", "model", "started")
+    __slots__ = ("_choices", "_done", "_first_seen", "_metrics", "endpoint", "model", "started")
 
-    def __init__(self, metrics: Metrics, model: str, endpoint: str) -> None:
+    def __init__(self, metrics: Metrics, model: str, endpoint: str, *, choices: int = 1) -> None:
         self._metrics = metrics
         self.model = model
         self.endpoint = endpoint
+        self._choices = choices
         self.started = time.perf_counter()
         self._first_seen: float | None = None
         self._done = False
@@ -117,7 +121,8 @@ class Tracker:
             m.prompt_tokens.labels(self.model).inc(prompt_tokens)
         if completion_tokens:
             m.completion_tokens.labels(self.model).inc(completion_tokens)
-        if self._first_seen is not None and completion_tokens > 1:
+        # Token gaps are only meaningful for one sequence; n > 1 interleaves several.
+        if self._first_seen is not None and completion_tokens > 1 and self._choices == 1:
             m.time_per_output_token.labels(self.model).observe(
                 (now - self._first_seen) / (completion_tokens - 1)
             )
@@ -144,30 +149,21 @@ class InferenceService:
     ) -> list[Generation]:
         """Start every choice and wait for its first chunk; all or nothing."""
         streams = [served.backend.generate(r) for r in requests]
-        results: list[GenerationChunk | BaseException]
         try:
-            if len(streams) == 1:  # the common case needs no tasks
-                results = [await anext(streams[0])]
-            else:
-                results = await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
+            firsts = await _first_chunks(streams)
         except BaseException:  # an early error, or the client left while queued
             await _close_all(streams)
             raise
-        failure = next((r for r in results if isinstance(r, BaseException)), None)
-        if failure is not None:
-            await _close_all(streams)
-            raise failure
         tracker.first_token()
         return [
             Generation(i, first, stream, counts_prompt=i % n == 0)
-            for i, (first, stream) in enumerate(zip(results, streams, strict=True))
-            if isinstance(first, GenerationChunk)
+            for i, (first, stream) in enumerate(zip(firsts, streams, strict=True))
         ]
 
     async def collect(self, generations: Sequence[Generation]) -> list[Outcome]:
-        """Run every choice to the end, concurrently."""
+        """Run every choice to the end, concurrently; one failure stops them all."""
         try:
-            return list(await asyncio.gather(*(_drain(g) for g in generations)))
+            return await _all_or_nothing([_drain(g) for g in generations])
         finally:
             await _close_all([g.rest for g in generations])
 
@@ -188,14 +184,15 @@ class InferenceService:
             if chat:
                 for g in generations:
                     yield encoder.role(g.index)
-            async for index, chunk in _merge(generations):
-                last[index] = chunk
-                if chunk.text:
-                    yield encoder.text(index, chunk.text)
-                if chunk.tool_calls:
-                    yield encoder.tool_calls(index, chunk.tool_calls)
-                if chunk.finish_reason is not None:
-                    yield encoder.finish(index, chunk.finish_reason)
+            async with contextlib.aclosing(_merge(generations)) as merged:
+                async for index, chunk in merged:
+                    last[index] = chunk
+                    if chunk.text:
+                        yield encoder.text(index, chunk.text)
+                    if chunk.tool_calls:
+                        yield encoder.tool_calls(index, chunk.tool_calls)
+                    if chunk.finish_reason is not None:
+                        yield encoder.finish(index, chunk.finish_reason)
             for g in generations:
                 chunk = last[g.index]
                 completion_tokens += chunk.completion_tokens
@@ -215,6 +212,29 @@ class InferenceService:
             tracker.finish(status, prompt_tokens, completion_tokens)
 
 
+async def _first_chunks(
+    streams: Sequence[AsyncIterator[GenerationChunk]],
+) -> list[GenerationChunk]:
+    if len(streams) == 1:  # the common case needs no tasks
+        return [await anext(streams[0])]
+    return await _all_or_nothing([anext(s) for s in streams])
+
+
+async def _all_or_nothing(work: Sequence[Awaitable[T]]) -> list[T]:
+    """Await all of ``work``; on the first failure cancel the rest and raise it."""
+    tasks = [asyncio.ensure_future(w) for w in work]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        return [t.result() for t in tasks]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def _drain(g: Generation) -> Outcome:
     out = Outcome(text=[g.first.text], tool_calls=list(g.first.tool_calls))
     chunk = g.first
@@ -228,7 +248,9 @@ async def _drain(g: Generation) -> Outcome:
     return out
 
 
-async def _merge(generations: Sequence[Generation]) -> AsyncIterator[tuple[int, GenerationChunk]]:
+async def _merge(
+    generations: Sequence[Generation],
+) -> AsyncGenerator[tuple[int, GenerationChunk], None]:
     if len(generations) == 1:  # the common case needs no tasks
         g = generations[0]
         yield g.index, g.first
@@ -262,7 +284,7 @@ async def _merge(generations: Sequence[Generation]) -> AsyncIterator[tuple[int, 
     finally:
         for t in tasks:
             t.cancel()
-        with suppress(asyncio.CancelledError):
+        with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
@@ -270,5 +292,5 @@ async def _close_all(streams: Sequence[AsyncIterator[GenerationChunk]]) -> None:
     for s in streams:
         aclose = getattr(s, "aclose", None)
         if aclose is not None:
-            with suppress(Exception):
+            with contextlib.suppress(Exception):
                 await aclose()

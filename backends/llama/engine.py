@@ -107,6 +107,8 @@ class LlamaEngine:
         self._outbox: list[tuple[Deliver, object]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._failed: BaseException | None = None
+        self._accepting = threading.Lock()
+        self._closed = False
         # Read by metrics from other threads; each int has a single writer thread.
         self.running_count = 0
         self._submitted = 0  # written by the event loop only
@@ -174,17 +176,25 @@ class LlamaEngine:
             deadline=time.monotonic() + self.config.queue_timeout,
             stop=StopMatcher(sampling.stop),
         )
+        self._put(seq)
         self._submitted += 1
-        self._commands.put(seq)
         return Ticket(seq)
 
     def cancel(self, ticket: Ticket) -> None:
-        self._commands.put(ticket)
+        with self._accepting:
+            if not self._closed:
+                self._commands.put(ticket)
 
     def embed(self, token_lists: list[list[int]], deliver: Deliver) -> None:
-        if not self.alive:
-            raise BackendUnavailable("the engine is not running")
-        self._commands.put(_EmbedJob(token_lists, deliver))
+        self._put(_EmbedJob(token_lists, deliver))
+
+    def _put(self, command: object) -> None:
+        # The lock pairs with _close_inbox: a command is either refused here or
+        # answered there, never left in a queue nobody reads.
+        with self._accepting:
+            if self._closed:
+                raise BackendUnavailable("the engine is not running")
+            self._commands.put(command)
 
     # -- the engine thread -----------------------------------------------
 
@@ -200,12 +210,30 @@ class LlamaEngine:
                     self._step()
                 self._flush()
         except BaseException as exc:  # the engine thread must never die silently
+            self._failed = exc  # first, so that submit() refuses new work at once
             log.exception("engine loop failed")
-            self._failed = exc
             self._fail_all(BackendUnavailable("the engine failed; see the server log"))
-            self._flush()
         finally:
+            self._close_inbox()
             self._release_all()
+
+    def _close_inbox(self) -> None:
+        """Refuse further commands and answer every one still queued."""
+        with self._accepting:
+            self._closed = True
+        error = BackendUnavailable("the engine is not running")
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(command, _Sequence) and not command.done:
+                command.done = True
+                self._dequeued += 1
+                self._send(command, error)
+            elif isinstance(command, _EmbedJob):
+                self._outbox.append((command.deliver, error))
+        self._flush()
 
     def _drain(self, *, block: bool) -> bool:
         """Apply pending commands; False when told to stop."""
@@ -219,7 +247,6 @@ class LlamaEngine:
         while True:
             if isinstance(command, _Stop):
                 self._fail_all(BackendUnavailable("the server is shutting down"))
-                self._flush()
                 return False
             if isinstance(command, _Sequence):
                 self._waiting.append(command)

@@ -72,7 +72,7 @@ async def _generate(
 ) -> Response:
     service = _service(request)
     served = service.resolve(body.model, n=body.n)
-    tracker = Tracker(service.metrics, served.name, endpoint)
+    tracker = Tracker(service.metrics, served.name, endpoint, choices=len(generation_requests))
     chat = isinstance(body, ChatCompletionRequest)
     generations = await _tracked(
         request, tracker, service.open(served, generation_requests, n=body.n, tracker=tracker)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -11,6 +12,7 @@ import pytest_asyncio
 
 from backends.base import (
     BackendOverloaded,
+    BackendUnavailable,
     ContextLengthExceeded,
     GenerationChunk,
     GenerationRequest,
@@ -188,3 +190,35 @@ async def test_tools_are_refused_by_the_embedded_engine(engine: EmbeddedBackend)
     )
     with pytest.raises(InvalidRequestError, match="tools"):
         await run(engine, req)
+
+
+async def test_an_engine_failure_answers_every_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    from backends.llama import native
+
+    backend = EmbeddedBackend(EmbeddedConfig(context_length=256, max_sequences=1))
+    await backend.start()
+    real_decode = native.LlamaContext.decode
+    calls = 0
+
+    def failing_decode(self: native.LlamaContext, batch: native.Batch) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            time.sleep(0.3)  # a second request arrives while this step is failing
+            raise RuntimeError("llama_decode failed with status -3")
+        real_decode(self, batch)
+
+    monkeypatch.setattr(native.LlamaContext, "decode", failing_decode)
+    try:
+        first = asyncio.create_task(run(backend, request(max_tokens=50, logit_bias=NO_EOG)))
+        await asyncio.sleep(0.1)
+        second = asyncio.create_task(run(backend, request(max_tokens=5)))
+        done = await asyncio.wait_for(
+            asyncio.gather(first, second, return_exceptions=True), timeout=10
+        )
+        assert all(isinstance(r, BackendUnavailable) for r in done), done
+        assert not backend.ready
+        with pytest.raises(BackendUnavailable):
+            await run(backend, request(max_tokens=2))
+    finally:
+        await backend.close()

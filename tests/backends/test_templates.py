@@ -93,3 +93,13 @@ def test_template_raise_exception_is_a_client_error() -> None:
     template = ChatTemplate.select(configured=None, embedded=source, architecture="llama")
     with pytest.raises(InvalidRequestError, match="roles must alternate"):
         template.render([ChatMessage("user", "hi")])
+
+
+def test_gemma_keeps_the_system_text_whatever_comes_first() -> None:
+    gemma = ChatTemplate.builtin("gemma")
+    only_system = gemma.render([ChatMessage("system", "SYS")])
+    assert only_system == "<start_of_turn>user\nSYS<end_of_turn>\n<start_of_turn>model\n"
+    assistant_first = gemma.render(
+        [ChatMessage("system", "SYS"), ChatMessage("assistant", "A"), ChatMessage("user", "U")]
+    )
+    assert assistant_first.startswith("<start_of_turn>model\nSYS\n\nA<end_of_turn>\n")

@@ -346,3 +346,17 @@ async def test_tool_calls_stream_and_tool_results_are_accepted(client: httpx.Asy
 async def test_malformed_tools_are_400(client: httpx.AsyncClient) -> None:
     r = await client.post("/v1/chat/completions", json=chat(tools=[{"type": "function"}]))
     assert assert_error(r, 400)["param"] == "tools.0.function"
+
+
+async def test_completions_default_to_16_tokens(
+    client: httpx.AsyncClient, fakes: dict[str, FakeBackend]
+) -> None:
+    await client.post("/v1/completions", json={"model": "echo", "prompt": "a"})
+    assert fakes["echo"].seen[-1].sampling.max_tokens == 16
+    await client.post("/v1/chat/completions", json=chat())
+    assert fakes["echo"].seen[-1].sampling.max_tokens is None  # chat: until the model stops
+
+
+async def test_prompt_batches_are_capped(client: httpx.AsyncClient) -> None:
+    r = await client.post("/v1/completions", json={"model": "echo", "prompt": ["a"] * 17})
+    assert assert_error(r, 400)["param"] == "prompt"

@@ -96,3 +96,9 @@ def test_a_missing_api_key_variable_is_named(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="NOPE_KEY"):
         load_settings(config)
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "cpu-box.yaml", "gpu-box.yaml"])
+def test_example_configs_are_valid(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLM_API_KEY", "example")
+    assert load_settings(REPO / "configs" / name).models

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -245,6 +246,17 @@ def test_full_engine_answers_503_with_retry_after(server: Server) -> None:
     assert r.json()["error"]["code"] == "overloaded"
     assert int(r.headers["retry-after"]) >= 1
     wait_for_idle(server)
+
+
+def test_a_client_leaving_mid_upload_is_not_a_server_error(server: Server) -> None:
+    host, port = server.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b'Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"model":'
+        )
+    time.sleep(0.3)
+    assert "Traceback" not in server.log.read_text()
 
 
 def test_server_log_has_no_tracebacks(server: Server) -> None:
