@@ -11,12 +11,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from backends.base import BackendLoad
 from backends.openai_compat import OpenAICompatBackend
+
+
+def _json_or_none(reply: tuple[int, bytes]) -> object:
+    status, body = reply
+    return orjson.loads(body) if status == 200 else None
 
 
 def busy_slots(slots: list[dict[str, Any]]) -> int:
@@ -41,27 +45,20 @@ class LlamaCppBackend(OpenAICompatBackend):
     _deferred = 0
 
     async def probe(self) -> bool:
-        if not await self._get_ok("/health"):
-            return False
-        try:
-            if self._slots_total is None:
-                props = await self._get_json("/props")
-                if isinstance(props, dict) and props.get("total_slots"):
-                    self._slots_total = int(props["total_slots"])
-            slots = await self._get_json("/slots")
-            if isinstance(slots, list):
-                self._busy, self._deferred = busy_slots(slots), 0
-            else:
-                metrics = await self.client.get("/metrics", timeout=self.config.connect_timeout)
-                if metrics.status_code == 200:
-                    self._busy, self._deferred = parse_llamacpp_metrics(metrics.text)
-        except httpx.HTTPError:
-            pass  # healthy; the load figures are just not fresh
+        if (await self.get("/health"))[0] != 200:
+            return False  # 503 while the model loads
+        if self._slots_total is None:
+            props = _json_or_none(await self.get("/props"))
+            if isinstance(props, dict) and props.get("total_slots"):
+                self._slots_total = int(props["total_slots"])
+        slots = _json_or_none(await self.get("/slots"))
+        if isinstance(slots, list):
+            self._busy, self._deferred = busy_slots(slots), 0
+        else:  # /slots is off (--no-slots): fall back to /metrics (needs --metrics)
+            status, text = await self.get("/metrics")
+            if status == 200:
+                self._busy, self._deferred = parse_llamacpp_metrics(text.decode())
         return True
-
-    async def _get_json(self, path: str) -> object:
-        response = await self.client.get(path, timeout=self.config.connect_timeout)
-        return orjson.loads(response.content) if response.status_code == 200 else None
 
     def load(self) -> BackendLoad:
         return BackendLoad(

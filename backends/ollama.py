@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import orjson
 
 from backends.base import (
@@ -34,14 +33,7 @@ from backends.base import (
     InvalidRequestError,
     ToolCall,
 )
-from backends.remote import (
-    ERROR_BODY_LIMIT,
-    JSON_HEADERS,
-    RemoteBackend,
-    RemoteConfig,
-    transport_error,
-    upstream_error,
-)
+from backends.remote import RemoteBackend, RemoteConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,14 +104,8 @@ def ollama_body(
 
 
 class OllamaBackend(RemoteBackend):
-    def __init__(
-        self,
-        config: RemoteConfig,
-        options: OllamaOptions,
-        *,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
-        super().__init__(config, transport=transport)
+    def __init__(self, config: RemoteConfig, options: OllamaOptions) -> None:
+        super().__init__(config)
         self.options = options
 
     @property
@@ -127,7 +113,7 @@ class OllamaBackend(RemoteBackend):
         return self.options.num_ctx
 
     async def probe(self) -> bool:
-        return await self._get_ok("/api/version")
+        return (await self.get("/api/version"))[0] == 200
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         path, body = ollama_body(request, self.config.upstream_model, self.options)
@@ -185,17 +171,7 @@ class OllamaBackend(RemoteBackend):
             "keep_alive": self.options.keep_alive,
             "options": {"num_ctx": self.options.num_ctx},
         }
-        try:
-            response = await self.client.post(
-                "/api/embed", content=orjson.dumps(body), headers=JSON_HEADERS
-            )
-        except httpx.HTTPError as exc:
-            raise transport_error(exc, "embeddings") from None
-        if response.status_code >= 400:
-            raise upstream_error(
-                response.status_code, response.content[:ERROR_BODY_LIMIT], response.headers
-            )
-        data = orjson.loads(response.content)
+        data = await self.post_json("/api/embed", body)
         return EmbeddingResult(
             vectors=data.get("embeddings") or [],
             prompt_tokens=int(data.get("prompt_eval_count") or 0),

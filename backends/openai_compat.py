@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-import httpx
 import orjson
 
 from backends.base import (
@@ -30,14 +29,7 @@ from backends.base import (
     GenerationRequest,
     ToolCall,
 )
-from backends.remote import (
-    ERROR_BODY_LIMIT,
-    JSON_HEADERS,
-    RemoteBackend,
-    error_message,
-    transport_error,
-    upstream_error,
-)
+from backends.remote import RemoteBackend, error_message
 
 _FINISH_REASONS: dict[str, FinishReason] = {
     "length": "length",
@@ -186,28 +178,10 @@ class OpenAICompatBackend(RemoteBackend):
             "input": list(texts),
             "encoding_format": "float",
         }
-        try:
-            response = await self.client.post(
-                "/v1/embeddings",
-                content=orjson.dumps(body),
-                headers=JSON_HEADERS,
-            )
-        except httpx.HTTPError as exc:
-            raise transport_error(exc, "embeddings") from None
-        if response.status_code >= 400:
-            raise upstream_error(
-                response.status_code, response.content[:ERROR_BODY_LIMIT], response.headers
-            )
-        data = orjson.loads(response.content)
+        data = await self.post_json("/v1/embeddings", body)
         rows = sorted(data["data"], key=lambda d: d["index"])
         usage = data.get("usage") or {}
         return EmbeddingResult(
             vectors=[row["embedding"] for row in rows],
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
         )
-
-    async def upstream_models(self) -> list[str]:
-        response = await self.client.get("/v1/models")
-        if response.status_code >= 400:
-            raise upstream_error(response.status_code, response.content, response.headers)
-        return [m["id"] for m in orjson.loads(response.content).get("data", [])]

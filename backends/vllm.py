@@ -9,7 +9,6 @@ v0.10) and reports them as the backend's load.
 
 from __future__ import annotations
 
-import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from backends.base import BackendLoad
@@ -43,18 +42,14 @@ class VLLMBackend(OpenAICompatBackend):
     _kv_usage: float | None = None
 
     async def probe(self) -> bool:
-        if not await self._get_ok("/health"):
+        if (await self.get("/health"))[0] != 200:
             return False
-        try:
-            response = await self.client.get("/metrics", timeout=self.config.connect_timeout)
-        except httpx.HTTPError:
-            return True  # healthy, but no fresh load figures this time
-        if response.status_code == 200:
-            values = parse_vllm_metrics(response.text, self.config.upstream_model)
+        status, text = await self.get("/metrics")
+        if status == 200:  # otherwise healthy, just without fresh load figures
+            values = parse_vllm_metrics(text.decode(), self.config.upstream_model)
             self._running = int(values.get(_RUNNING, 0))
             self._waiting = int(values.get(_WAITING, 0))
-            usage = next((values[k] for k in _KV_USAGE if k in values), None)
-            self._kv_usage = usage
+            self._kv_usage = next((values[k] for k in _KV_USAGE if k in values), None)
         return True
 
     def load(self) -> BackendLoad:

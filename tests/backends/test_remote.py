@@ -1,17 +1,20 @@
-"""Remote adapters against httpx.MockTransport: error translation, SSE/NDJSON parsing, timeouts.
+"""Remote adapters against scripted upstreams: error translation, SSE/NDJSON parsing, timeouts.
 
-The real-server behaviour is covered in tests/integration/test_remote_backends.py;
-these pin down the edge cases a real server will not produce on demand.
+Each test serves a few handlers from a real aiohttp server on a free loopback
+port. The behaviour of real engines is covered in
+tests/integration/test_remote_backends.py; these pin down the edge cases a real
+server will not produce on demand (stalls, malformed streams, odd statuses).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
-import httpx
 import pytest
+from aiohttp import web
 
 from backends.base import (
     BackendOverloaded,
@@ -30,12 +33,37 @@ from backends.openai_compat import OpenAICompatBackend, request_body
 from backends.remote import RemoteConfig, upstream_error
 from backends.vllm import VLLMBackend, parse_vllm_metrics
 
-Handler = Callable[[httpx.Request], httpx.Response]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def config(**overrides: object) -> RemoteConfig:
-    base = {"base_url": "http://upstream", "upstream_model": "up", "health_interval": 3600.0}
+@contextlib.asynccontextmanager
+async def upstream(routes: dict[str, Handler]) -> AsyncIterator[str]:
+    """Serve ``{"METHOD /path": handler}`` on a free port; yield the base URL."""
+    app = web.Application()
+    for key, handler in routes.items():
+        method, path = key.split(" ", 1)
+        app.router.add_route(method, path, handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+def config(base_url: str, **overrides: object) -> RemoteConfig:
+    base = {"base_url": base_url, "upstream_model": "up", "health_interval": 3600.0}
     return RemoteConfig(**{**base, **overrides})  # type: ignore[arg-type]
+
+
+def reply(status: int = 200, **kwargs: object) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.json_response(kwargs.get("json", {}), status=status)
+
+    return handler
 
 
 def chat(**sampling: object) -> GenerationRequest:
@@ -133,25 +161,22 @@ async def test_sse_stream_with_split_tool_calls_and_trailing_usage() -> None:
         {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
         {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 4}},
     ]
-    seen: list[httpx.Request] = []
+    seen: list[dict[str, object]] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        if request.url.path == "/v1/models":
-            return httpx.Response(200, json={"data": []})
-        return httpx.Response(
-            200, content=sse(*events), headers={"content-type": "text/event-stream"}
-        )
+    async def completions(request: web.Request) -> web.StreamResponse:
+        seen.append({"auth": request.headers.get("Authorization"), **await request.json()})
+        return web.Response(body=sse(*events), content_type="text/event-stream")
 
-    backend = OpenAICompatBackend(
-        config(api_key="sk-secret"), transport=httpx.MockTransport(handler)
-    )
-    chunks = await collect(backend, chat())
+    routes = {"GET /v1/models": reply(json={"data": []}), "POST /v1/chat/completions": completions}
+    async with upstream(routes) as url:
+        backend = OpenAICompatBackend(config(url, api_key="sk-secret"))
+        chunks = await collect(backend, chat())
     assert "".join(c.text for c in chunks) == "Hello"
     last = chunks[-1]
     assert (last.finish_reason, last.prompt_tokens, last.completion_tokens) == ("tool_calls", 9, 4)
     assert last.tool_calls == (ToolCall("call_1", "f", '{"a": 1}'),)
-    assert seen[-1].headers["authorization"] == "Bearer sk-secret"
+    assert seen[-1]["auth"] == "Bearer sk-secret"
+    assert seen[-1]["stream_options"] == {"include_usage": True}
 
 
 async def test_error_event_mid_stream_is_raised() -> None:
@@ -159,36 +184,51 @@ async def test_error_event_mid_stream_is_raised() -> None:
         b'data: {"choices":[{"delta":{"content":"a"}}]}\n\ndata: {"error":{"message":"oom"}}\n\n'
     )
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, content=content)
+    async def completions(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=content, content_type="text/event-stream")
 
-    backend = OpenAICompatBackend(config(), transport=httpx.MockTransport(handler))
-    with pytest.raises(BackendUnavailable, match="oom"):
-        await collect(backend, chat())
+    async with upstream({"POST /v1/chat/completions": completions}) as url:
+        backend = OpenAICompatBackend(config(url))
+        with pytest.raises(BackendUnavailable, match="oom"):
+            await collect(backend, chat())
 
 
-async def test_first_token_timeout_is_a_504_kind_of_error() -> None:
-    async def stall() -> AsyncIterator[bytes]:
-        await asyncio.sleep(5)
-        yield b""
+async def test_upstream_status_errors_reach_the_caller_translated() -> None:
+    async def completions(request: web.Request) -> web.StreamResponse:
+        return web.json_response(
+            {"error": {"message": "too long", "code": "context_length_exceeded"}}, status=400
+        )
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/v1/models":
-            return httpx.Response(200, json={"data": []})
-        return httpx.Response(200, content=stall())
+    async with upstream({"POST /v1/chat/completions": completions}) as url:
+        backend = OpenAICompatBackend(config(url))
+        with pytest.raises(InvalidRequestError) as info:
+            await collect(backend, chat())
+    assert info.value.code == "context_length_exceeded"
 
-    backend = OpenAICompatBackend(
-        config(first_token_timeout=0.2), transport=httpx.MockTransport(handler)
-    )
-    with pytest.raises(BackendTimeout):
-        await collect(backend, chat())
+
+@pytest.mark.parametrize("stall_after_first", [False, True])
+async def test_first_token_and_chunk_gap_timeouts(stall_after_first: bool) -> None:
+    async def completions(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        if stall_after_first:
+            await response.write(b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n')
+        with contextlib.suppress(asyncio.CancelledError):
+            await release.wait()  # stalls until the client has given up
+        return response
+
+    release = asyncio.Event()
+    async with upstream({"POST /v1/chat/completions": completions}) as url:
+        backend = OpenAICompatBackend(config(url, first_token_timeout=0.3, chunk_timeout=0.3))
+        with pytest.raises(BackendTimeout):
+            await asyncio.wait_for(collect(backend, chat()), timeout=3)
+        release.set()
 
 
 async def test_connection_refused_is_unavailable() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("refused", request=request)
-
-    backend = OpenAICompatBackend(config(), transport=httpx.MockTransport(handler))
+    async with upstream({}) as url:
+        pass  # the port is closed again
+    backend = OpenAICompatBackend(config(url, connect_timeout=0.5))
     await backend.start()
     assert not backend.ready
     with pytest.raises(BackendUnavailable):
@@ -223,15 +263,14 @@ async def test_vllm_probe_reads_load() -> None:
         'vllm:gpu_cache_usage_perc{model_name="up"} 0.5\n'
     )
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/metrics":
-            return httpx.Response(200, text=metrics)
-        return httpx.Response(200, json={})
+    async def prometheus(request: web.Request) -> web.StreamResponse:
+        return web.Response(text=metrics)
 
-    backend = VLLMBackend(config(concurrency=16), transport=httpx.MockTransport(handler))
-    await backend.start()
-    load = backend.load()
-    await backend.close()
+    async with upstream({"GET /health": reply(), "GET /metrics": prometheus}) as url:
+        backend = VLLMBackend(config(url, concurrency=16))
+        await backend.start()
+        load = backend.load()
+        await backend.close()
     assert (load.running, load.waiting, load.capacity, load.kv_cache_usage) == (5, 1, 16, 0.5)
 
 
@@ -241,13 +280,12 @@ def test_llamacpp_metrics() -> None:
 
 
 async def test_llamacpp_loading_server_is_not_ready() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(503, json={"error": {"code": 503, "message": "Loading model"}})
-
-    backend = LlamaCppBackend(config(), transport=httpx.MockTransport(handler))
-    await backend.start()
-    assert not backend.ready
-    await backend.close()
+    loading = reply(503, json={"error": {"code": 503, "message": "Loading model"}})
+    async with upstream({"GET /health": loading}) as url:
+        backend = LlamaCppBackend(config(url))
+        await backend.start()
+        assert not backend.ready
+        await backend.close()
 
 
 async def test_ollama_stream_without_done_is_an_error() -> None:
@@ -255,11 +293,11 @@ async def test_ollama_stream_without_done_is_an_error() -> None:
         {"model": "up", "message": {"role": "assistant", "content": "a"}, "done": False}
     )
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/api/version":
-            return httpx.Response(200, json={"version": "0.33.0"})
-        return httpx.Response(200, content=(line + "\n").encode())
+    async def chat_handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=(line + "\n").encode(), content_type="application/x-ndjson")
 
-    backend = OllamaBackend(config(), OllamaOptions(), transport=httpx.MockTransport(handler))
-    with pytest.raises(BackendUnavailable, match="before it was done"):
-        await collect(backend, chat())
+    routes = {"GET /api/version": reply(json={"version": "0.33.0"}), "POST /api/chat": chat_handler}
+    async with upstream(routes) as url:
+        backend = OllamaBackend(config(url), OllamaOptions())
+        with pytest.raises(BackendUnavailable, match="before it was done"):
+            await collect(backend, chat())
