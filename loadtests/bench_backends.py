@@ -6,6 +6,11 @@ sampler settings and token counts; every round visits the arms in a random
 order at each concurrency. Reported: aggregate end-to-end tok/s per arm, their
 ratio, and the TTFT Lockgate adds (median of round medians).
 
+llama-server's own prefill (~80 ms) hides a millisecond, so a second phase
+measures the fixed cost precisely: one client, sequential streamed chat
+requests (8 chunks, no pacing) to loadtests/mock_upstream.py, directly and
+through Lockgate's ``openai`` backend; medians of TTFT and total time.
+
     python loadtests/bench_backends.py --concurrency 1,4,8 --rounds 5
 """
 
@@ -18,21 +23,86 @@ import json
 import os
 import random
 import statistics
+import sys
 import tempfile
+import time
 from pathlib import Path
 
+import httpx
 from harness import (
     Point,
     Workload,
     default_model,
     find_llama_server,
+    free_port,
     http_wave,
+    running,
     start_llama_server,
     start_lockgate,
 )
 
 HERE = Path(__file__).resolve().parent
 SLOTS = 8
+
+
+def _has_text(line: str) -> bool:
+    choices = json.loads(line[6:]).get("choices") or [{}]
+    return bool((choices[0].get("delta") or {}).get("content"))
+
+
+async def sequential_stream_times(url: str, requests: int) -> tuple[float, float]:
+    """Median (TTFT, total) in ms of one client's sequential streamed chat requests."""
+    body = {"model": "mock", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    ttft, total = [], []
+    async with httpx.AsyncClient() as client:
+        for i in range(requests + 20):  # the first 20 warm up
+            started, first = time.perf_counter(), 0.0
+            async with client.stream("POST", url, json=body) as response:
+                async for line in response.aiter_lines():
+                    if not first and line.startswith("data: {") and _has_text(line):
+                        first = time.perf_counter()
+            if i >= 20:
+                ttft.append((first - started) * 1000)
+                total.append((time.perf_counter() - started) * 1000)
+    return statistics.median(ttft), statistics.median(total)
+
+
+def fixed_overhead(workdir: Path, rounds: int) -> dict[str, float]:
+    port = free_port()
+    mock = [
+        sys.executable,
+        str(HERE / "mock_upstream.py"),
+        "--port",
+        str(port),
+        "--chunks",
+        "8",
+        "--gap-ms",
+        "0",
+    ]
+    direct = f"http://127.0.0.1:{port}/v1/chat/completions"
+    models = (
+        f"  - {{name: mock, backend: openai, base_url: 'http://127.0.0.1:{port}', "
+        f"upstream_model: mock, health_interval: 60}}\n"
+    )
+    results: dict[str, list[tuple[float, float]]] = {"direct": [], "lockgate": []}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(running(mock, f"http://127.0.0.1:{port}/health", workdir / "mock.log"))
+        gateway = stack.enter_context(start_lockgate(models, workdir)).replace(
+            "/v1/completions", "/v1/chat/completions"
+        )
+        for _ in range(rounds):
+            for arm, url in random.sample([("direct", direct), ("lockgate", gateway)], 2):
+                results[arm].append(asyncio.run(sequential_stream_times(url, 300)))
+    med = {
+        arm: (statistics.median(t for t, _ in r), statistics.median(x for _, x in r))
+        for arm, r in results.items()
+    }
+    return {
+        "direct_ttft_ms": med["direct"][0],
+        "lockgate_ttft_ms": med["lockgate"][0],
+        "added_ttft_ms": med["lockgate"][0] - med["direct"][0],
+        "added_total_ms": med["lockgate"][1] - med["direct"][1],
+    }
 
 
 def main() -> None:
@@ -98,12 +168,21 @@ def main() -> None:
             f"{n:3d} {d_tps:13.1f} {g_tps:15.1f} {g_tps / d_tps:6.3f} "
             f"{d_ttft * 1000:10.1f}ms {added * 1000:9.1f}ms"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {"rounds": work.rounds, "tokens": work.tokens, "slots": SLOTS, "rows": rows}, indent=2
-        )
+    fixed = fixed_overhead(workdir, 3)
+    print(
+        f"\nfixed cost vs the mock upstream (1 client, streamed): TTFT "
+        f"{fixed['direct_ttft_ms']:.2f} -> {fixed['lockgate_ttft_ms']:.2f} ms "
+        f"(+{fixed['added_ttft_ms']:.2f} ms), whole request +{fixed['added_total_ms']:.2f} ms"
     )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "rounds": work.rounds,
+        "tokens": work.tokens,
+        "slots": SLOTS,
+        "rows": rows,
+        "fixed_overhead": fixed,
+    }
+    args.out.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {args.out}")
 
 
