@@ -21,8 +21,6 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from backends.base import (
     BackendUnavailable,
     ChatMessage,
@@ -33,7 +31,7 @@ from backends.base import (
     InvalidRequestError,
     ToolCall,
 )
-from backends.remote import RemoteBackend, RemoteConfig
+from backends.remote import RemoteBackend, RemoteConfig, parse_event
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +129,7 @@ class OllamaBackend(RemoteBackend):
             async for line in self.lines(response):
                 if not line.strip():
                     continue
-                event = orjson.loads(line)
+                event = parse_event(line)
                 if "error" in event:
                     raise BackendUnavailable(f"Ollama failed mid-stream: {event['error']}")
                 message = event.get("message") or {}

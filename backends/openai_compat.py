@@ -18,8 +18,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-import orjson
-
 from backends.base import (
     BackendUnavailable,
     ChatMessage,
@@ -29,7 +27,7 @@ from backends.base import (
     GenerationRequest,
     ToolCall,
 )
-from backends.remote import RemoteBackend, error_message
+from backends.remote import RemoteBackend, error_message, parse_event
 
 _FINISH_REASONS: dict[str, FinishReason] = {
     "length": "length",
@@ -139,7 +137,7 @@ class OpenAICompatBackend(RemoteBackend):
                 payload = line[5:].strip()
                 if payload == "[DONE]":
                     break
-                event = orjson.loads(payload)
+                event = parse_event(payload)
                 if "error" in event:
                     message, code = error_message(payload.encode())
                     raise BackendUnavailable(
@@ -163,12 +161,14 @@ class OpenAICompatBackend(RemoteBackend):
                     if text:
                         pieces += 1
                         yield GenerationChunk(text, prompt_tokens, pieces)
+        if finish is None:  # no finish_reason: the upstream died or cut the stream
+            raise BackendUnavailable("the upstream ended the stream before it finished")
         # Usage arrives after the finish chunk, so the final chunk is sent last.
         yield GenerationChunk(
             "",
             prompt_tokens,
             completion_tokens or pieces,
-            finish or "stop",
+            finish,
             tool_calls=tools.calls(),
         )
 

@@ -98,6 +98,17 @@ def _retry_after(headers: Mapping[str, str]) -> float:
         return 1.0
 
 
+def parse_event(payload: str | bytes) -> dict[str, Any]:
+    """One JSON object from a stream line; malformed data is the upstream's fault."""
+    try:
+        event = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise BackendUnavailable("the upstream sent malformed data") from None
+    if not isinstance(event, dict):
+        raise BackendUnavailable("the upstream sent malformed data")
+    return event
+
+
 def transport_error(exc: BaseException, what: str) -> BackendError:
     if isinstance(exc, TimeoutError):
         return BackendTimeout(f"the upstream timed out ({what})")

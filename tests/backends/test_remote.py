@@ -301,3 +301,20 @@ async def test_ollama_stream_without_done_is_an_error() -> None:
         backend = OllamaBackend(config(url), OllamaOptions())
         with pytest.raises(BackendUnavailable, match="before it was done"):
             await collect(backend, chat())
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n',  # cut before any finish
+        b'data: {"choices":[{"delta":{"content":"a"}}]}\n\ndata: {not json\n\n',
+    ],
+)
+async def test_truncated_or_malformed_streams_are_upstream_failures(content: bytes) -> None:
+    async def completions(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=content, content_type="text/event-stream")
+
+    async with upstream({"POST /v1/chat/completions": completions}) as url:
+        backend = OpenAICompatBackend(config(url))
+        with pytest.raises(BackendUnavailable):
+            await collect(backend, chat())
