@@ -129,6 +129,19 @@ class SamplingParams:
     logit_bias: Mapping[int, float] = field(default_factory=dict)
     stop: tuple[str, ...] = ()
 
+    def explicit(self) -> dict[str, float | int]:
+        """The scalar knobs the client set, by their OpenAI names (for remote engines)."""
+        knobs = {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "seed": self.seed,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+        }
+        return {k: v for k, v in knobs.items() if v is not None}
+
 
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:

@@ -71,18 +71,10 @@ def ollama_body(
     p = request.sampling
     if p.logit_bias:
         raise InvalidRequestError("logit_bias is not supported by Ollama", param="logit_bias")
-    opts: dict[str, Any] = {"num_ctx": options.num_ctx}
-    mapped = {
-        "num_predict": p.max_tokens,
-        "temperature": p.temperature,
-        "top_p": p.top_p,
-        "top_k": p.top_k,
-        "min_p": p.min_p,
-        "seed": p.seed,
-        "presence_penalty": p.presence_penalty,
-        "frequency_penalty": p.frequency_penalty,
-    }
-    opts.update({k: v for k, v in mapped.items() if v is not None})
+    # Ollama's option names match OpenAI's, except max_tokens → num_predict.
+    opts: dict[str, Any] = {"num_ctx": options.num_ctx, **p.explicit()}
+    if p.max_tokens is not None:
+        opts["num_predict"] = p.max_tokens
     if p.stop:
         opts["stop"] = list(p.stop)
     body: dict[str, Any] = {

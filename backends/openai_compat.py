@@ -67,17 +67,9 @@ def request_body(request: GenerationRequest, upstream_model: str) -> dict[str, A
             body["tool_choice"] = request.tool_choice
     else:
         body["prompt"] = request.prompt or ""
-    optional = {
-        "max_tokens": p.max_tokens,
-        "temperature": p.temperature,
-        "top_p": p.top_p,
-        "top_k": p.top_k,
-        "min_p": p.min_p,
-        "seed": p.seed,
-        "presence_penalty": p.presence_penalty,
-        "frequency_penalty": p.frequency_penalty,
-    }
-    body.update({k: v for k, v in optional.items() if v is not None})
+    body.update(p.explicit())
+    if p.max_tokens is not None:
+        body["max_tokens"] = p.max_tokens
     if p.stop:
         body["stop"] = list(p.stop)
     if p.logit_bias:

@@ -7,6 +7,7 @@ become ready fails the tests with its log.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -15,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -37,6 +39,16 @@ class Server:
             if line.startswith(prefix):
                 return float(line[len(prefix) :])
         raise AssertionError(f"{prefix!r} not in /metrics")
+
+
+@contextlib.contextmanager
+def streaming(url: str, body: dict[str, Any], *, lines: int) -> Iterator[None]:
+    """POST a streamed request and read ``lines`` lines; it stays open inside the block."""
+    with httpx.Client(timeout=30) as http, http.stream("POST", url, json=body) as response:
+        received = response.iter_lines()  # keep a reference: a collected iterator closes it
+        for _ in range(lines):
+            next(received)
+        yield
 
 
 def free_port() -> int:

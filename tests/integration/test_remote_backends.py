@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import LLAMA_SERVER_SLOTS, Server, lockgate, stop
+from tests.integration.conftest import LLAMA_SERVER_SLOTS, Server, lockgate, stop, streaming
 
 pytestmark = pytest.mark.integration
 
@@ -134,13 +134,7 @@ def test_llama_server_load_capacity_and_disconnect(gateway: Server, llama_server
         "stream": True,
         "logit_bias": NO_EOG,
     }
-    with (
-        httpx.Client(timeout=30) as http,
-        http.stream("POST", f"{gateway.base_url}/v1/chat/completions", json=body) as response,
-    ):
-        lines = response.iter_lines()
-        for _ in range(4):
-            next(lines)
+    with streaming(f"{gateway.base_url}/v1/chat/completions", body, lines=4):
         assert busy_slots(llama_server) == 1
         eventually(
             lambda: gateway.metric("lockgate_engine_running_sequences", "gemma-cpp", instance) == 1
@@ -249,12 +243,6 @@ def test_ollama_disconnect_closes_the_upstream_stream(gateway: Server, fake_olla
         "stream": True,
         "messages": [{"role": "user", "content": "word " * 300}],
     }
-    with (
-        httpx.Client(timeout=30) as http,
-        http.stream("POST", f"{gateway.base_url}/v1/chat/completions", json=body) as response,
-    ):
-        lines = response.iter_lines()
-        for _ in range(4):
-            next(lines)
+    with streaming(f"{gateway.base_url}/v1/chat/completions", body, lines=4):
         assert httpx.get(f"{fake_ollama.base_url}/_fake/active").json()["active"] == 1
     eventually(lambda: httpx.get(f"{fake_ollama.base_url}/_fake/active").json()["active"] == 0)

@@ -14,7 +14,7 @@ import openai
 import pytest
 from openai.types import Completion
 
-from tests.integration.conftest import Server
+from tests.integration.conftest import Server, streaming
 
 pytestmark = pytest.mark.integration
 
@@ -193,13 +193,7 @@ async def test_concurrent_streams_are_batched(server: Server, aclient: openai.As
 
 def test_disconnect_mid_stream_frees_the_sequence(server: Server) -> None:
     body = long_stream("gemma")
-    with (
-        httpx.Client(timeout=30) as http,
-        http.stream("POST", f"{server.base_url}/v1/chat/completions", json=body) as response,
-    ):
-        lines = response.iter_lines()
-        for _ in range(6):
-            next(lines)
+    with streaming(f"{server.base_url}/v1/chat/completions", body, lines=6):
         assert server.metric("lockgate_engine_running_sequences") == 1
     wait_for_idle(server)
 
@@ -232,13 +226,8 @@ def test_error_statuses_and_shapes(server: Server, client: openai.OpenAI) -> Non
 
 def test_full_engine_answers_503_with_retry_after(server: Server) -> None:
     body = long_stream("gemma-single")
-    with (
-        httpx.Client(timeout=30) as http,
-        http.stream("POST", f"{server.base_url}/v1/chat/completions", json=body) as busy,
-    ):
-        lines = busy.iter_lines()  # keep a reference: a collected iterator closes the stream
-        next(lines)
-        r = http.post(
+    with streaming(f"{server.base_url}/v1/chat/completions", body, lines=1):
+        r = httpx.post(
             f"{server.base_url}/v1/chat/completions",
             json={"model": "gemma-single", "messages": MESSAGES, "max_tokens": 4},
         )
