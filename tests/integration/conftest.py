@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import pytest
 from backends.model_store import default_model_path
 
 LLAMA_SERVER_SLOTS = 4
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -58,13 +60,19 @@ def free_port() -> int:
         return port
 
 
-def spawn(cmd: list[str], base_url: str, ready_path: str, log: Path) -> Server:
+def spawn(
+    cmd: list[str], base_url: str, ready_path: str, log: Path, *, timeout: float = 120
+) -> Server:
     """Start ``cmd`` and wait until ``GET base_url + ready_path`` answers 200."""
     with log.open("wb") as sink:
         process = subprocess.Popen(
-            cmd, stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            cmd,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,  # its own process group: stop() ends its children too
         )
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout
     while True:
         if process.poll() is not None:
             raise RuntimeError(f"{cmd[0]} exited: {log.read_text()}")
@@ -81,11 +89,13 @@ def spawn(cmd: list[str], base_url: str, ready_path: str, log: Path) -> Server:
 
 
 def stop(server: Server) -> None:
-    server.process.terminate()
+    group = os.getpgid(server.process.pid)
+    os.killpg(group, signal.SIGTERM)
     try:
-        server.process.wait(timeout=20)
+        server.process.wait(timeout=30)
     except subprocess.TimeoutExpired:
-        server.process.kill()
+        os.killpg(group, signal.SIGKILL)
+        server.process.wait()
 
 
 def lockgate(config_text: str, root: Path) -> Server:
@@ -155,6 +165,20 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "gemma",
     ]
     server = spawn(cmd, f"http://127.0.0.1:{port}", "/health", root / "llama-server.log")
+    yield server
+    stop(server)
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A real vLLM (CPU build) serving the converted default model as "gemma".
+
+    `make test` prepares it (quantization/vllm.sh setup + convert); it is ready in ~1 min.
+    """
+    root = tmp_path_factory.mktemp("vllm")
+    port = free_port()
+    cmd = ["bash", str(REPO / "quantization" / "vllm.sh"), "serve", str(port)]
+    server = spawn(cmd, f"http://127.0.0.1:{port}", "/health", root / "vllm.log", timeout=420)
     yield server
     stop(server)
 

