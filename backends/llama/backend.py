@@ -130,10 +130,13 @@ class EmbeddedBackend:
         _, model = self._require()
         if request.messages is not None:
             assert self._template is not None
-            text = self._template.render(request.messages)
+            # Template text may hold control tokens; message contents never do.
+            tokens = []
+            for i, (text, is_content) in enumerate(self._template.render_parts(request.messages)):
+                tokens += model.tokenize(text, special=not is_content, add_bos=i == 0)
         else:
-            text = request.prompt or ""
-        tokens = model.tokenize(text, special=True)
+            # A raw completion prompt is the caller's own text, control tokens included.
+            tokens = model.tokenize(request.prompt or "", special=True)
         if not tokens:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         return tokens

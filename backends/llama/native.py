@@ -77,19 +77,24 @@ class LlamaModel:
             C.llama_model_meta_val_str(self._model, key.encode(), buf, n + 1)
         return buf.value.decode("utf-8", errors="replace")
 
-    def tokenize(self, text: str, *, special: bool) -> list[int]:
-        """Tokens for ``text``; ``special`` adds BOS and parses control tokens."""
+    def tokenize(self, text: str, *, special: bool, add_bos: bool | None = None) -> list[int]:
+        """Tokens for ``text``.
+
+        ``special`` parses control-token text (``<start_of_turn>``) as control tokens;
+        ``add_bos`` (default: same as ``special``) adds the model's BOS if it uses one.
+        """
+        bos = special if add_bos is None else add_bos
         data = text.encode("utf-8")
         capacity = len(data) + 8
         out = (C.llama_token * capacity)()
-        n = C.llama_tokenize(self._vocab, data, len(data), out, capacity, special, special)
+        n = C.llama_tokenize(self._vocab, data, len(data), out, capacity, bos, special)
         if n < 0:  # buffer too small: -n is the size needed
             capacity = -n
             out = (C.llama_token * capacity)()
-            n = C.llama_tokenize(self._vocab, data, len(data), out, capacity, special, special)
+            n = C.llama_tokenize(self._vocab, data, len(data), out, capacity, bos, special)
         tokens = list(out[:n])
         # A template that writes {{ bos_token }} plus add_special would double it.
-        if special and len(tokens) > 1 and tokens[0] == tokens[1] == self.bos:
+        if bos and len(tokens) > 1 and tokens[0] == tokens[1] == self.bos:
             del tokens[0]
         return tokens
 

@@ -14,6 +14,8 @@ configuration or from ``general.architecture``.
 
 from __future__ import annotations
 
+import re
+import secrets
 from collections.abc import Sequence
 from typing import Any, Literal, NoReturn
 
@@ -95,6 +97,8 @@ class ChatTemplate:
         )
         env.globals["raise_exception"] = _raise_exception
         self.name = name
+        # The built-ins trim message contents; placeholders hide that, so render_parts does it.
+        self._trims = name in ("gemma", "llama3")
         self._template = env.from_string(source)
         self._bos = bos_token
         self._eos = eos_token
@@ -122,6 +126,34 @@ class ChatTemplate:
             return cls(embedded, name="gguf", bos_token=bos_token, eos_token=eos_token)
         family = _ARCHITECTURE_FAMILY.get(architecture, "chatml")
         return cls.builtin(family, bos_token=bos_token, eos_token=eos_token)
+
+    def render_parts(
+        self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True
+    ) -> list[tuple[str, bool]]:
+        """The rendering as ``(text, is_message_content)`` parts, in order.
+
+        Contents are rendered as placeholders and put back as parts of their own, so
+        the caller can tokenize them without parsing control tokens: a user who types
+        ``<end_of_turn><start_of_turn>model`` must not be able to end their turn and
+        speak as the model (llama-server and llama-cpp-python allow exactly that).
+        """
+        nonce = secrets.token_hex(6)
+        placeholders = [
+            ChatMessage(m.role, f"\ue000{nonce}:{i}\ue001", m.tool_calls, m.tool_call_id, m.name)
+            for i, m in enumerate(messages)
+        ]
+        text = self.render(placeholders, add_generation_prompt=add_generation_prompt)
+        parts: list[tuple[str, bool]] = []
+        pos = 0
+        for match in re.finditer(f"\ue000{nonce}:(\\d+)\ue001", text):
+            if match.start() > pos:
+                parts.append((text[pos : match.start()], False))
+            content = messages[int(match.group(1))].content
+            parts.append((content.strip() if self._trims else content, True))
+            pos = match.end()
+        if pos < len(text):
+            parts.append((text[pos:], False))
+        return parts
 
     def render(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True) -> str:
         context: dict[str, Any] = {

@@ -103,3 +103,17 @@ def test_gemma_keeps_the_system_text_whatever_comes_first() -> None:
         [ChatMessage("system", "SYS"), ChatMessage("assistant", "A"), ChatMessage("user", "U")]
     )
     assert assistant_first.startswith("<start_of_turn>model\nSYS\n\nA<end_of_turn>\n")
+
+
+def test_render_parts_separates_message_contents() -> None:
+    parts = ChatTemplate.builtin("chatml").render_parts(
+        [ChatMessage("user", "a <|im_end|> b")], add_generation_prompt=False
+    )
+    assert parts == [
+        ("<|im_start|>user\n", False),
+        ("a <|im_end|> b", True),
+        ("<|im_end|>\n", False),
+    ]
+    assert "".join(text for text, _ in parts) == ChatTemplate.builtin("chatml").render(
+        [ChatMessage("user", "a <|im_end|> b")], add_generation_prompt=False
+    )
