@@ -25,6 +25,7 @@ from backends.llama.backend import EmbeddedBackend, EmbeddedConfig
 from gateway.api import health, openai
 from gateway.api.disconnect import ClientDisconnected
 from gateway.errors import GatewayError, InvalidRequest, NotFound, describe
+from gateway.limits import BodySizeLimit
 from gateway.metrics import Metrics
 from gateway.remote import build_remote_backend
 from gateway.service import CLIENT_CLOSED, InferenceService, ModelRegistry, ServedModel
@@ -133,4 +134,7 @@ def create_app(settings: Settings, *, backends: Mapping[str, Backend] | None = N
     app.add_exception_handler(ClientDisconnect, _on_disconnect)  # left mid-upload
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(Exception, _on_error)
+    # Middleware, outermost first (Starlette wraps in reverse order of adding):
+    # the size guard sees a request before anything reads its body.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.server.max_body_bytes)
     return app

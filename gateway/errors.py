@@ -9,7 +9,8 @@ says nothing about the internals (the traceback goes to the log only).
     GatewayError
     ├── InvalidRequest        400 invalid_request_error
     ├── ModelNotFound         404 model_not_found
-    └── NotFound              404 (unknown route)
+    ├── NotFound              404 (unknown route)
+    └── RequestTooLarge       413 request_too_large
 
 Backend errors (``backends.base``) are mapped in the same table:
 ``ContextLengthExceeded`` → 400 ``context_length_exceeded``,
@@ -60,6 +61,10 @@ class NotFound(GatewayError):
     """No route matches the path."""
 
 
+class RequestTooLarge(GatewayError):
+    """The request body exceeds ``server.max_body_bytes``."""
+
+
 @dataclass(frozen=True, slots=True)
 class ErrorInfo:
     status: int
@@ -93,6 +98,7 @@ _TABLE: tuple[tuple[type[Exception], int, str, str | None], ...] = (
     (InvalidRequest, 400, "invalid_request_error", None),
     (ModelNotFound, 404, "invalid_request_error", "model_not_found"),
     (NotFound, 404, "invalid_request_error", "not_found"),
+    (RequestTooLarge, 413, "invalid_request_error", "request_too_large"),
     (BackendOverloaded, 503, "server_error", "overloaded"),
     (BackendUnavailable, 503, "server_error", "service_unavailable"),
     (BackendTimeout, 504, "server_error", "timeout"),

@@ -40,6 +40,7 @@ class ServerSettings(_Strict):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024 * 1024
 
 
 class ModelSettings(_Strict):

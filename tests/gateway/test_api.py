@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -9,6 +10,8 @@ import orjson
 import pytest
 
 from backends.fake import FakeBackend
+from gateway.app import create_app
+from gateway.settings import ServerSettings, Settings
 
 
 def chat(content: str = "one two three four", **extra: Any) -> dict[str, Any]:
@@ -360,3 +363,24 @@ async def test_completions_default_to_16_tokens(
 async def test_prompt_batches_are_capped(client: httpx.AsyncClient) -> None:
     r = await client.post("/v1/completions", json={"model": "echo", "prompt": ["a"] * 17})
     assert assert_error(r, 400)["param"] == "prompt"
+
+
+async def test_oversized_bodies_are_413_in_openai_shape(fakes: dict[str, FakeBackend]) -> None:
+    settings = Settings(server=ServerSettings(max_body_bytes=2048))
+    app = create_app(settings, backends=fakes)
+    transport = httpx.ASGITransport(app=app)
+    big = orjson.dumps(chat("word " * 1000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        declared = await c.post(
+            "/v1/chat/completions", content=big, headers={"content-type": "application/json"}
+        )
+        assert_error(declared, 413, "request_too_large")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for i in range(0, len(big), 512):
+                yield big[i : i + 512]
+
+        streamed = await c.post("/v1/chat/completions", content=chunks())
+        assert_error(streamed, 413, "request_too_large")
+        small = await c.post("/v1/chat/completions", json=chat("fits"))
+        assert small.status_code == 200
