@@ -49,27 +49,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 # GGUF token types (llama.cpp's llama_token_type).
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
-# Gemma's template, the same text the gateway uses for Gemma models (base models ship none):
-# no system role, the system text is prepended to the first user turn.
-GEMMA_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{%- set sys = namespace(text='') -%}"
-    "{%- for m in messages if m.role == 'system' -%}"
-    "{%- set sys.text = sys.text + m.content + '\n\n' -%}"
-    "{%- endfor -%}"
-    "{%- set turns = messages | rejectattr('role', 'equalto', 'system') | list -%}"
-    "{%- if sys.text and not turns -%}"
-    "{{ '<start_of_turn>user\n' + sys.text | trim + '<end_of_turn>\n' }}"
-    "{%- endif -%}"
-    "{%- for m in turns -%}"
-    "{%- set role = 'model' if m.role == 'assistant' else 'user' -%}"
-    "{{ '<start_of_turn>' + role + '\n' }}"
-    "{%- if loop.first %}{{ sys.text }}{% endif -%}"
-    "{{ m.content | trim }}{{ '<end_of_turn>\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif -%}"
-)
-
 # GGUF tensor name (inside blk.N.) -> transformers name (inside model.layers.N.)
 _LAYER_TENSORS = {
     "attn_norm": "input_layernorm",
@@ -293,7 +272,7 @@ def build_tokenizer(gguf_file: GGUFFile) -> Any:
     return tokenizer
 
 
-def write_tokenizer(gguf_file: GGUFFile, out: Path) -> None:
+def write_tokenizer(gguf_file: GGUFFile, out: Path, chat_template: str | None) -> None:
     tokens = gguf_file.require("tokenizer.ggml.tokens")
 
     def piece(key: str) -> str | None:
@@ -316,9 +295,12 @@ def write_tokenizer(gguf_file: GGUFFile, out: Path) -> None:
         "clean_up_tokenization_spaces": False,
         "model_max_length": int(gguf_file.require("gemma3.context_length")),
         "padding_side": "left",
-        "chat_template": str(gguf_file.get("tokenizer.chat_template") or GEMMA_CHAT_TEMPLATE),
         **special,
     }
+    # Base models ship no template; the caller passes the one the gateway uses for them.
+    template = gguf_file.get("tokenizer.chat_template") or chat_template
+    if template:
+        tokenizer_config["chat_template"] = str(template)
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
@@ -356,7 +338,13 @@ def is_converted(out: Path, gguf_sha256: str, dtype: str) -> bool:
     )
 
 
-def convert(gguf_path: Path, out: Path, dtype: str = "float32", force: bool = False) -> bool:
+def convert(
+    gguf_path: Path,
+    out: Path,
+    dtype: str = "float32",
+    force: bool = False,
+    chat_template: str | None = None,
+) -> bool:
     """Convert unless ``out`` already holds this conversion; True if it converted."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}")
@@ -382,7 +370,7 @@ def convert(gguf_path: Path, out: Path, dtype: str = "float32", force: bool = Fa
         save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})
         del weights
         write_generation_config(gguf_file, tmp)
-        write_tokenizer(gguf_file, tmp)
+        write_tokenizer(gguf_file, tmp, chat_template)
         files = sorted(p.name for p in tmp.iterdir())
         marker = {
             "gguf": str(gguf_path),
@@ -408,10 +396,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="stored weight dtype")
     parser.add_argument("--force", action="store_true", help="convert even if already done")
+    parser.add_argument(
+        "--chat-template", type=Path, help="Jinja template file, used when the GGUF has none"
+    )
     args = parser.parse_args(argv)
     if not args.gguf.is_file():
         parser.error(f"no such file: {args.gguf}")
-    convert(args.gguf, args.out, args.dtype, args.force)
+    template = args.chat_template.read_text() if args.chat_template else None
+    convert(args.gguf, args.out, args.dtype, args.force, template)
     return 0
 
 

@@ -41,7 +41,16 @@ convert() {
     exit 1
   fi
   cd "$PROJECT"
-  nice -n 10 "$VENV/bin/python" -m quantization.gguf_to_hf --gguf "$GGUF" --out "$MODEL_DIR"
+  # vLLM must render chats exactly as the gateway does; the base model ships no template,
+  # so the gateway's own Gemma template is handed over (quantization imports no gateway code).
+  local template
+  template="$(mktemp)"
+  trap 'rm -f "$template"' RETURN
+  "$PROJECT/.venv/bin/python" -c \
+    'from backends.llama.templates import builtin_source; print(builtin_source("gemma"), end="")' \
+    > "$template"
+  nice -n 10 "$VENV/bin/python" -m quantization.gguf_to_hf --gguf "$GGUF" --out "$MODEL_DIR" \
+    --chat-template "$template" "$@"
 }
 
 serve() {
@@ -61,7 +70,7 @@ serve() {
 
 case "${1:-}" in
   setup) setup ;;
-  convert) convert ;;
+  convert) shift; convert "$@" ;;
   serve) shift; serve "$@" ;;
   *) echo "usage: $0 setup | convert | serve [PORT] [vLLM args...]" >&2; exit 2 ;;
 esac

@@ -83,6 +83,13 @@ _ARCHITECTURE_FAMILY: dict[str, BuiltinTemplate] = {
 }
 
 
+def builtin_source(family: str) -> str:
+    """The Jinja text of a built-in template (``quantization/vllm.sh`` gives it to vLLM)."""
+    if family not in _BUILTINS:
+        raise ValueError(f"unknown template {family!r}; choose one of {sorted(_BUILTINS)}")
+    return _BUILTINS[family]
+
+
 def _raise_exception(message: str) -> NoReturn:
     # Templates call raise_exception() to reject unsupported conversations.
     raise InvalidRequestError(f"chat template rejected the messages: {message}", param="messages")
@@ -105,9 +112,7 @@ class ChatTemplate:
 
     @classmethod
     def builtin(cls, family: str, *, bos_token: str = "", eos_token: str = "") -> ChatTemplate:
-        if family not in _BUILTINS:
-            raise ValueError(f"unknown template {family!r}; choose one of {sorted(_BUILTINS)}")
-        return cls(_BUILTINS[family], name=family, bos_token=bos_token, eos_token=eos_token)
+        return cls(builtin_source(family), name=family, bos_token=bos_token, eos_token=eos_token)
 
     @classmethod
     def select(

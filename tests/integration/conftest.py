@@ -20,11 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
+from openai.types.chat import ChatCompletionChunk
 
 from backends.model_store import default_model_path
 
 LLAMA_SERVER_SLOTS = 4
+# Gemma's end-of-generation tokens (<eos>, <end_of_turn>), banned where max_tokens must be
+# what ends a sequence, so that token counts are exact.
+NO_EOG = {"1": -100, "106": -100}
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -41,6 +46,22 @@ class Server:
             if line.startswith(prefix):
                 return float(line[len(prefix) :])
         raise AssertionError(f"{prefix!r} not in /metrics")
+
+
+def streamed_chat(
+    client: openai.OpenAI, model: str, messages: list[dict[str, str]], max_tokens: int
+) -> list[ChatCompletionChunk]:
+    """Every chunk of a streamed chat with usage that runs exactly ``max_tokens`` tokens."""
+    return list(
+        client.chat.completions.create(
+            model=model,
+            messages=messages,  # type: ignore[arg-type]
+            max_tokens=max_tokens,
+            stream=True,
+            stream_options={"include_usage": True},
+            logit_bias=NO_EOG,  # type: ignore[arg-type]
+        )
+    )
 
 
 @contextlib.contextmanager

@@ -18,7 +18,15 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import LLAMA_SERVER_SLOTS, Server, lockgate, stop, streaming
+from tests.integration.conftest import (
+    LLAMA_SERVER_SLOTS,
+    NO_EOG,
+    Server,
+    lockgate,
+    stop,
+    streamed_chat,
+    streaming,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +47,6 @@ models:
       connect_timeout: 0.5}}
   - {{name: fallback, backend: llamacpp, base_url: 'LLAMACPP_URL', upstream_model: gemma}}
 """
-NO_EOG = {"1": -100, "106": -100}  # Gemma's end-of-generation tokens
 STORY = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
 
 
@@ -90,16 +97,7 @@ def test_llama_server_chat_and_usage(client: openai.OpenAI, model: str) -> None:
 
 
 def test_llama_server_stream_usage_only_when_asked(client: openai.OpenAI) -> None:
-    with_usage = list(
-        client.chat.completions.create(
-            model="gemma-cpp",
-            messages=STORY,
-            max_tokens=6,
-            stream=True,
-            stream_options={"include_usage": True},
-            logit_bias=NO_EOG,
-        )
-    )
+    with_usage = streamed_chat(client, "gemma-cpp", STORY, 6)
     assert with_usage[-1].choices == []
     assert with_usage[-1].usage is not None and with_usage[-1].usage.completion_tokens == 6
     without = list(
@@ -170,16 +168,7 @@ def vllm_running(vllm_server: Server) -> float:
 
 
 def test_vllm_chat_stream_and_usage(client: openai.OpenAI) -> None:
-    chunks = list(
-        client.chat.completions.create(
-            model="gemma-vllm",
-            messages=STORY,
-            max_tokens=8,
-            stream=True,
-            stream_options={"include_usage": True},
-            logit_bias=NO_EOG,
-        )
-    )
+    chunks = streamed_chat(client, "gemma-vllm", STORY, 8)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert chunks[-2].choices[0].finish_reason == "length"
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 8

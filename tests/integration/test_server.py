@@ -14,13 +14,10 @@ import openai
 import pytest
 from openai.types import Completion
 
-from tests.integration.conftest import Server, streaming
+from tests.integration.conftest import NO_EOG, Server, streamed_chat, streaming
 
 pytestmark = pytest.mark.integration
 
-# Gemma's end-of-generation tokens (<eos>, <end_of_turn>), banned so that
-# max_tokens is what ends a sequence and counts are exact.
-NO_EOG = {"1": -100, "106": -100}
 MESSAGES = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
 
 
@@ -69,15 +66,7 @@ def test_chat_non_stream(client: openai.OpenAI) -> None:
 
 
 def test_chat_stream_with_usage(client: openai.OpenAI) -> None:
-    stream = client.chat.completions.create(
-        model="gemma",
-        messages=MESSAGES,
-        max_tokens=12,
-        stream=True,
-        stream_options={"include_usage": True},
-        logit_bias=NO_EOG,
-    )
-    chunks = list(stream)
+    chunks = streamed_chat(client, "gemma", MESSAGES, 12)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text
     assert chunks[-2].choices[0].finish_reason == "length"
