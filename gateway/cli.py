@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Annotated
@@ -9,9 +10,13 @@ from typing import Annotated
 import typer
 
 from backends.model_store import ModelFileError, resolve_model_path
+from gateway import admin_cli
 from gateway.settings import ConfigError, ModelSettings, Settings, load_settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Lockgate LLM gateway")
+app.add_typer(admin_cli.tenants, name="tenants")
+app.add_typer(admin_cli.keys, name="keys")
+app.command("usage")(admin_cli.usage)
 
 ConfigOption = Annotated[
     Path | None,
@@ -39,6 +44,29 @@ def _prepare_models(settings: Settings) -> None:
         typer.echo(f"model '{model.name}': {path}", err=True)
 
 
+def _refuse_open_bind(settings: Settings) -> None:
+    """No keys on a non-loopback address: say how to fix it, before anything starts."""
+    from gateway.metrics import Metrics
+    from gateway.tenancy.runtime import Tenancy, is_loopback, no_auth_message
+
+    if is_loopback(settings.server.host):
+        return
+
+    async def needed() -> bool:
+        tenancy = Tenancy(settings, Metrics(list))
+        await tenancy.store.open()
+        try:
+            return await tenancy.auth_needed()
+        finally:
+            await tenancy.store.close()
+            if tenancy.link is not None:
+                await tenancy.link.close()
+
+    if not asyncio.run(needed()):
+        typer.echo(f"lockgate: {no_auth_message(settings.server.host)}", err=True)
+        raise typer.Exit(2)
+
+
 @app.command()
 def serve(
     config: ConfigOption = None,
@@ -54,9 +82,11 @@ def serve(
     server = settings.server.model_copy(
         update={k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     )
+    settings = settings.model_copy(update={"server": server})
     logging.basicConfig(
         level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    _refuse_open_bind(settings)
     _prepare_models(settings)
     uvicorn.run(
         create_app(settings),

@@ -8,9 +8,15 @@ says nothing about the internals (the traceback goes to the log only).
 
     GatewayError
     ├── InvalidRequest        400 invalid_request_error
+    ├── Unauthorized          401 invalid_api_key
+    ├── Forbidden             403 permission_denied (model not allowed, admin API off)
     ├── ModelNotFound         404 model_not_found
-    ├── NotFound              404 (unknown route)
-    └── RequestTooLarge       413 request_too_large
+    ├── NotFound              404 (unknown route or admin resource)
+    ├── Conflict              409 conflict (admin: the id exists)
+    ├── RequestTooLarge       413 request_too_large
+    ├── RateLimited           429 rate_limit_exceeded, Retry-After and x-ratelimit-*
+    ├── QuotaExceeded         429 insufficient_quota (a token budget is spent)
+    └── StateUnavailable      503 (Redis unreachable and no local answer)
 
 Backend errors (``backends.base``) are mapped in the same table:
 ``ContextLengthExceeded`` → 400 ``context_length_exceeded``,
@@ -39,10 +45,13 @@ log = logging.getLogger(__name__)
 
 
 class GatewayError(Exception):
-    def __init__(self, message: str, *, param: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, param: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.headers = headers or {}
 
 
 class InvalidRequest(GatewayError):
@@ -63,6 +72,40 @@ class NotFound(GatewayError):
 
 class RequestTooLarge(GatewayError):
     """The request body exceeds ``server.max_body_bytes``."""
+
+
+class Unauthorized(GatewayError):
+    """No key, or a key that is unknown, malformed, expired or revoked."""
+
+
+class Forbidden(GatewayError):
+    """The key is valid but may not do this."""
+
+
+class Conflict(GatewayError):
+    """An admin create whose id already exists."""
+
+
+class RateLimited(GatewayError):
+    """A rate or concurrency limit is reached; ``headers`` say when to retry.
+
+    ``kind`` is OpenAI's error type for it: ``requests`` or ``tokens``.
+    """
+
+    def __init__(self, message: str, *, kind: str, headers: dict[str, str]) -> None:
+        super().__init__(message, headers=headers)
+        self.kind = kind
+
+
+class QuotaExceeded(GatewayError):
+    """A daily or monthly token budget is spent."""
+
+
+class StateUnavailable(GatewayError):
+    """Shared state (Redis) cannot be reached and the policy is to fail closed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Retry-After": "1"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +142,12 @@ _TABLE: tuple[tuple[type[Exception], int, str, str | None], ...] = (
     (ModelNotFound, 404, "invalid_request_error", "model_not_found"),
     (NotFound, 404, "invalid_request_error", "not_found"),
     (RequestTooLarge, 413, "invalid_request_error", "request_too_large"),
+    (Unauthorized, 401, "invalid_request_error", "invalid_api_key"),
+    (Forbidden, 403, "invalid_request_error", "permission_denied"),
+    (Conflict, 409, "invalid_request_error", "conflict"),
+    (RateLimited, 429, "requests", "rate_limit_exceeded"),
+    (QuotaExceeded, 429, "insufficient_quota", "insufficient_quota"),
+    (StateUnavailable, 503, "server_error", "service_unavailable"),
     (BackendOverloaded, 503, "server_error", "overloaded"),
     (BackendUnavailable, 503, "server_error", "service_unavailable"),
     (BackendTimeout, 504, "server_error", "timeout"),
@@ -115,11 +164,13 @@ def describe(exc: BaseException) -> ErrorInfo:
     for kind, status, type_, code in _TABLE:
         if isinstance(exc, kind):
             assert isinstance(exc, GatewayError | BackendError)
-            headers = {}
+            headers = dict(exc.headers) if isinstance(exc, GatewayError) else {}
             if isinstance(exc, BackendOverloaded):
                 headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
             if isinstance(exc, BackendError) and exc.code is not None:
                 code = exc.code
+            if isinstance(exc, RateLimited):
+                type_ = exc.kind
             return ErrorInfo(status, type_, code, exc.message, exc.param, headers)
     log.error("unhandled error", exc_info=exc)
     return ErrorInfo(500, "server_error", "internal_error", "The server had an internal error.")

@@ -1,7 +1,9 @@
 """Every Prometheus object Lockgate exports, on a registry of its own.
 
 Names carry the ``lockgate_`` prefix and small fixed label sets (model,
-endpoint, status). Engine state is read from the backends at scrape time by
+endpoint, status, tenant). The tenant label is bounded: the first
+``tenant_label_cap`` tenants seen by a process get their own value, later ones
+are counted under ``other``. Engine state is read from the backends at scrape time by
 :class:`EngineCollector`, so the decode loop pays nothing for it.
 """
 
@@ -9,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -73,9 +75,16 @@ class EngineCollector(Collector):
 class Metrics:
     """Built once per app; pass it to whatever records."""
 
-    def __init__(self, backends: Callable[[], Iterable[tuple[str, str, Backend]]]) -> None:
+    def __init__(
+        self,
+        backends: Callable[[], Iterable[tuple[str, str, Backend]]],
+        *,
+        tenant_label_cap: int = 100,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        self._tenant_cap = tenant_label_cap
+        self._tenants_labelled: set[str] = set()
         self.requests = Counter(
             "lockgate_requests",
             "Requests by outcome (HTTP status; 499: client went away)",
@@ -109,7 +118,52 @@ class Metrics:
         self.completion_tokens = Counter(
             "lockgate_completion_tokens", "Completion tokens generated", ["model"], registry=r
         )
+        self.tenant_requests = Counter(
+            "lockgate_tenant_requests",
+            "Admitted requests by tenant, model and outcome",
+            ["tenant", "model", "status"],
+            registry=r,
+        )
+        self.tenant_tokens = Counter(
+            "lockgate_tenant_tokens",
+            "Tokens by tenant, model and kind (prompt or completion)",
+            ["tenant", "model", "kind"],
+            registry=r,
+        )
+        self.rejections = Counter(
+            "lockgate_tenant_rejections",
+            "Requests refused before dispatch, by reason"
+            " (unauthenticated, forbidden, rate, quota, too_large, unavailable)",
+            ["tenant", "reason"],
+            registry=r,
+        )
+        self.redis_degraded = Gauge(
+            "lockgate_redis_degraded",
+            "1 while Redis is unreachable and auth/limits run on their outage policy",
+            registry=r,
+        )
         r.register(EngineCollector(backends))
+
+    def tenant_label(self, tenant: str) -> str:
+        if tenant in self._tenants_labelled:
+            return tenant
+        if len(self._tenants_labelled) < self._tenant_cap:
+            self._tenants_labelled.add(tenant)
+            return tenant
+        return "other"
+
+    def tenant_usage(
+        self, tenant: str, model: str, status: int, prompt_tokens: int, completion_tokens: int
+    ) -> None:
+        label = self.tenant_label(tenant)
+        self.tenant_requests.labels(label, model, str(status)).inc()
+        if prompt_tokens:
+            self.tenant_tokens.labels(label, model, "prompt").inc(prompt_tokens)
+        if completion_tokens:
+            self.tenant_tokens.labels(label, model, "completion").inc(completion_tokens)
+
+    def rejected(self, tenant: str, reason: str) -> None:
+        self.rejections.labels(self.tenant_label(tenant), reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

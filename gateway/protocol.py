@@ -100,6 +100,17 @@ class ChatMessageIn(OpenAIBaseModel):
         )
 
 
+# Limits charge prompt + max_tokens before the engine has tokenized anything: prompts are
+# estimated at 4 characters a token, and without max_tokens a choice is charged 256.
+# Both are reconciled with the engine's real counts when the request ends.
+CHARS_PER_TOKEN = 4
+UNSET_MAX_TOKENS_CHARGE = 256
+
+
+def estimate_tokens(text: str) -> int:
+    return len(text) // CHARS_PER_TOKEN + 1
+
+
 class StreamOptions(OpenAIBaseModel):
     include_usage: bool = False
 
@@ -179,6 +190,11 @@ class ChatCompletionRequest(_SamplingFields):
     def chat_messages(self) -> tuple[ChatMessage, ...]:
         return tuple(m.flatten() for m in self.messages)
 
+    def token_charge(self, messages: tuple[ChatMessage, ...]) -> int:
+        """Prompt estimate + ``n`` x the completion limit, for admission."""
+        prompt = sum(estimate_tokens(m.content) + 4 for m in messages)  # + the turn markup
+        return prompt + self.n * (self._completion_limit() or UNSET_MAX_TOKENS_CHARGE)
+
 
 class CompletionRequest(_SamplingFields):
     # A list is a batch; capped so that one request cannot take every sequence slot.
@@ -198,6 +214,11 @@ class CompletionRequest(_SamplingFields):
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
+    def token_charge(self) -> int:
+        """Per prompt: its estimate + ``n`` x ``max_tokens``, for admission."""
+        limit = self._completion_limit() or UNSET_MAX_TOKENS_CHARGE
+        return sum(estimate_tokens(p) + self.n * limit for p in self.prompts())
+
 
 class EmbeddingRequest(OpenAIBaseModel):
     model: str
@@ -207,6 +228,9 @@ class EmbeddingRequest(OpenAIBaseModel):
 
     def texts(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else list(self.input)
+
+    def token_charge(self) -> int:
+        return sum(estimate_tokens(t) for t in self.texts())
 
 
 _UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|.*[\[\(].*)$")

@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from backends.base import Backend, FinishReason, GenerationChunk, GenerationRequest, ToolCall
-from gateway.errors import InvalidRequest, ModelNotFound, describe
+from gateway.errors import Forbidden, InvalidRequest, ModelNotFound, describe
 from gateway.metrics import Metrics
 from gateway.protocol import ChunkEncoder
+from gateway.tenancy.admission import Admission, Ticket
+from gateway.tenancy.records import Principal
 
 T = TypeVar("T")
 
@@ -78,6 +80,18 @@ class Generation:
     first: GenerationChunk
     rest: AsyncIterator[GenerationChunk]
     counts_prompt: bool  # False for extra choices (n > 1) of the same prompt
+    latest: GenerationChunk | None = None  # the last chunk read: counts so far, for billing
+
+
+def usage_of(generations: Sequence[Generation]) -> tuple[int, int]:
+    """Prompt and completion tokens of everything read so far (counts are cumulative)."""
+    prompt = completion = 0
+    for g in generations:
+        chunk = g.latest or g.first
+        completion += chunk.completion_tokens
+        if g.counts_prompt:
+            prompt += chunk.prompt_tokens
+    return prompt, completion
 
 
 @dataclass(slots=True)
@@ -92,7 +106,17 @@ class Outcome:
 class Tracker:
     """Times one HTTP request and records its metrics exactly once."""
 
-    __slots__ = ("_choices", "_done", "_first_seen", "_metrics", "endpoint", "model", "started")
+    __slots__ = (
+        "_choices",
+        "_dispatched",
+        "_done",
+        "_first_seen",
+        "_metrics",
+        "endpoint",
+        "model",
+        "started",
+        "ticket",
+    )
 
     def __init__(self, metrics: Metrics, model: str, endpoint: str, *, choices: int = 1) -> None:
         self._metrics = metrics
@@ -100,8 +124,13 @@ class Tracker:
         self.endpoint = endpoint
         self._choices = choices
         self.started = time.perf_counter()
+        self._dispatched: float | None = None
         self._first_seen: float | None = None
         self._done = False
+        self.ticket: Ticket | None = None  # set once admitted; settled by finish()
+
+    def dispatched(self) -> None:
+        self._dispatched = time.perf_counter()
 
     def first_token(self) -> None:
         if self._first_seen is None:
@@ -115,6 +144,14 @@ class Tracker:
             return
         self._done = True
         m, now = self._metrics, time.perf_counter()
+        if self.ticket is not None:
+            engine = 0.0 if self._dispatched is None else now - self._dispatched
+            self.ticket.settle(
+                status=status,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                engine_seconds=engine,
+            )
         m.requests.labels(self.model, self.endpoint, str(status)).inc()
         m.request_duration.labels(self.model, self.endpoint).observe(now - self.started)
         if prompt_tokens:
@@ -129,15 +166,29 @@ class Tracker:
 
 
 class InferenceService:
-    def __init__(self, registry: ModelRegistry, metrics: Metrics) -> None:
+    def __init__(self, registry: ModelRegistry, metrics: Metrics, admission: Admission) -> None:
         self.registry = registry
         self.metrics = metrics
+        self.admission = admission
 
-    def resolve(self, model: str, *, n: int) -> ServedModel:
+    def resolve(self, model: str, *, n: int, principal: Principal) -> ServedModel:
+        if not principal.tenant.allows(model):
+            self.metrics.rejected(principal.tenant.id, "forbidden")
+            raise Forbidden(f"This key may not use the model '{model}'.", param="model")
         served = self.registry.get(model)
         if n > served.max_n:
             raise InvalidRequest(f"n must be at most {served.max_n} for model '{model}'", param="n")
         return served
+
+    async def admit(
+        self, principal: Principal, served: ServedModel, *, tokens: int, request_id: str
+    ) -> Ticket:
+        """Charge the tenant's limits or raise 429/503; the ticket settles at the end."""
+        ticket = await self.admission.admit(
+            principal, served.name, tokens=tokens, request_id=request_id
+        )
+        ticket.backend = served.instance
+        return ticket
 
     async def open(
         self,
@@ -148,6 +199,7 @@ class InferenceService:
         tracker: Tracker,
     ) -> list[Generation]:
         """Start every choice and wait for its first chunk; all or nothing."""
+        tracker.dispatched()
         streams = [served.backend.generate(r) for r in requests]
         try:
             firsts = await _first_chunks(streams)
@@ -177,8 +229,7 @@ class InferenceService:
         tracker: Tracker,
     ) -> AsyncIterator[bytes]:
         """SSE bytes for every choice, interleaved as tokens arrive."""
-        prompt_tokens = completion_tokens = 0
-        last: dict[int, GenerationChunk] = {}
+        by_index = {g.index: g for g in generations}
         status = CLIENT_CLOSED
         try:
             if chat:
@@ -186,20 +237,15 @@ class InferenceService:
                     yield encoder.role(g.index)
             async with contextlib.aclosing(_merge(generations)) as merged:
                 async for index, chunk in merged:
-                    last[index] = chunk
+                    by_index[index].latest = chunk
                     if chunk.text:
                         yield encoder.text(index, chunk.text)
                     if chunk.tool_calls:
                         yield encoder.tool_calls(index, chunk.tool_calls)
                     if chunk.finish_reason is not None:
                         yield encoder.finish(index, chunk.finish_reason)
-            for g in generations:
-                chunk = last[g.index]
-                completion_tokens += chunk.completion_tokens
-                if g.counts_prompt:
-                    prompt_tokens += chunk.prompt_tokens
             if include_usage:
-                yield encoder.usage(prompt_tokens, completion_tokens)
+                yield encoder.usage(*usage_of(generations))
             yield ChunkEncoder.DONE
             status = 200
         except Exception as exc:  # the status line is gone: report in-band
@@ -209,7 +255,8 @@ class InferenceService:
             yield ChunkEncoder.DONE
         finally:
             await _close_all([g.rest for g in generations])
-            tracker.finish(status, prompt_tokens, completion_tokens)
+            # Billed for what was produced, however the stream ended.
+            tracker.finish(status, *usage_of(generations))
 
 
 async def _first_chunks(
@@ -240,6 +287,7 @@ async def _drain(g: Generation) -> Outcome:
     chunk = g.first
     while chunk.finish_reason is None:
         chunk = await anext(g.rest)
+        g.latest = chunk
         out.text.append(chunk.text)
         out.tool_calls.extend(chunk.tool_calls)
     out.finish_reason = chunk.finish_reason

@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    SecretStr,
     Tag,
     ValidationError,
     model_validator,
@@ -26,6 +27,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from backends.llama.templates import BuiltinTemplate
+from gateway.tenancy.records import ConfiguredTenant
 
 
 class ConfigError(Exception):
@@ -92,6 +94,33 @@ class RemoteModelSettings(_Strict):
         return self.upstream_model or self.name
 
 
+def _state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "lockgate"
+
+
+class AuthSettings(_Strict):
+    """API keys, limits and the usage ledger.
+
+    Auth is on whenever tenants exist (here or in the store) or an admin key is set;
+    with neither, the gateway serves only on a loopback address, without keys.
+    """
+
+    # Protects /admin/*; from LOCKGATE_AUTH__ADMIN_KEY (or the file). No default, ever.
+    admin_key: Annotated[SecretStr, Field(min_length=32)] | None = None
+    # The SQLite file for tenants, keys and usage when no redis_url is set.
+    database: Path = Field(default_factory=lambda: _state_dir() / "lockgate.db")
+    # How long a key lookup is trusted: the delay for a revocation made elsewhere.
+    cache_ttl: Annotated[float, Field(ge=0, le=300)] = 2.0
+    # With Redis down, keys seen within this long still authenticate; others get 503.
+    outage_grace: Annotated[float, Field(ge=0, le=3600)] = 60.0
+    # With Redis down: refuse (503), or enforce the same limits per replica.
+    limits_on_redis_outage: Literal["fail_closed", "fail_open"] = "fail_closed"
+    tenant_label_cap: Annotated[int, Field(ge=0, le=10_000)] = 100
+    # Slot leases in Redis: a replica that dies frees its concurrency slots this fast.
+    concurrency_lease: Annotated[float, Field(ge=3, le=3600)] = 30.0
+
+
 def _entry_kind(value: Any) -> str:
     backend = value.get("backend", "embedded") if isinstance(value, dict) else value.backend
     return "embedded" if backend == "embedded" else "remote"
@@ -116,6 +145,22 @@ class Settings(BaseSettings):
     models: Annotated[list[ModelEntry], Field(min_length=1)] = [
         ModelSettings(name="gemma-3-270m", max_n=4)
     ]
+    auth: AuthSettings = AuthSettings()
+    tenants: list[ConfiguredTenant] = []
+    # Shared state for several replicas: tenants, keys, usage and counters.
+    redis_url: Annotated[SecretStr, Field(pattern=r"^(rediss?|unix)://")] | None = None
+    redis_timeout: Annotated[float, Field(gt=0, le=10)] = 0.25
+
+    @model_validator(mode="after")
+    def _unique_tenants(self) -> Settings:
+        ids = [t.id for t in self.tenants]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"tenant ids must be unique: {', '.join(dupes)}")
+        key_ids = [k.id for t in self.tenants for k in t.keys]
+        if len(key_ids) != len(set(key_ids)):
+            raise ValueError("key ids must be unique across tenants")
+        return self
 
     @model_validator(mode="after")
     def _api_keys_exist(self) -> Settings:

@@ -8,9 +8,10 @@ into responses by the handlers that :func:`gateway.app.create_app` installs.
 from __future__ import annotations
 
 import base64
+import logging
 import struct
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import TypeVar
 
 import orjson
@@ -19,6 +20,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from backends.base import GenerationRequest
 from gateway.api.disconnect import ClientDisconnected, unless_disconnected
+from gateway.api.security import Caller
 from gateway.errors import status_of
 from gateway.protocol import (
     ChatCompletionRequest,
@@ -31,9 +33,19 @@ from gateway.protocol import (
     new_id,
     parse,
 )
-from gateway.service import CLIENT_CLOSED, InferenceService, Tracker
+from gateway.service import (
+    CLIENT_CLOSED,
+    Generation,
+    InferenceService,
+    ServedModel,
+    Tracker,
+    usage_of,
+)
+from gateway.tenancy.records import Principal
 
 T = TypeVar("T")
+# Request bodies, at debug level, and only for tenants whose `log_requests` allows it.
+body_log = logging.getLogger("lockgate.requests")
 
 router = APIRouter(prefix="/v1")
 
@@ -46,33 +58,63 @@ def _service(request: Request) -> InferenceService:
     return service
 
 
-def _json(payload: object) -> Response:
-    return Response(orjson.dumps(payload), media_type=JSON)
+def _json(payload: object, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(payload), media_type=JSON, headers=headers)
 
 
-async def _tracked(request: Request, tracker: Tracker, work: Awaitable[T]) -> T:
-    """Await ``work`` unless the client leaves; record the outcome if it fails."""
+def _log_body(principal: Principal, body: bytes) -> None:
+    if principal.tenant.log_requests and body_log.isEnabledFor(logging.DEBUG):
+        body_log.debug("tenant %s: %s", principal.tenant.id, body.decode(errors="replace"))
+
+
+async def _tracked(
+    request: Request,
+    tracker: Tracker,
+    work: Awaitable[T],
+    generations: Sequence[Generation] = (),
+) -> T:
+    """Await ``work`` unless the client leaves; record the outcome (and bill what ran) if not."""
     try:
         return await unless_disconnected(request, work)
     except ClientDisconnected:
-        tracker.finish(CLIENT_CLOSED)
+        tracker.finish(CLIENT_CLOSED, *usage_of(generations))
         raise
     except Exception as exc:
-        tracker.finish(status_of(exc))
+        tracker.finish(status_of(exc), *usage_of(generations))
         raise
+
+
+async def _admitted(
+    request: Request,
+    principal: Principal,
+    served: ServedModel,
+    tracker: Tracker,
+    *,
+    tokens: int,
+    rid: str,
+) -> None:
+    service = _service(request)
+    tracker.ticket = await _tracked(
+        request, tracker, service.admit(principal, served, tokens=tokens, request_id=rid)
+    )
 
 
 async def _generate(
     request: Request,
+    principal: Principal,
     body: ChatCompletionRequest | CompletionRequest,
     generation_requests: list[GenerationRequest],
     *,
     endpoint: str,
     rid: str,
+    tokens: int,
 ) -> Response:
     service = _service(request)
-    served = service.resolve(body.model, n=body.n)
+    served = service.resolve(body.model, n=body.n, principal=principal)
     tracker = Tracker(service.metrics, served.name, endpoint, choices=len(generation_requests))
+    await _admitted(request, principal, served, tracker, tokens=tokens, rid=rid)
+    assert tracker.ticket is not None
+    headers = tracker.ticket.headers
     chat = isinstance(body, ChatCompletionRequest)
     generations = await _tracked(
         request, tracker, service.open(served, generation_requests, n=body.n, tracker=tracker)
@@ -86,9 +128,9 @@ async def _generate(
                 generations, encoder, chat=chat, include_usage=body.include_usage, tracker=tracker
             ),
             media_type="text/event-stream",
-            headers=SSE_HEADERS,
+            headers={**SSE_HEADERS, **headers},
         )
-    outcomes = await _tracked(request, tracker, service.collect(generations))
+    outcomes = await _tracked(request, tracker, service.collect(generations), generations)
     prompt_tokens = sum(o.prompt_tokens for o in outcomes)
     completion_tokens = sum(o.completion_tokens for o in outcomes)
     tracker.finish(200, prompt_tokens, completion_tokens)
@@ -101,13 +143,16 @@ async def _generate(
             choices=[("".join(o.text), o.finish_reason, tuple(o.tool_calls)) for o in outcomes],
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
-        )
+        ),
+        headers,
     )
 
 
 @router.post("/chat/completions")
-async def chat_completions(request: Request) -> Response:
-    body = parse(ChatCompletionRequest, await request.body())
+async def chat_completions(request: Request, principal: Caller) -> Response:
+    raw = await request.body()
+    _log_body(principal, raw)
+    body = parse(ChatCompletionRequest, raw)
     rid = new_id("chatcmpl")
     messages = body.chat_messages()
     tools = body.tool_definitions()
@@ -122,12 +167,22 @@ async def chat_completions(request: Request) -> Response:
         )
         for i in range(body.n)
     ]
-    return await _generate(request, body, requests, endpoint="chat", rid=rid)
+    return await _generate(
+        request,
+        principal,
+        body,
+        requests,
+        endpoint="chat",
+        rid=rid,
+        tokens=body.token_charge(messages),
+    )
 
 
 @router.post("/completions")
-async def completions(request: Request) -> Response:
-    body = parse(CompletionRequest, await request.body())
+async def completions(request: Request, principal: Caller) -> Response:
+    raw = await request.body()
+    _log_body(principal, raw)
+    body = parse(CompletionRequest, raw)
     rid = new_id("cmpl")
     requests = [
         GenerationRequest(
@@ -139,15 +194,30 @@ async def completions(request: Request) -> Response:
         for p, prompt in enumerate(body.prompts())
         for i in range(body.n)
     ]
-    return await _generate(request, body, requests, endpoint="completions", rid=rid)
+    return await _generate(
+        request,
+        principal,
+        body,
+        requests,
+        endpoint="completions",
+        rid=rid,
+        tokens=body.token_charge(),
+    )
 
 
 @router.post("/embeddings")
-async def embeddings(request: Request) -> Response:
-    body = parse(EmbeddingRequest, await request.body())
+async def embeddings(request: Request, principal: Caller) -> Response:
+    raw = await request.body()
+    _log_body(principal, raw)
+    body = parse(EmbeddingRequest, raw)
     service = _service(request)
-    served = service.resolve(body.model, n=1)
+    served = service.resolve(body.model, n=1, principal=principal)
     tracker = Tracker(service.metrics, served.name, "embeddings")
+    await _admitted(
+        request, principal, served, tracker, tokens=body.token_charge(), rid=new_id("embd")
+    )
+    assert tracker.ticket is not None
+    tracker.dispatched()
     result = await _tracked(request, tracker, served.backend.embed(body.texts()))
     tracker.finish(200, result.prompt_tokens)
     vectors: list[list[float]] | list[str] = result.vectors
@@ -157,17 +227,18 @@ async def embeddings(request: Request) -> Response:
             base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() for v in result.vectors
         ]
     return _json(
-        embedding_list(model=served.name, vectors=vectors, prompt_tokens=result.prompt_tokens)
+        embedding_list(model=served.name, vectors=vectors, prompt_tokens=result.prompt_tokens),
+        tracker.ticket.headers,
     )
 
 
 @router.get("/models")
-async def list_models(request: Request) -> Response:
-    models = _service(request).registry.names()
+async def list_models(request: Request, principal: Caller) -> Response:
+    models = [m for m in _service(request).registry.names() if principal.tenant.allows(m.name)]
     return _json({"object": "list", "data": [model_card(m.name, m.created) for m in models]})
 
 
 @router.get("/models/{model_id:path}")
-async def get_model(request: Request, model_id: str) -> Response:
-    served = _service(request).registry.get(model_id)
+async def get_model(request: Request, principal: Caller, model_id: str) -> Response:
+    served = _service(request).resolve(model_id, n=1, principal=principal)
     return _json(model_card(served.name, served.created))

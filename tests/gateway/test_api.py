@@ -370,7 +370,10 @@ async def test_oversized_bodies_are_413_in_openai_shape(fakes: dict[str, FakeBac
     app = create_app(settings, backends=fakes)
     transport = httpx.ASGITransport(app=app)
     big = orjson.dumps(chat("word " * 1000))
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://test") as c,
+    ):
         declared = await c.post(
             "/v1/chat/completions", content=big, headers={"content-type": "application/json"}
         )

@@ -1,0 +1,1 @@
+"""Tenants, API keys, limits and the usage ledger (SQLite by default, Redis when configured)."""

@@ -1,0 +1,258 @@
+"""Admission: may this tenant send this request now? And, when it ends, settle the bill.
+
+Token limits are charged up front with an estimate (prompt + ``max_tokens``)
+and reconciled with the real usage when the request ends — whatever way it
+ends: finished, failed, or cancelled mid-stream — so unused tokens are
+refunded and overruns are charged.
+
+    ticket = await admission.admit(principal, "gemma", tokens=300, request_id="r1")
+    ...
+    ticket.settle(status=200, prompt_tokens=40, completion_tokens=100, engine_seconds=1.2)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Literal
+
+from gateway.errors import QuotaExceeded, RateLimited, StateUnavailable
+from gateway.metrics import Metrics
+from gateway.tenancy.counters import Check, Counters, MemoryCounters, Verdict, duration, too_big
+from gateway.tenancy.ledger import UsageLedger
+from gateway.tenancy.records import Limits, Principal
+from gateway.tenancy.redis_link import RedisDown
+
+log = logging.getLogger(__name__)
+
+OutagePolicy = Literal["fail_closed", "fail_open"]
+
+
+def plan(principal: Principal, model: str, tokens: int, now: float) -> list[Check]:
+    """The checks for one request: the tenant's limits, then the model's own, if any."""
+    tenant = principal.tenant
+    scopes: list[tuple[str, Limits]] = [(f"t:{tenant.id}", tenant.limits)]
+    if model in tenant.model_limits:
+        scopes.append((f"t:{tenant.id}:m:{model}", tenant.model_limits[model]))
+    day_end, month_end = _period_ends(now)
+    today = datetime.fromtimestamp(now, UTC)
+    checks = []
+    for scope, limits in scopes:
+        if limits.requests_per_minute:
+            rpm = limits.requests_per_minute
+            checks.append(Check("rate", f"{scope}:rpm", rpm, 1, rpm / 60))
+        if limits.tokens_per_minute:
+            tpm = limits.tokens_per_minute
+            checks.append(Check("rate", f"{scope}:tpm", tpm, tokens, tpm / 60, what="tokens"))
+        if limits.max_concurrent:
+            checks.append(
+                Check("slots", f"{scope}:conc", limits.max_concurrent, what="concurrent requests")
+            )
+        if limits.tokens_per_day:
+            key = f"{scope}:day:{today:%Y%m%d}"
+            checks.append(
+                Check(
+                    "budget", key, limits.tokens_per_day, tokens, window_end=day_end, what="daily"
+                )
+            )
+        if limits.tokens_per_month:
+            key = f"{scope}:month:{today:%Y%m}"
+            checks.append(
+                Check(
+                    "budget",
+                    key,
+                    limits.tokens_per_month,
+                    tokens,
+                    window_end=month_end,
+                    what="monthly",
+                )
+            )
+    return checks
+
+
+def _period_ends(now: float) -> tuple[float, float]:
+    t = datetime.fromtimestamp(now, UTC)
+    day = datetime(t.year, t.month, t.day, tzinfo=UTC).timestamp() + 86400
+    year, month = (t.year + 1, 1) if t.month == 12 else (t.year, t.month + 1)
+    return day, datetime(year, month, 1, tzinfo=UTC).timestamp()
+
+
+def rate_headers(checks: list[Check], verdict: Verdict) -> dict[str, str]:
+    """OpenAI's ``x-ratelimit-*`` headers, from the tightest request and token rates."""
+    headers: dict[str, str] = {}
+    for what, suffix in (("requests", "requests"), ("tokens", "tokens")):
+        rows = [
+            (verdict.remaining[i], verdict.reset[i], c)
+            for i, c in enumerate(checks)
+            if c.kind == "rate" and c.what == what
+        ]
+        if rows:
+            remaining, reset, check = min(rows, key=lambda r: r[0])
+            headers[f"x-ratelimit-limit-{suffix}"] = str(check.limit)
+            headers[f"x-ratelimit-remaining-{suffix}"] = str(max(0, math.floor(remaining)))
+            headers[f"x-ratelimit-reset-{suffix}"] = duration(reset)
+    return headers
+
+
+@dataclass(slots=True)
+class Ticket:
+    """An admitted request; :meth:`settle` it once when it ends (again is a no-op)."""
+
+    admission: Admission | None
+    principal: Principal
+    model: str
+    member: str
+    checks: list[Check]
+    counters: Counters | None
+    charged: int
+    headers: dict[str, str] = field(default_factory=dict)
+    backend: str = ""
+    settled: bool = False
+
+    def settle(
+        self, *, status: int, prompt_tokens: int, completion_tokens: int, engine_seconds: float
+    ) -> None:
+        if self.settled or self.admission is None:
+            return
+        self.settled = True
+        self.admission.settle(self, status, prompt_tokens, completion_tokens, engine_seconds)
+
+
+class Admission:
+    """Checks limits on ``counters``; with Redis down, follows ``policy``.
+
+    ``fail_closed`` refuses with 503; ``fail_open`` admits against ``fallback``, a
+    per-process copy of the same limits, so a replica never runs unlimited.
+    """
+
+    def __init__(
+        self,
+        counters: Counters,
+        ledger: UsageLedger,
+        metrics: Metrics,
+        *,
+        policy: OutagePolicy = "fail_closed",
+        fallback: MemoryCounters | None = None,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self._counters = counters
+        self._fallback = fallback or MemoryCounters()
+        self._ledger = ledger
+        self._metrics = metrics
+        self._policy = policy
+        self._wall = wall
+        self._releases: set[asyncio.Task[None]] = set()
+
+    async def admit(
+        self, principal: Principal, model: str, *, tokens: int, request_id: str
+    ) -> Ticket:
+        checks = plan(principal, model, tokens, self._wall())
+        ticket = Ticket(self, principal, model, request_id, checks, None, tokens)
+        if not checks:
+            return ticket
+        for check in checks:
+            if too_big(check):
+                self._reject(principal, "too_large")
+                raise _too_large(check)
+        try:
+            verdict = await self._counters.acquire(checks, request_id)
+            ticket.counters = self._counters
+        except RedisDown:
+            if self._policy == "fail_closed":
+                self._reject(principal, "unavailable")
+                raise StateUnavailable(
+                    "Rate limiting is temporarily unavailable; retry shortly."
+                ) from None
+            verdict = await self._fallback.acquire(checks, request_id)
+            ticket.counters = self._fallback
+        ticket.headers = rate_headers(checks, verdict)
+        if not verdict.ok:
+            check = checks[verdict.failed]
+            self._reject(principal, "quota" if check.kind == "budget" else "rate")
+            raise _refusal(check, verdict, ticket.headers)
+        return ticket
+
+    def settle(
+        self,
+        ticket: Ticket,
+        status: int,
+        prompt_tokens: int,
+        completion_tokens: int,
+        engine_seconds: float,
+    ) -> None:
+        tenant = ticket.principal.tenant.id
+        self._ledger.record(
+            tenant=tenant,
+            key_id=ticket.principal.key_id,
+            model=ticket.model,
+            backend=ticket.backend,
+            status=status,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            engine_seconds=engine_seconds,
+        )
+        self._metrics.tenant_usage(tenant, ticket.model, status, prompt_tokens, completion_tokens)
+        if ticket.counters is None:
+            return
+        refund = ticket.charged - (prompt_tokens + completion_tokens)
+        refunds = [0 if c.what == "requests" else refund for c in ticket.checks]
+        task = asyncio.create_task(self._release(ticket.counters, ticket, refunds))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _release(self, counters: Counters, ticket: Ticket, refunds: list[int]) -> None:
+        # If Redis is down, the slot's lease expires on its own and rates refill with time.
+        with contextlib.suppress(RedisDown):
+            await counters.release(ticket.checks, ticket.member, refunds)
+
+    def _reject(self, principal: Principal, reason: str) -> None:
+        self._metrics.rejected(principal.tenant.id, reason)
+
+    async def close(self) -> None:
+        if self._releases:
+            await asyncio.gather(*self._releases, return_exceptions=True)
+
+
+def _too_large(check: Check) -> Exception:
+    if check.kind == "budget":
+        return QuotaExceeded(
+            f"This request may use {check.cost} tokens, more than the {check.what} budget"
+            f" of {check.limit}. Lower max_tokens or shorten the prompt."
+        )
+    return RateLimited(
+        f"This request may use {check.cost} tokens (prompt + max_tokens), more than the limit"
+        f" of {check.limit} tokens per minute. Lower max_tokens or shorten the prompt.",
+        kind="tokens",
+        headers={},
+    )
+
+
+def _refusal(check: Check, verdict: Verdict, rate: dict[str, str]) -> Exception:
+    seconds = max(1, math.ceil(verdict.retry_after))
+    headers = {**rate, "Retry-After": str(seconds), "retry-after-ms": str(
+        max(1, math.ceil(verdict.retry_after * 1000))
+    )}  # fmt: skip
+    if check.kind == "budget":
+        return QuotaExceeded(
+            f"The {check.what} token budget of {check.limit} is spent; it resets in"
+            f" {duration(verdict.retry_after)}.",
+            headers=headers,
+        )
+    if check.kind == "slots":
+        return RateLimited(
+            f"Too many concurrent requests: the limit is {check.limit}.",
+            kind="requests",
+            headers=headers,
+        )
+    per = "requests" if check.what == "requests" else "tokens"
+    return RateLimited(
+        f"Rate limit reached: {check.limit} {per} per minute. Retry in {seconds}s.",
+        kind=per,
+        headers=headers,
+    )

@@ -1,0 +1,88 @@
+"""One Redis connection pool, a hard time bound on every call, and the degraded flag.
+
+Every call through :meth:`RedisLink.call` finishes within ``timeout`` seconds or
+raises :class:`RedisDown`. The first failure marks the link degraded: later calls
+fail at once instead of each waiting out the timeout, and a background probe
+pings Redis until it answers, which clears the flag. Callers decide what a
+failure means (auth fails closed; limits follow the configured policy).
+
+    link = RedisLink("redis://127.0.0.1:6379/0", timeout=0.25)
+    value = await link.call(lambda r: r.get("k"))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+class RedisDown(Exception):
+    """Redis did not answer in time, or the link is degraded."""
+
+
+class RedisLink:
+    def __init__(self, url: str, *, timeout: float, probe_interval: float = 0.5) -> None:
+        self.timeout = timeout
+        self._probe_interval = probe_interval
+        # No client-side retries: one attempt, bounded by the timeout, is the contract.
+        self.client: aioredis.Redis = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+            decode_responses=False,
+            max_connections=256,
+        )
+        self.degraded = False
+        self._probe: asyncio.Task[None] | None = None
+
+    async def call(self, work: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
+        if self.degraded:
+            raise RedisDown("redis is unreachable")
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await work(self.client)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._trip(exc)
+            raise RedisDown("redis is unreachable") from None
+
+    def _trip(self, exc: BaseException) -> None:
+        if not self.degraded:
+            # The message only: a redis URL with a password must not reach the log.
+            log.warning("redis unreachable (%s); degraded until it answers", type(exc).__name__)
+        self.degraded = True
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.create_task(self._wait_for_recovery())
+
+    async def _wait_for_recovery(self) -> None:
+        while True:
+            await asyncio.sleep(self._probe_interval)
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await self.client.ping()
+            except (RedisError, OSError, TimeoutError):
+                continue
+            log.warning("redis is back")
+            self.degraded = False
+            return
+
+    def script(self, source: str) -> Any:
+        return self.client.register_script(source)
+
+    async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
+        await self.client.aclose()

@@ -1,0 +1,110 @@
+"""The tenancy parts of one app, built from settings, started and stopped together.
+
+Without ``redis_url``: a SQLite store and in-process counters (one replica).
+With it: store and counters in Redis, shared by every replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+
+from gateway.metrics import Metrics
+from gateway.settings import ConfigError, Settings
+from gateway.tenancy.admin import TenantAdmin
+from gateway.tenancy.admission import Admission
+from gateway.tenancy.auth import Authenticator
+from gateway.tenancy.counters import Counters, MemoryCounters
+from gateway.tenancy.ledger import UsageLedger
+from gateway.tenancy.redis_counters import RedisCounters
+from gateway.tenancy.redis_link import RedisLink
+from gateway.tenancy.redis_store import RedisStore
+from gateway.tenancy.store import SQLiteStore, StoreUnavailable, TenantStore
+
+log = logging.getLogger(__name__)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def no_auth_message(host: str) -> str:
+    return (
+        f"refusing to listen on {host} without API keys. Either declare tenants in the"
+        " config (tenants: ...), or set LOCKGATE_AUTH__ADMIN_KEY and create a tenant with"
+        " `lockgate tenants create`, or bind to 127.0.0.1."
+    )
+
+
+class Tenancy:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        auth = settings.auth
+        self.link: RedisLink | None = None
+        self.store: TenantStore
+        counters: Counters
+        if settings.redis_url is not None:
+            self.link = RedisLink(
+                settings.redis_url.get_secret_value(), timeout=settings.redis_timeout
+            )
+            self.store = RedisStore(self.link)
+            counters = RedisCounters(self.link, lease=auth.concurrency_lease)
+            link = self.link
+            metrics.redis_degraded.set_function(lambda: float(link.degraded))
+        else:
+            self.store = SQLiteStore(auth.database)
+            counters = MemoryCounters()
+        self.counters = counters
+        self.admin_key = auth.admin_key.get_secret_value() if auth.admin_key else None
+        self.auth = Authenticator(
+            self.store, enabled=True, ttl=auth.cache_ttl, outage_grace=auth.outage_grace
+        )
+        self.ledger = UsageLedger(self.store)
+        self.admission = Admission(
+            counters, self.ledger, metrics, policy=auth.limits_on_redis_outage
+        )
+        self.admin = TenantAdmin(self.store, self.auth)
+        self._ledger_task: asyncio.Task[None] | None = None
+
+    async def auth_needed(self) -> bool:
+        """Keys are required if an admin key is set or any tenant exists (config or store)."""
+        if self.admin_key is not None or self.settings.tenants:
+            return True
+        try:
+            return await self.store.count_tenants() > 0
+        except StoreUnavailable:
+            return True  # cannot tell: fail closed
+
+    async def start(self) -> None:
+        await self.store.open()
+        try:
+            await self.admin.apply_config(self.settings.tenants)
+        except StoreUnavailable:
+            log.warning("redis unreachable at start-up: configured tenants not written yet")
+        self.auth.enabled = await self.auth_needed()
+        host = self.settings.server.host
+        if not self.auth.enabled:
+            if not is_loopback(host):
+                raise ConfigError(no_auth_message(host))
+            log.warning("no tenants and no admin key: serving on %s without API keys", host)
+        self._ledger_task = asyncio.create_task(self.ledger.run())
+
+    async def stop(self) -> None:
+        if self._ledger_task is not None:
+            self._ledger_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ledger_task
+        await self.admission.close()
+        with contextlib.suppress(Exception):
+            await self.ledger.flush()
+        await self.counters.close()
+        await self.store.close()
+        if self.link is not None:
+            await self.link.close()
