@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
@@ -107,13 +107,16 @@ def _calls(dependant: Dependant) -> set[object]:
     return found
 
 
-def _require_guards(app: FastAPI) -> None:
+def _require_guards(routers: Sequence[APIRouter]) -> None:
     """Default deny: every route declares a key guard, or is listed as public."""
-    for route in app.routes:
-        if not isinstance(route, APIRoute) or route.path in PUBLIC:
-            continue
-        if not _calls(route.dependant) & set(GUARDS):
-            raise RuntimeError(f"route {route.path} has no auth dependency")
+    for router in routers:
+        for route in router.routes:
+            if not isinstance(route, APIRoute):
+                raise RuntimeError(f"route {route} is not an APIRoute: its guard cannot be checked")
+            if route.path in PUBLIC:  # paths already carry the router's prefix
+                continue
+            if not _calls(route.dependant) & set(GUARDS):
+                raise RuntimeError(f"route {route.path} has no auth dependency")
 
 
 def create_app(settings: Settings, *, backends: Mapping[str, Backend] | None = None) -> FastAPI:
@@ -164,9 +167,10 @@ def create_app(settings: Settings, *, backends: Mapping[str, Backend] | None = N
     app.state.admin_key = tenancy.admin_key
     app.state.tenant_admin = tenancy.admin
     app.state.ledger = tenancy.ledger
-    app.include_router(openai.router)
-    app.include_router(admin.router)
-    app.include_router(health.router)
+    routers = (openai.router, admin.router, health.router)
+    _require_guards(routers)
+    for router in routers:
+        app.include_router(router)
     app.add_exception_handler(GatewayError, _on_error)
     app.add_exception_handler(BackendError, _on_error)
     app.add_exception_handler(ClientDisconnected, _on_disconnect)
@@ -176,5 +180,4 @@ def create_app(settings: Settings, *, backends: Mapping[str, Backend] | None = N
     # Middleware, outermost first (Starlette wraps in reverse order of adding):
     # the size guard sees a request before anything reads its body.
     app.add_middleware(BodySizeLimit, max_bytes=settings.server.max_body_bytes)
-    _require_guards(app)
     return app

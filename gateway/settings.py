@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -121,6 +122,13 @@ class AuthSettings(_Strict):
     concurrency_lease: Annotated[float, Field(ge=3, le=3600)] = 30.0
 
 
+def _redis_scheme(url: SecretStr) -> SecretStr:
+    # A secret (it may hold a password), so the message never repeats it.
+    if not url.get_secret_value().startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("must start with redis://, rediss:// or unix://")
+    return url
+
+
 def _entry_kind(value: Any) -> str:
     backend = value.get("backend", "embedded") if isinstance(value, dict) else value.backend
     return "embedded" if backend == "embedded" else "remote"
@@ -148,7 +156,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = AuthSettings()
     tenants: list[ConfiguredTenant] = []
     # Shared state for several replicas: tenants, keys, usage and counters.
-    redis_url: Annotated[SecretStr, Field(pattern=r"^(rediss?|unix)://")] | None = None
+    redis_url: Annotated[SecretStr, AfterValidator(_redis_scheme)] | None = None
     redis_timeout: Annotated[float, Field(gt=0, le=10)] = 0.25
 
     @model_validator(mode="after")
