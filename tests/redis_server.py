@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -41,7 +42,7 @@ class RedisServer:
     def _spawn(self, log: BinaryIO) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
+             "--appendonly", "no", "--dir", str(self.workdir), "--dbfilename", "dump.rdb"],
             stdout=log,
             stderr=subprocess.STDOUT,
         )  # fmt: skip
@@ -60,11 +61,28 @@ class RedisServer:
 
     def stop(self) -> None:
         if self.process is not None:
+            self.thaw()
             self.process.kill()
             self.process.wait(timeout=10)
             self.process = None
 
+    def persist(self) -> None:
+        """Write a snapshot, so that data survives a stop/start (an outage, not a wipe)."""
+        self._command(b"SAVE\r\n")
+
+    def freeze(self) -> None:
+        """SIGSTOP: the port still accepts connections, but nothing answers."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)
+
     def flush(self) -> None:
-        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-            s.sendall(b"FLUSHALL\r\n")
+        self._command(b"FLUSHALL\r\n")
+
+    def _command(self, raw: bytes) -> None:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
+            s.sendall(raw)
             s.recv(16)

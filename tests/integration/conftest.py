@@ -65,9 +65,14 @@ def streamed_chat(
 
 
 @contextlib.contextmanager
-def streaming(url: str, body: dict[str, Any], *, lines: int) -> Iterator[None]:
+def streaming(
+    url: str, body: dict[str, Any], *, lines: int, headers: dict[str, str] | None = None
+) -> Iterator[None]:
     """POST a streamed request and read ``lines`` lines; it stays open inside the block."""
-    with httpx.Client(timeout=30) as http, http.stream("POST", url, json=body) as response:
+    with (
+        httpx.Client(timeout=30) as http,
+        http.stream("POST", url, json=body, headers=headers) as response,
+    ):
         received = response.iter_lines()  # keep a reference: a collected iterator closes it
         for _ in range(lines):
             next(received)
@@ -110,6 +115,8 @@ def spawn(
 
 
 def stop(server: Server) -> None:
+    if server.process.poll() is not None:  # already gone (a test killed it)
+        return
     group = os.getpgid(server.process.pid)
     os.killpg(group, signal.SIGTERM)
     try:
