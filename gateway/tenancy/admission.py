@@ -26,7 +26,7 @@ from gateway.errors import QuotaExceeded, RateLimited, StateUnavailable
 from gateway.metrics import Metrics
 from gateway.tenancy.counters import Check, Counters, MemoryCounters, Verdict, duration, too_big
 from gateway.tenancy.ledger import UsageLedger
-from gateway.tenancy.records import Limits, Principal
+from gateway.tenancy.records import Limits, Principal, Tenant
 from gateway.tenancy.redis_link import RedisDown
 
 log = logging.getLogger(__name__)
@@ -34,16 +34,18 @@ log = logging.getLogger(__name__)
 OutagePolicy = Literal["fail_closed", "fail_open"]
 
 
-def plan(principal: Principal, model: str, tokens: int, now: float) -> list[Check]:
-    """The checks for one request: the tenant's limits, then the model's own, if any."""
-    tenant = principal.tenant
-    scopes: list[tuple[str, Limits]] = [(f"t:{tenant.id}", tenant.limits)]
+def scopes(tenant: Tenant, model: str) -> list[tuple[str, Limits]]:
+    """Counter-key prefixes and their limits: the tenant's, then the model's own, if any."""
+    found = [(f"t:{tenant.id}", tenant.limits)]
     if model in tenant.model_limits:
-        scopes.append((f"t:{tenant.id}:m:{model}", tenant.model_limits[model]))
-    day_end, month_end = _period_ends(now)
-    today = datetime.fromtimestamp(now, UTC)
+        found.append((f"t:{tenant.id}:m:{model}", tenant.model_limits[model]))
+    return found
+
+
+def plan(principal: Principal, model: str, tokens: int, now: float) -> list[Check]:
+    """The checks for one request, charging ``tokens`` (prompt + max_tokens estimate)."""
     checks = []
-    for scope, limits in scopes:
+    for scope, limits in scopes(principal.tenant, model):
         if limits.requests_per_minute:
             rpm = limits.requests_per_minute
             checks.append(Check("rate", f"{scope}:rpm", rpm, 1, rpm / 60))
@@ -54,26 +56,29 @@ def plan(principal: Principal, model: str, tokens: int, now: float) -> list[Chec
             checks.append(
                 Check("slots", f"{scope}:conc", limits.max_concurrent, what="concurrent requests")
             )
-        if limits.tokens_per_day:
-            key = f"{scope}:day:{today:%Y%m%d}"
-            checks.append(
-                Check(
-                    "budget", key, limits.tokens_per_day, tokens, window_end=day_end, what="daily"
-                )
-            )
-        if limits.tokens_per_month:
-            key = f"{scope}:month:{today:%Y%m}"
-            checks.append(
-                Check(
-                    "budget",
-                    key,
-                    limits.tokens_per_month,
-                    tokens,
-                    window_end=month_end,
-                    what="monthly",
-                )
-            )
+        checks += budgets(scope, limits, tokens, now)
     return checks
+
+
+def budgets(scope: str, limits: Limits, tokens: int, now: float) -> list[Check]:
+    """The daily and monthly budget checks of one scope (UTC periods)."""
+    today = datetime.fromtimestamp(now, UTC)
+    day_end, month_end = _period_ends(now)
+    found = []
+    if limits.tokens_per_day:
+        key, limit = f"{scope}:day:{today:%Y%m%d}", limits.tokens_per_day
+        found.append(Check("budget", key, limit, tokens, window_end=day_end, what="daily"))
+    if limits.tokens_per_month:
+        key, limit = f"{scope}:month:{today:%Y%m}", limits.tokens_per_month
+        found.append(Check("budget", key, limit, tokens, window_end=month_end, what="monthly"))
+    return found
+
+
+def period_starts(now: float) -> tuple[float, float]:
+    """The start of the current UTC day and month."""
+    t = datetime.fromtimestamp(now, UTC)
+    day = datetime(t.year, t.month, t.day, tzinfo=UTC).timestamp()
+    return day, datetime(t.year, t.month, 1, tzinfo=UTC).timestamp()
 
 
 def _period_ends(now: float) -> tuple[float, float]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from gateway.errors import StateUnavailable, Unauthorized
 from gateway.tenancy.keys import bearer_token, key_hash, same_hash, well_formed
-from gateway.tenancy.records import ANONYMOUS, KeyRecord, Principal, Tenant
+from gateway.tenancy.records import ANONYMOUS, KeyRecord, Principal
 from gateway.tenancy.store import StoreUnavailable, TenantStore
 
 MISSING = "Missing API key. Send it as 'Authorization: Bearer lg-...'."
@@ -28,7 +28,7 @@ EXPIRED = "This API key has expired or been revoked."
 
 @dataclass(frozen=True, slots=True)
 class _Entry:
-    found: tuple[KeyRecord, Tenant] | None
+    found: tuple[KeyRecord, Principal] | None
     at: float
 
 
@@ -65,26 +65,30 @@ class Authenticator:
         found = await self._find(digest)
         if found is None:
             raise Unauthorized(INVALID)
-        record, tenant = found
+        record, principal = found
         if not same_hash(record.hash, digest):
             raise Unauthorized(INVALID)
-        if not record.usable(self._wall()):
+        if not record.usable(self._wall()):  # checked on every request, cached or not
             raise Unauthorized(EXPIRED)
-        return Principal(tenant=tenant, key_id=record.id)
+        return principal
 
-    async def _find(self, digest: str) -> tuple[KeyRecord, Tenant] | None:
+    async def _find(self, digest: str) -> tuple[KeyRecord, Principal] | None:
         now = self._clock()
         entry = self._cache.get(digest)
         if entry is not None and now - entry.at < self._ttl:
             return entry.found
         try:
-            found = await self._store.lookup(digest)
+            stored = await self._store.lookup(digest)
         except StoreUnavailable:
             if entry is not None and entry.found is not None and now - entry.at < self._grace:
                 return entry.found
             raise StateUnavailable(
                 "Authentication is temporarily unavailable; retry shortly."
             ) from None
+        found = None
+        if stored is not None:
+            record, tenant = stored
+            found = (record, Principal(tenant=tenant, key_id=record.id))
         self._cache[digest] = _Entry(found, now)
         self._cache.move_to_end(digest)
         if len(self._cache) > self._max:

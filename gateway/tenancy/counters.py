@@ -124,6 +124,10 @@ class MemoryCounters:
                 spent, end = self._spent.get(c.key, (0, c.window_end))
                 self._spent[c.key] = (max(0, spent - refund), end)
 
+    def seed(self, check: Check, spent: int) -> None:
+        """Start a budget at ``spent`` (after a restart, from the usage ledger)."""
+        self._spent[check.key] = (spent, check.window_end)
+
     def _forget_old(self, now: float) -> None:
         # Bounded by tenants x models x periods: drop budget windows that have ended.
         if len(self._spent) > 1024:

@@ -10,11 +10,13 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import time
+from collections import defaultdict
 
 from gateway.metrics import Metrics
 from gateway.settings import ConfigError, Settings
 from gateway.tenancy.admin import TenantAdmin
-from gateway.tenancy.admission import Admission
+from gateway.tenancy.admission import Admission, budgets, period_starts, scopes
 from gateway.tenancy.auth import Authenticator
 from gateway.tenancy.counters import Counters, MemoryCounters
 from gateway.tenancy.ledger import UsageLedger
@@ -88,6 +90,8 @@ class Tenancy:
             await self.admin.apply_config(self.settings.tenants)
         except StoreUnavailable:
             log.warning("redis unreachable at start-up: configured tenants not written yet")
+        if isinstance(self.counters, MemoryCounters):
+            await self._restore_budgets(self.counters)
         self.auth.enabled = await self.auth_needed()
         host = self.settings.server.host
         if not self.auth.enabled:
@@ -95,6 +99,29 @@ class Tenancy:
                 raise ConfigError(no_auth_message(host))
             log.warning("no tenants and no admin key: serving on %s without API keys", host)
         self._ledger_task = asyncio.create_task(self.ledger.run())
+
+    async def _restore_budgets(self, counters: MemoryCounters) -> None:
+        """In-process budgets start empty: re-charge this day's and month's usage from the ledger.
+
+        (In Redis they survive restarts on their own.)
+        """
+        now = time.time()
+        day_start, month_start = period_starts(now)
+        rows = await self.store.usage(
+            start_hour=int(month_start), end_hour=int(now) + 1, tenant=None, model=None
+        )
+        spent: dict[tuple[str, str | None, str], int] = defaultdict(int)
+        for k, t in rows.items():
+            tokens = t.prompt_tokens + t.completion_tokens
+            for model in (None, k.model):
+                spent[k.tenant, model, "monthly"] += tokens
+                if k.hour >= day_start:
+                    spent[k.tenant, model, "daily"] += tokens
+        for tenant in await self.store.tenants():
+            for model in (None, *tenant.model_limits):
+                scope, limits = scopes(tenant, model or "")[0 if model is None else 1]
+                for check in budgets(scope, limits, 0, now):
+                    counters.seed(check, spent[tenant.id, model, check.what])
 
     async def stop(self) -> None:
         if self._ledger_task is not None:

@@ -464,3 +464,25 @@ async def test_no_tenants_on_a_public_address_refuses_to_start(tmp_path: Path) -
     app = create_app(public, backends={"echo": FakeBackend()})
     async with app.router.lifespan_context(app):
         pass
+
+
+async def test_budgets_survive_a_restart_through_the_ledger(
+    tmp_path: Path, fakes: dict[str, FakeBackend]
+) -> None:
+    """In-process counters start empty; the day's usage is re-read from the SQLite ledger."""
+    for attempt in range(2):
+        app = create_app(settings(tmp_path), backends=fakes)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c,
+        ):
+            for backend in fakes.values():
+                await backend.start()
+            words = " ".join(["w"] * 25)
+            r = await c.post(
+                "/v1/chat/completions", json=chat(words, max_tokens=20), headers=auth(Keys.budget)
+            )
+            if attempt == 0:
+                assert r.status_code == 200  # 25 + 20 of 60 tokens today
+            else:
+                error(r, 429, "insufficient_quota")  # 45 already spent before the restart
