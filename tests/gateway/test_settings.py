@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -98,7 +99,26 @@ def test_a_missing_api_key_variable_is_named(tmp_path: Path) -> None:
         load_settings(config)
 
 
-@pytest.mark.parametrize("name", ["default.yaml", "cpu-box.yaml", "gpu-box.yaml"])
+@pytest.mark.parametrize("name", ["default.yaml", "cpu-box.yaml", "gpu-box.yaml", "teams.yaml"])
 def test_example_configs_are_valid(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VLLM_API_KEY", "example")
     assert load_settings(REPO / "configs" / name).models
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        ("tenants:\n  - {id: 'bad id!'}\n", "tenants.0.id"),
+        ("tenants:\n  - {id: a}\n  - {id: a}\n", "tenant ids must be unique: a"),
+        ("tenants:\n  - {id: a, limits: {requests_per_minute: 0}}\n", "requests_per_minute"),
+        ("tenants:\n  - {id: a, keys: [{id: k, hash: 'md5:abc'}]}\n", "tenants.0.keys.0.hash"),
+        ("auth: {admin_key: short}\n", "auth.admin_key"),
+        ("redis_url: 'http://:hunter2@host'\n", "redis_url: Value error, must start with redis://"),
+    ],
+)
+def test_tenancy_config_errors_name_the_key(tmp_path: Path, yaml_text: str, message: str) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=re.escape(message)) as caught:
+        load_settings(config)
+    assert "hunter2" not in str(caught.value)
