@@ -141,7 +141,7 @@ def update_tenant(
     weight: Weight = None,
     url: Url = DEFAULT_URL,
 ) -> None:
-    """Change the given fields; limits given here replace the tenant's limits."""
+    """Change the given fields; other limits stay as they are."""
     body: dict[str, Any] = {}
     limits = _limits(
         rpm=rpm,
@@ -151,7 +151,8 @@ def update_tenant(
         monthly_tokens=monthly_tokens,
     )
     if limits:
-        body["limits"] = limits
+        current = _call(url, "GET", f"/admin/tenants/{tenant_id}")["limits"]
+        body["limits"] = {**current, **limits}
     if models is not None:
         body["models"] = None if models == "*" else [m.strip() for m in models.split(",")]
     if priority:

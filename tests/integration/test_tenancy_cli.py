@@ -95,6 +95,9 @@ def test_one_command_makes_a_tenant_whose_key_works_with_the_sdk(gateway: Server
     assert usage["totals"]["requests"] == 2  # admitted ones; refusals are counted in metrics
     assert usage["totals"]["completion_tokens"] == reply.usage.completion_tokens + 2
 
+    updated = cli("tenants", "update", "team-a", "--tpm", "5000", url=gateway.base_url)
+    assert updated["limits"]["requests_per_minute"] == 2  # kept
+    assert updated["limits"]["tokens_per_minute"] == 5000
     listed = cli("keys", "list", "team-a", url=gateway.base_url)
     assert [k["id"] for k in listed] == [made["key"]["id"]]
     assert "key" not in listed[0]
