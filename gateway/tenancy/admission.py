@@ -12,8 +12,6 @@ refunded and overruns are charged.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -152,7 +150,6 @@ class Admission:
         self._metrics = metrics
         self._policy = policy
         self._wall = wall
-        self._releases: set[asyncio.Task[None]] = set()
 
     async def admit(
         self, principal: Principal, model: str, *, tokens: int, request_id: str
@@ -207,21 +204,10 @@ class Admission:
             return
         refund = ticket.charged - (prompt_tokens + completion_tokens)
         refunds = [0 if c.what == "requests" else refund for c in ticket.checks]
-        task = asyncio.create_task(self._release(ticket.counters, ticket, refunds))
-        self._releases.add(task)
-        task.add_done_callback(self._releases.discard)
-
-    async def _release(self, counters: Counters, ticket: Ticket, refunds: list[int]) -> None:
-        # If Redis is down, the slot's lease expires on its own and rates refill with time.
-        with contextlib.suppress(RedisDown):
-            await counters.release(ticket.checks, ticket.member, refunds)
+        ticket.counters.release_nowait(ticket.checks, ticket.member, refunds)
 
     def _reject(self, principal: Principal, reason: str) -> None:
         self._metrics.rejected(principal.tenant.id, reason)
-
-    async def close(self) -> None:
-        if self._releases:
-            await asyncio.gather(*self._releases, return_exceptions=True)
 
 
 def _too_large(check: Check) -> Exception:

@@ -56,6 +56,9 @@ class Counters(Protocol):
     async def release(self, checks: Sequence[Check], member: str, refunds: Sequence[int]) -> None:
         """Give back what was not used (a negative refund charges more) and free slots."""
 
+    def release_nowait(self, checks: Sequence[Check], member: str, refunds: Sequence[int]) -> None:
+        """:meth:`release` without waiting for it: what a finishing request uses."""
+
     async def close(self) -> None: ...
 
 
@@ -114,6 +117,9 @@ class MemoryCounters:
         )
 
     async def release(self, checks: Sequence[Check], member: str, refunds: Sequence[int]) -> None:
+        self.release_nowait(checks, member, refunds)
+
+    def release_nowait(self, checks: Sequence[Check], member: str, refunds: Sequence[int]) -> None:
         now = self._clock()
         for c, refund in zip(checks, refunds, strict=True):
             if c.kind == "slots":

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from gateway.tenancy.counters import Check, Verdict
 from gateway.tenancy.redis_link import RedisDown, RedisLink
+from gateway.tenancy.resp import Script
 
 _PREAMBLE = """
 local t = redis.call('TIME')
@@ -128,9 +129,9 @@ class RedisCounters:
         self._link = link
         self._prefix = prefix
         self._lease = lease
-        self._acquire = link.script(_ACQUIRE)
-        self._release = link.script(_RELEASE)
-        self._renew = link.script(_RENEW)
+        self._acquire = Script(_ACQUIRE)
+        self._release = Script(_RELEASE)
+        self._renew = Script(_RENEW)
         self._held: dict[str, list[str]] = {}  # member → its slot keys, renewed while held
         self._renewer: asyncio.Task[None] | None = None
 
@@ -139,7 +140,7 @@ class RedisCounters:
         args: list[str | int | float] = [self._lease, member]
         for c in checks:
             args += [c.kind, c.limit, c.cost, c.per_second or 1.0, c.window_end]
-        raw = await self._link.call(lambda r: self._acquire(keys=keys, args=args, client=r))
+        raw = await self._link.evalsha(self._acquire, keys, args)
         n = len(checks)
         verdict = Verdict(
             ok=int(raw[0]) == 1,
@@ -155,13 +156,22 @@ class RedisCounters:
                 self._renewer = asyncio.create_task(self._renew_leases())
         return verdict
 
-    async def release(self, checks: Sequence[Check], member: str, refunds: Sequence[int]) -> None:
+    def _release_call(
+        self, checks: Sequence[Check], member: str, refunds: Sequence[int]
+    ) -> tuple[list[str], list[str | int | float]]:
         self._held.pop(member, None)
         keys = [self._prefix + c.key for c in checks]
         args: list[str | int | float] = [self._lease, member]
         for c, refund in zip(checks, refunds, strict=True):
             args += [c.kind, refund, c.per_second or 1.0]
-        await self._link.call(lambda r: self._release(keys=keys, args=args, client=r))
+        return keys, args
+
+    async def release(self, checks: Sequence[Check], member: str, refunds: Sequence[int]) -> None:
+        await self._link.evalsha(self._release, *self._release_call(checks, member, refunds))
+
+    def release_nowait(self, checks: Sequence[Check], member: str, refunds: Sequence[int]) -> None:
+        # If this is lost (Redis down), the slot's lease expires and rates refill on their own.
+        self._link.evalsha_nowait(self._release, *self._release_call(checks, member, refunds))
 
     async def _renew_leases(self) -> None:
         while self._held:
@@ -176,7 +186,7 @@ class RedisCounters:
                     await self._renew_once(keys, args)
 
     async def _renew_once(self, keys: list[str], args: list[str | float]) -> None:
-        await self._link.call(lambda r: self._renew(keys=keys, args=args, client=r))
+        await self._link.evalsha(self._renew, keys, list(args))
 
     async def close(self) -> None:
         if self._renewer is not None:

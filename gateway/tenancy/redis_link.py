@@ -7,7 +7,8 @@ pings Redis until it answers, which clears the flag. Callers decide what a
 failure means (auth fails closed; limits follow the configured policy).
 
     link = RedisLink("redis://127.0.0.1:6379/0", timeout=0.25)
-    value = await link.call(lambda r: r.get("k"))
+    value = await link.call(lambda r: r.get("k"))           # redis-py, for the admin side
+    reply = await link.evalsha(script, keys=["k"], args=[])  # the request path
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+
+from gateway.tenancy.resp import FastRedis, Script
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -44,6 +47,8 @@ class RedisLink:
             decode_responses=False,
             max_connections=256,
         )
+        # The request path (admission, release, key lookup) goes through this one instead.
+        self.fast = FastRedis(url, timeout=timeout)
         self.degraded = False
         self._probe: asyncio.Task[None] | None = None
 
@@ -57,7 +62,17 @@ class RedisLink:
             self._trip(exc)
             raise RedisDown("redis is unreachable") from None
 
+    async def evalsha(self, script: Script, keys: list[str], args: list[Any]) -> Any:
+        """A script on the fast connection, within the timeout (or :class:`RedisDown`)."""
+        return await self.call(lambda _: self.fast.evalsha(script, keys, args))
+
+    def evalsha_nowait(self, script: Script, keys: list[str], args: list[Any]) -> None:
+        """Fire and forget (a release); skipped while degraded."""
+        if not self.degraded:
+            self.fast.evalsha_nowait(script, keys, args)
+
     def _trip(self, exc: BaseException) -> None:
+        self.fast.reset()  # after a timeout the connection's reply stream is in doubt
         if not self.degraded:
             # The message only: a redis URL with a password must not reach the log.
             log.warning("redis unreachable (%s); degraded until it answers", type(exc).__name__)
@@ -70,19 +85,19 @@ class RedisLink:
             await asyncio.sleep(self._probe_interval)
             try:
                 async with asyncio.timeout(self.timeout):
+                    await self.fast.execute("PING")
                     await self.client.ping()
             except (RedisError, OSError, TimeoutError):
+                self.fast.reset()
                 continue
             log.warning("redis is back")
             self.degraded = False
             return
-
-    def script(self, source: str) -> Any:
-        return self.client.register_script(source)
 
     async def close(self) -> None:
         if self._probe is not None:
             self._probe.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._probe
+        await self.fast.close()
         await self.client.aclose()

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from gateway.tenancy.records import KeyRecord, Tenant
 from gateway.tenancy.redis_link import RedisDown, RedisLink
+from gateway.tenancy.resp import Script
 from gateway.tenancy.store import StoreUnavailable, UsageKey, UsageRows, UsageTotals
 
 T = TypeVar("T")
@@ -37,7 +38,7 @@ class RedisStore:
     def __init__(self, link: RedisLink, *, prefix: str = "lg:") -> None:
         self._link = link
         self._p = prefix
-        self._lookup = link.script(_LOOKUP)
+        self._lookup = Script(_LOOKUP)
 
     async def _call(self, work: Callable[[Any], Awaitable[T]]) -> T:
         try:
@@ -55,8 +56,10 @@ class RedisStore:
         return f"{self._p}key:{key_hash.removeprefix('sha256:')}"
 
     async def lookup(self, key_hash: str) -> tuple[KeyRecord, Tenant] | None:
-        keys, args = [self._hash_key(key_hash)], [self._p]
-        found = await self._call(lambda r: self._lookup(keys=keys, args=args, client=r))
+        try:
+            found = await self._link.evalsha(self._lookup, [self._hash_key(key_hash)], [self._p])
+        except RedisDown:
+            raise StoreUnavailable("redis is unreachable") from None
         if not found or found[1] is None:
             return None
         return KeyRecord.model_validate_json(found[0]), Tenant.model_validate_json(found[1])

@@ -128,7 +128,6 @@ class Tenancy:
             self._ledger_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ledger_task
-        await self.admission.close()
         with contextlib.suppress(Exception):
             await self.ledger.flush()
         await self.counters.close()
