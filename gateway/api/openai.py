@@ -93,10 +93,14 @@ async def _admitted(
     tokens: int,
     rid: str,
 ) -> None:
-    service = _service(request)
-    tracker.ticket = await _tracked(
-        request, tracker, service.admit(principal, served, tokens=tokens, request_id=rid)
-    )
+    # Not raced against a disconnect: admission is bounded (by redis_timeout) and short.
+    try:
+        tracker.ticket = await _service(request).admit(
+            principal, served, tokens=tokens, request_id=rid
+        )
+    except Exception as exc:
+        tracker.finish(status_of(exc))
+        raise
 
 
 async def _generate(
