@@ -75,10 +75,14 @@ def start(redis_url: str, root: Path, name: str, **kw: str) -> Server:
 @pytest.fixture
 def pair(redis_url: str, tmp_path: Path) -> Iterator[tuple[Server, Server]]:
     a = start(redis_url, tmp_path, "a")
-    b = start(redis_url, tmp_path, "b")
-    yield a, b
-    stop(a)
-    stop(b)
+    try:
+        b = start(redis_url, tmp_path, "b")
+        try:
+            yield a, b
+        finally:
+            stop(b)
+    finally:
+        stop(a)
 
 
 def complete(server: Server, key: str, max_tokens: int = 1, timeout: float = 60) -> httpx.Response:
