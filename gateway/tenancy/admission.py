@@ -40,7 +40,33 @@ def scopes(tenant: Tenant, model: str) -> list[tuple[str, Limits]]:
     return found
 
 
-def plan(principal: Principal, model: str, tokens: int, now: float) -> list[Check]:
+@dataclass(frozen=True, slots=True)
+class Periods:
+    """The current UTC day and month: budget key suffixes and bounds (built once a day)."""
+
+    day: str
+    month: str
+    day_start: float
+    day_end: float
+    month_start: float
+    month_end: float
+
+    @classmethod
+    def at(cls, now: float) -> Periods:
+        t = datetime.fromtimestamp(now, UTC)
+        day = datetime(t.year, t.month, t.day, tzinfo=UTC).timestamp()
+        year, month = (t.year + 1, 1) if t.month == 12 else (t.year, t.month + 1)
+        return cls(
+            day=f"{t:%Y%m%d}",
+            month=f"{t:%Y%m}",
+            day_start=day,
+            day_end=day + 86400,
+            month_start=datetime(t.year, t.month, 1, tzinfo=UTC).timestamp(),
+            month_end=datetime(year, month, 1, tzinfo=UTC).timestamp(),
+        )
+
+
+def plan(principal: Principal, model: str, tokens: int, periods: Periods) -> list[Check]:
     """The checks for one request, charging ``tokens`` (prompt + max_tokens estimate)."""
     checks = []
     for scope, limits in scopes(principal.tenant, model):
@@ -54,36 +80,22 @@ def plan(principal: Principal, model: str, tokens: int, now: float) -> list[Chec
             checks.append(
                 Check("slots", f"{scope}:conc", limits.max_concurrent, what="concurrent requests")
             )
-        checks += budgets(scope, limits, tokens, now)
+        if limits.tokens_per_day or limits.tokens_per_month:
+            checks += budgets(scope, limits, tokens, periods)
     return checks
 
 
-def budgets(scope: str, limits: Limits, tokens: int, now: float) -> list[Check]:
-    """The daily and monthly budget checks of one scope (UTC periods)."""
-    today = datetime.fromtimestamp(now, UTC)
-    day_end, month_end = _period_ends(now)
+def budgets(scope: str, limits: Limits, tokens: int, periods: Periods) -> list[Check]:
+    """The daily and monthly budget checks of one scope."""
     found = []
     if limits.tokens_per_day:
-        key, limit = f"{scope}:day:{today:%Y%m%d}", limits.tokens_per_day
-        found.append(Check("budget", key, limit, tokens, window_end=day_end, what="daily"))
+        key, limit, end = f"{scope}:day:{periods.day}", limits.tokens_per_day, periods.day_end
+        found.append(Check("budget", key, limit, tokens, window_end=end, what="daily"))
     if limits.tokens_per_month:
-        key, limit = f"{scope}:month:{today:%Y%m}", limits.tokens_per_month
-        found.append(Check("budget", key, limit, tokens, window_end=month_end, what="monthly"))
+        key, limit = f"{scope}:month:{periods.month}", limits.tokens_per_month
+        end = periods.month_end
+        found.append(Check("budget", key, limit, tokens, window_end=end, what="monthly"))
     return found
-
-
-def period_starts(now: float) -> tuple[float, float]:
-    """The start of the current UTC day and month."""
-    t = datetime.fromtimestamp(now, UTC)
-    day = datetime(t.year, t.month, t.day, tzinfo=UTC).timestamp()
-    return day, datetime(t.year, t.month, 1, tzinfo=UTC).timestamp()
-
-
-def _period_ends(now: float) -> tuple[float, float]:
-    t = datetime.fromtimestamp(now, UTC)
-    day = datetime(t.year, t.month, t.day, tzinfo=UTC).timestamp() + 86400
-    year, month = (t.year + 1, 1) if t.month == 12 else (t.year, t.month + 1)
-    return day, datetime(year, month, 1, tzinfo=UTC).timestamp()
 
 
 def rate_headers(checks: list[Check], verdict: Verdict) -> dict[str, str]:
@@ -150,11 +162,15 @@ class Admission:
         self._metrics = metrics
         self._policy = policy
         self._wall = wall
+        self._periods = Periods.at(wall())
 
     async def admit(
         self, principal: Principal, model: str, *, tokens: int, request_id: str
     ) -> Ticket:
-        checks = plan(principal, model, tokens, self._wall())
+        now = self._wall()
+        if now >= self._periods.day_end:
+            self._periods = Periods.at(now)
+        checks = plan(principal, model, tokens, self._periods)
         ticket = Ticket(self, principal, model, request_id, checks, None, tokens)
         if not checks:
             return ticket

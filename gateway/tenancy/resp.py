@@ -6,9 +6,10 @@ its own framing); this spends ~55 µs. Every admission and completion makes one
 call, so that difference is most of what Redis-backed limits cost a request.
 
 Replies come back in the order commands were sent, so each command's future
-waits in a FIFO. Anything that leaves the stream in doubt (a timeout, a lost
-connection) closes the connection and fails every waiting command; the next
-command reconnects. Multi-command transactions stay on redis-py
+waits in a FIFO; commands issued in one event-loop iteration leave in one write.
+Anything that leaves the stream in doubt (a timeout, a lost connection) closes
+the connection and fails every waiting command; the next command reconnects.
+Multi-command transactions stay on redis-py
 (:class:`~gateway.tenancy.redis_store.RedisStore`): a shared pipelined
 connection cannot hold a MULTI open.
 
@@ -47,6 +48,7 @@ class _Connection(asyncio.Protocol):
         self._reader = hiredis.Reader()
         self._waiting: deque[asyncio.Future[Any]] = deque()
         self._transport: asyncio.Transport | None = None
+        self._out: list[bytes] = []
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -79,8 +81,17 @@ class _Connection(asyncio.Protocol):
             future.set_exception(ConnectionError("redis connection closed"))
             return future
         self._waiting.append(future)
-        self._transport.write(hiredis.pack_command(args))
+        if not self._out:  # the first command of this loop iteration: flush after the rest
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out.append(hiredis.pack_command(args))
         return future
+
+    def _flush(self) -> None:
+        # Every command sent during one event-loop iteration leaves in one write: with many
+        # requests in flight, admissions and releases share system calls and packets.
+        if self._transport is not None and not self.closed:
+            self._transport.write(b"".join(self._out))
+        self._out.clear()
 
     def abort(self) -> None:
         if self._transport is not None and not self.closed:

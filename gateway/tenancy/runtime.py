@@ -16,7 +16,7 @@ from collections import defaultdict
 from gateway.metrics import Metrics
 from gateway.settings import ConfigError, Settings
 from gateway.tenancy.admin import TenantAdmin
-from gateway.tenancy.admission import Admission, budgets, period_starts, scopes
+from gateway.tenancy.admission import Admission, Periods, budgets, scopes
 from gateway.tenancy.auth import Authenticator
 from gateway.tenancy.counters import Counters, MemoryCounters
 from gateway.tenancy.ledger import UsageLedger
@@ -106,21 +106,21 @@ class Tenancy:
         (In Redis they survive restarts on their own.)
         """
         now = time.time()
-        day_start, month_start = period_starts(now)
+        periods = Periods.at(now)
         rows = await self.store.usage(
-            start_hour=int(month_start), end_hour=int(now) + 1, tenant=None, model=None
+            start_hour=int(periods.month_start), end_hour=int(now) + 1, tenant=None, model=None
         )
         spent: dict[tuple[str, str | None, str], int] = defaultdict(int)
         for k, t in rows.items():
             tokens = t.prompt_tokens + t.completion_tokens
             for model in (None, k.model):
                 spent[k.tenant, model, "monthly"] += tokens
-                if k.hour >= day_start:
+                if k.hour >= periods.day_start:
                     spent[k.tenant, model, "daily"] += tokens
         for tenant in await self.store.tenants():
             for model in (None, *tenant.model_limits):
                 scope, limits = scopes(tenant, model or "")[0 if model is None else 1]
-                for check in budgets(scope, limits, 0, now):
+                for check in budgets(scope, limits, 0, periods):
                     counters.seed(check, spent[tenant.id, model, check.what])
 
     async def stop(self) -> None:
