@@ -163,14 +163,12 @@ class Admission:
         self._policy = policy
         self._wall = wall
         self._periods = Periods.at(wall())
+        self._plans: dict[tuple[int, str], tuple[Tenant, list[Check]]] = {}
 
     async def admit(
         self, principal: Principal, model: str, *, tokens: int, request_id: str
     ) -> Ticket:
-        now = self._wall()
-        if now >= self._periods.day_end:
-            self._periods = Periods.at(now)
-        checks = plan(principal, model, tokens, self._periods)
+        checks = self._plan(principal, model, tokens)
         ticket = Ticket(self, principal, model, request_id, checks, None, tokens)
         if not checks:
             return ticket
@@ -195,6 +193,27 @@ class Admission:
             self._reject(principal, "quota" if check.kind == "budget" else "rate")
             raise _refusal(check, verdict, ticket.headers)
         return ticket
+
+    def _plan(self, principal: Principal, model: str, tokens: int) -> list[Check]:
+        # The checks differ between requests of one tenant and model only in their cost, so
+        # they are built once per tenant record, model and day, then re-costed.
+        now = self._wall()
+        if now >= self._periods.day_end:
+            self._periods = Periods.at(now)
+            self._plans.clear()
+        tenant = principal.tenant
+        cached = self._plans.get((id(tenant), model))
+        if cached is None or cached[0] is not tenant:
+            if len(self._plans) > 4096:
+                self._plans.clear()
+            cached = (tenant, plan(principal, model, 0, self._periods))
+            self._plans[id(tenant), model] = cached
+        return [
+            c
+            if c.kind == "slots" or c.what == "requests"
+            else Check(c.kind, c.key, c.limit, tokens, c.per_second, c.window_end, c.what)
+            for c in cached[1]
+        ]
 
     def settle(
         self,

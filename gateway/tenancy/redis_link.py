@@ -64,7 +64,15 @@ class RedisLink:
 
     async def evalsha(self, script: Script, keys: list[str], args: list[Any]) -> Any:
         """A script on the fast connection, within the timeout (or :class:`RedisDown`)."""
-        return await self.call(lambda _: self.fast.evalsha(script, keys, args))
+        # `call` without its indirections: this runs on every admission.
+        if self.degraded:
+            raise RedisDown("redis is unreachable")
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await self.fast.evalsha(script, keys, args)
+        except (OSError, TimeoutError) as exc:
+            self._trip(exc)
+            raise RedisDown("redis is unreachable") from None
 
     def evalsha_nowait(self, script: Script, keys: list[str], args: list[Any]) -> None:
         """Fire and forget (a release); skipped while degraded."""

@@ -146,8 +146,11 @@ class FastRedis:
 
     async def evalsha(self, script: Script, keys: list[str], args: list[Any]) -> Any:
         """Run a script by its SHA; load it on first use (or after Redis lost it)."""
+        conn = self._conn
+        if conn is None or conn.closed:
+            conn = await self._connection()
         try:
-            return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+            return await conn.send(("EVALSHA", script.sha, len(keys), *keys, *args))
         except RespError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
