@@ -132,6 +132,7 @@ class RedisCounters:
         self._acquire = Script(_ACQUIRE)
         self._release = Script(_RELEASE)
         self._renew = Script(_RENEW)
+        link.fast.preload(self._release)  # sent without a reply: it must be loaded already
         self._held: dict[str, list[str]] = {}  # member → its slot keys, renewed while held
         self._renewer: asyncio.Task[None] | None = None
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import logging
 import socket
 import ssl
 from collections import deque
@@ -29,8 +28,6 @@ from typing import Any, cast
 from urllib.parse import unquote, urlparse
 
 import hiredis
-
-log = logging.getLogger(__name__)
 
 
 class RespError(Exception):
@@ -41,6 +38,9 @@ class Script:
     def __init__(self, source: str) -> None:
         self.source = source
         self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+
+
+_SKIP_NEXT_REPLY = b"*3\r\n$6\r\nCLIENT\r\n$5\r\nREPLY\r\n$4\r\nSKIP\r\n"  # CLIENT REPLY SKIP
 
 
 class _Connection(asyncio.Protocol):
@@ -86,6 +86,14 @@ class _Connection(asyncio.Protocol):
         self._out.append(hiredis.pack_command(args))
         return future
 
+    def send_noreply(self, args: tuple[Any, ...]) -> None:
+        """Send a command whose reply Redis skips (``CLIENT REPLY SKIP``): nothing to read."""
+        if self.closed or self._transport is None:
+            return
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out.append(_SKIP_NEXT_REPLY + hiredis.pack_command(args))
+
     def _flush(self) -> None:
         # Every command sent during one event-loop iteration leaves in one write: with many
         # requests in flight, admissions and releases share system calls and packets.
@@ -106,6 +114,11 @@ class FastRedis:
         self._timeout = timeout
         self._conn: _Connection | None = None
         self._connecting: asyncio.Lock | None = None
+        self._preload: list[Script] = []
+
+    def preload(self, script: Script) -> None:
+        """Load ``script`` on every new connection, so replies-skipped calls can use its SHA."""
+        self._preload.append(script)
 
     async def _connection(self) -> _Connection:
         if self._conn is not None and not self._conn.closed:
@@ -134,6 +147,8 @@ class FastRedis:
             db = u.path.strip("/") if u.scheme != "unix" else ""
             if db and db != "0":
                 await conn.send(("SELECT", db))
+            for script in self._preload:
+                await conn.send(("SCRIPT", "LOAD", script.source))
         except RespError as exc:
             conn.abort()
             # The reply names the problem (WRONGPASS, ...), never the password.
@@ -157,22 +172,14 @@ class FastRedis:
             return await self.execute("EVAL", script.source, len(keys), *keys, *args)
 
     def evalsha_nowait(self, script: Script, keys: list[str], args: list[Any]) -> None:
-        """Send without waiting for the reply (a release); dropped if not connected."""
+        """Run a preloaded script without a reply (a release); dropped if not connected.
+
+        No reply means no wake-up to read one. If Redis lost the script (SCRIPT FLUSH),
+        the call is lost too: releases are safe to lose (leases expire, rates refill).
+        """
         conn = self._conn
-        if conn is None or conn.closed:
-            return
-        future = conn.send(("EVALSHA", script.sha, len(keys), *keys, *args))
-
-        def check(done: asyncio.Future[Any]) -> None:
-            exc = done.exception() if not done.cancelled() else None
-            if isinstance(exc, RespError) and str(exc).startswith("NOSCRIPT") and not conn.closed:
-                conn.send(("EVAL", script.source, len(keys), *keys, *args)).add_done_callback(
-                    _consume
-                )
-            elif exc is not None:
-                log.debug("redis release not applied: %s", type(exc).__name__)
-
-        future.add_done_callback(check)
+        if conn is not None and not conn.closed:
+            conn.send_noreply(("EVALSHA", script.sha, len(keys), *keys, *args))
 
     def reset(self) -> None:
         """Drop the connection (after a timeout its stream is in doubt)."""
@@ -182,8 +189,3 @@ class FastRedis:
 
     async def close(self) -> None:
         self.reset()
-
-
-def _consume(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()  # retrieved, so asyncio does not log it

@@ -135,3 +135,22 @@ def test_too_big_and_durations() -> None:
     assert duration(0.02) == "20ms"
     assert duration(6) == "6s"
     assert duration(90) == "1m30s"
+
+
+async def test_release_without_waiting_applies(counters: Counters) -> None:
+    """What a finishing request uses (Redis: a reply-skipped script on the pipelined link)."""
+    slots = Check("slots", "t:a:conc", 1)
+    assert (await counters.acquire([slots], "a")).ok
+    counters.release_nowait([slots], "a", [0])
+    await asyncio.sleep(0.05)
+    assert (await counters.acquire([slots], "b")).ok
+
+
+async def test_scripts_come_back_after_redis_forgets_them(redis_url: str) -> None:
+    link = RedisLink(redis_url, timeout=1.0)
+    counters = RedisCounters(link, lease=5.0)
+    assert (await counters.acquire([rpm(5)], "a")).ok
+    await link.fast.execute("SCRIPT", "FLUSH")
+    assert (await counters.acquire([rpm(5)], "b")).ok  # NOSCRIPT → EVAL, transparently
+    await counters.close()
+    await link.close()
