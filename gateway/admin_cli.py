@@ -58,7 +58,10 @@ def _show(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2))
 
 
-def _limits(**given: int | None) -> dict[str, int]:
+def _fields(
+    models: str | None, priority: str | None, weight: float | None, **limits: int | None
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """The tenant fields and the limits given on the command line (``--models '*'``: all)."""
     names = {
         "rpm": "requests_per_minute",
         "tpm": "tokens_per_minute",
@@ -66,7 +69,15 @@ def _limits(**given: int | None) -> dict[str, int]:
         "daily_tokens": "tokens_per_day",
         "monthly_tokens": "tokens_per_month",
     }
-    return {names[k]: v for k, v in given.items() if v is not None}
+    fields: dict[str, Any] = {}
+    if models is not None:
+        listed = [m.strip() for m in models.split(",") if m.strip()]
+        fields["models"] = None if models == "*" else listed
+    if priority:
+        fields["priority"] = priority
+    if weight is not None:
+        fields["weight"] = weight
+    return fields, {names[k]: v for k, v in limits.items() if v is not None}
 
 
 Rpm = Annotated[int | None, typer.Option(help="requests per minute")]
@@ -96,22 +107,11 @@ def create_tenant(
     url: Url = DEFAULT_URL,
 ) -> None:
     """Create a tenant (and, with --with-key, its first key)."""
-    body: dict[str, Any] = {
-        "id": tenant_id,
-        "limits": _limits(
-            rpm=rpm,
-            tpm=tpm,
-            concurrency=concurrency,
-            daily_tokens=daily_tokens,
-            monthly_tokens=monthly_tokens,
-        ),
-    }
-    if models:
-        body["models"] = [m.strip() for m in models.split(",") if m.strip()]
-    if priority:
-        body["priority"] = priority
-    if weight is not None:
-        body["weight"] = weight
+    fields, limits = _fields(
+        models, priority, weight, rpm=rpm, tpm=tpm, concurrency=concurrency,
+        daily_tokens=daily_tokens, monthly_tokens=monthly_tokens,
+    )  # fmt: skip
+    body = {"id": tenant_id, **fields, "limits": limits}
     out = {"tenant": _call(url, "POST", "/admin/tenants", body)}
     if with_key:
         out["key"] = _call(url, "POST", f"/admin/tenants/{tenant_id}/keys", {})
@@ -142,23 +142,13 @@ def update_tenant(
     url: Url = DEFAULT_URL,
 ) -> None:
     """Change the given fields; other limits stay as they are."""
-    body: dict[str, Any] = {}
-    limits = _limits(
-        rpm=rpm,
-        tpm=tpm,
-        concurrency=concurrency,
-        daily_tokens=daily_tokens,
-        monthly_tokens=monthly_tokens,
-    )
+    body, limits = _fields(
+        models, priority, weight, rpm=rpm, tpm=tpm, concurrency=concurrency,
+        daily_tokens=daily_tokens, monthly_tokens=monthly_tokens,
+    )  # fmt: skip
     if limits:
         current = _call(url, "GET", f"/admin/tenants/{tenant_id}")["limits"]
         body["limits"] = {**current, **limits}
-    if models is not None:
-        body["models"] = None if models == "*" else [m.strip() for m in models.split(",")]
-    if priority:
-        body["priority"] = priority
-    if weight is not None:
-        body["weight"] = weight
     _show(_call(url, "PATCH", f"/admin/tenants/{tenant_id}", body))
 
 

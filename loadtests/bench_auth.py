@@ -34,7 +34,6 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,7 +42,7 @@ from typing import Any
 import aiohttp
 import httpx
 import uvloop
-from harness import free_port, wait_http
+from harness import free_port, spawned, wait_http
 
 HERE = Path(__file__).resolve().parent
 BODY = json.dumps(
@@ -104,24 +103,6 @@ class Arm:
     url: str
     headers: dict[str, str]
     pids: dict[str, int]  # the processes whose CPU time is charged to this arm
-
-
-@contextlib.contextmanager
-def spawned(
-    cmd: list[str], log: Path, env: dict[str, str] | None = None
-) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``cmd`` for the duration (taskset execs it, so the pid is the server's)."""
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env)
-    try:
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def wait_redis(port: int, timeout: float = 20) -> None:

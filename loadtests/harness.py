@@ -74,18 +74,28 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 180) -> 
 
 
 @contextlib.contextmanager
-def running(cmd: list[str], ready_url: str, log: Path) -> Iterator[None]:
+def spawned(
+    cmd: list[str], log: Path, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``cmd`` for the duration of the block, its output in ``log``."""
     with log.open("wb") as sink:
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env)
     try:
-        wait_http(ready_url, proc)
-        yield
+        yield proc
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def running(cmd: list[str], ready_url: str, log: Path) -> Iterator[None]:
+    with spawned(cmd, log) as proc:
+        wait_http(ready_url, proc)
+        yield
 
 
 async def one_stream(
