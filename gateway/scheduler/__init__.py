@@ -1,0 +1,1 @@
+"""Who runs next when every engine slot is busy: queueing, fairness, admission."""
