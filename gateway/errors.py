@@ -18,7 +18,8 @@ says nothing about the internals (the traceback goes to the log only).
     ├── QuotaExceeded         429 insufficient_quota (a token budget is spent)
     └── StateUnavailable      503 (Redis unreachable and no local answer)
 
-Backend errors (``backends.base``) are mapped in the same table:
+``StoreUnavailable`` (the tenancy store, e.g. Redis, did not answer an admin call)
+is a 503 too. Backend errors (``backends.base``) are mapped in the same table:
 ``ContextLengthExceeded`` → 400 ``context_length_exceeded``,
 ``InvalidRequestError`` → 400, ``BackendOverloaded`` → 503 with
 ``Retry-After``, ``BackendUnavailable`` → 503, ``BackendTimeout`` → 504.
@@ -40,6 +41,7 @@ from backends.base import (
     ContextLengthExceeded,
     InvalidRequestError,
 )
+from gateway.tenancy.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +150,7 @@ _TABLE: tuple[tuple[type[Exception], int, str, str | None], ...] = (
     (RateLimited, 429, "requests", "rate_limit_exceeded"),
     (QuotaExceeded, 429, "insufficient_quota", "insufficient_quota"),
     (StateUnavailable, 503, "server_error", "service_unavailable"),
+    (StoreUnavailable, 503, "server_error", "service_unavailable"),
     (BackendOverloaded, 503, "server_error", "overloaded"),
     (BackendUnavailable, 503, "server_error", "service_unavailable"),
     (BackendTimeout, 504, "server_error", "timeout"),
@@ -163,6 +166,9 @@ def describe(exc: BaseException) -> ErrorInfo:
     """The client-facing description of ``exc``; logs it only if it was unexpected."""
     for kind, status, type_, code in _TABLE:
         if isinstance(exc, kind):
+            if isinstance(exc, StoreUnavailable):
+                message = "Tenant storage is temporarily unavailable; retry shortly."
+                return ErrorInfo(status, type_, code, message, None, {"Retry-After": "1"})
             assert isinstance(exc, GatewayError | BackendError)
             headers = dict(exc.headers) if isinstance(exc, GatewayError) else {}
             if isinstance(exc, BackendOverloaded):

@@ -124,8 +124,11 @@ class AuthSettings(_Strict):
 
 def _redis_scheme(url: SecretStr) -> SecretStr:
     # A secret (it may hold a password), so the message never repeats it.
-    if not url.get_secret_value().startswith(("redis://", "rediss://", "unix://")):
+    value = url.get_secret_value()
+    if not value.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError("must start with redis://, rediss:// or unix://")
+    if "?" in value:  # both clients must reach the same database: the number goes in the path
+        raise ValueError("query parameters are not supported; put the db in the path (/1)")
     return url
 
 

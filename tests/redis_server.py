@@ -21,13 +21,14 @@ def _free_port() -> int:
 class RedisServer:
     """Start, stop and start again on the same port (to simulate an outage)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *extra_args: str) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed: run `make redis` (Debian package)")
         self.binary = binary
         self.workdir = workdir
         self.port = _free_port()
+        self.extra_args = extra_args
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -42,7 +43,8 @@ class RedisServer:
     def _spawn(self, log: BinaryIO) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir), "--dbfilename", "dump.rdb"],
+             "--appendonly", "no", "--dir", str(self.workdir), "--dbfilename", "dump.rdb",
+             *self.extra_args],
             stdout=log,
             stderr=subprocess.STDOUT,
         )  # fmt: skip

@@ -37,13 +37,34 @@ class TenantAdmin:
         self._wall = wall
 
     async def apply_config(self, tenants: Sequence[ConfiguredTenant]) -> None:
-        """Write the config file's tenants and keys over the stored ones (GitOps)."""
+        """Write the config file's tenants and keys over the stored ones (GitOps).
+
+        A revocation, or an earlier expiry set by a rotation, outlives restarts; a
+        configured key that left the file is revoked.
+        """
+        configured: set[str] = set()
         for t in tenants:
             await self.store.put_tenant(t.tenant())
             for record in t.key_records():
+                configured.add(record.id)
                 stored = await self.store.key(record.id)
-                created = stored.created_at if stored else self._wall()
-                await self.store.put_key(record.model_copy(update={"created_at": created}))
+                if stored is None:
+                    await self.store.put_key(record.model_copy(update={"created_at": self._wall()}))
+                    continue
+                ends = [e for e in (record.expires_at, stored.expires_at) if e is not None]
+                await self.store.put_key(
+                    record.model_copy(
+                        update={
+                            "created_at": stored.created_at,
+                            "revoked_at": stored.revoked_at,
+                            "expires_at": min(ends) if ends else None,
+                        }
+                    )
+                )
+        for tenant in await self.store.tenants():
+            for key in await self.store.keys(tenant.id):
+                if key.name == "config" and key.id not in configured and key.revoked_at is None:
+                    await self.store.put_key(key.model_copy(update={"revoked_at": self._wall()}))
 
     async def get(self, tenant_id: str) -> Tenant:
         tenant = await self.store.tenant(tenant_id)

@@ -66,7 +66,7 @@ for i = 1, n do
     if kind == 'rate' then
       after = used[i] + cost
       redis.call('HSET', key, 'l', tostring(after), 't', tostring(now))
-      redis.call('PEXPIRE', key, math.ceil(limit / rate * 1000) + 1000)
+      redis.call('PEXPIRE', key, math.ceil(math.max(after, limit) / rate * 1000) + 1000)
     elseif kind == 'slots' then
       after = used[i] + 1
       redis.call('ZADD', key, now + lease, member)
@@ -85,13 +85,15 @@ return out
 """
 )
 
-# ARGV: lease, member, then for each KEYS[i]: kind, refund, per_second.
+# ARGV: lease, member, then for each KEYS[i]: kind, refund, per_second, limit.
+# A bucket lives until it has drained (an overrun can leave it above its limit).
 _RELEASE = (
     _PREAMBLE
     + """
 for i = 1, #KEYS do
-  local b = 2 + (i - 1) * 3
+  local b = 2 + (i - 1) * 4
   local kind, refund, rate = ARGV[b + 1], tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
+  local limit = tonumber(ARGV[b + 4])
   local key = KEYS[i]
   if kind == 'slots' then
     redis.call('ZREM', key, member)
@@ -101,6 +103,7 @@ for i = 1, #KEYS do
     local at = tonumber(s[2]) or now
     level = math.max(0, math.max(0, level - math.max(0, now - at) * rate) - refund)
     redis.call('HSET', key, 'l', tostring(level), 't', tostring(now))
+    redis.call('PEXPIRE', key, math.ceil(math.max(level, limit) / rate * 1000) + 1000)
   elseif kind == 'budget' and refund ~= 0 and redis.call('EXISTS', key) == 1 then
     if redis.call('DECRBY', key, refund) < 0 then redis.call('SET', key, 0, 'KEEPTTL') end
   end
@@ -164,7 +167,7 @@ class RedisCounters:
         keys = [self._prefix + c.key for c in checks]
         args: list[str | int | float] = [self._lease, member]
         for c, refund in zip(checks, refunds, strict=True):
-            args += [c.kind, refund, c.per_second or 1.0]
+            args += [c.kind, refund, c.per_second or 1.0, c.limit]
         return keys, args
 
     async def release(self, checks: Sequence[Check], member: str, refunds: Sequence[int]) -> None:

@@ -24,7 +24,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from gateway.tenancy.resp import FastRedis, Script
+from gateway.tenancy.resp import FastRedis, RespError, Script
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -35,14 +35,23 @@ class RedisDown(Exception):
 
 
 class RedisLink:
-    def __init__(self, url: str, *, timeout: float, probe_interval: float = 0.5) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float,
+        admin_timeout: float = 5.0,
+        probe_interval: float = 0.5,
+    ) -> None:
         self.timeout = timeout
+        self.admin_timeout = max(timeout, admin_timeout)
         self._probe_interval = probe_interval
         # No client-side retries: one attempt, bounded by the timeout, is the contract.
+        # This client serves the admin side (store, ledger), which may run longer.
         self.client: aioredis.Redis = aioredis.Redis.from_url(
             url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
+            socket_timeout=self.admin_timeout,
+            socket_connect_timeout=self.admin_timeout,
             retry=Retry(NoBackoff(), 0),
             decode_responses=False,
             max_connections=256,
@@ -53,13 +62,15 @@ class RedisLink:
         self._probe: asyncio.Task[None] | None = None
 
     async def call(self, work: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
-        if self.degraded:
-            raise RedisDown("redis is unreachable")
+        """Admin-side work on redis-py, within ``admin_timeout``.
+
+        A slow admin query must not put the request path into its outage policy, so a
+        failure here raises :class:`RedisDown` without marking the link degraded.
+        """
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(self.admin_timeout):
                 return await work(self.client)
-        except (RedisError, OSError, TimeoutError) as exc:
-            self._trip(exc)
+        except (RedisError, OSError, TimeoutError):
             raise RedisDown("redis is unreachable") from None
 
     async def evalsha(self, script: Script, keys: list[str], args: list[Any]) -> Any:
@@ -70,7 +81,9 @@ class RedisLink:
         try:
             async with asyncio.timeout(self.timeout):
                 return await self.fast.evalsha(script, keys, args)
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, RespError) as exc:
+            # RespError: OOM, READONLY after a failover, BUSY... Redis cannot serve us
+            # either way, and a new connection may reach the new primary.
             self._trip(exc)
             raise RedisDown("redis is unreachable") from None
 

@@ -50,6 +50,7 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._out: list[bytes] = []
         self.closed = False
+        self.can_skip_replies = False  # CLIENT REPLY may be renamed away or denied by ACLs
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -60,6 +61,9 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
         while (reply := self._reader.gets()) is not False:
+            if not self._waiting:  # a reply nobody asked for: the stream is out of step
+                self.abort()
+                return
             future = self._waiting.popleft()
             if future.done():  # its caller gave up (timeout); the reply is dropped
                 continue
@@ -89,6 +93,9 @@ class _Connection(asyncio.Protocol):
     def send_noreply(self, args: tuple[Any, ...]) -> None:
         """Send a command whose reply Redis skips (``CLIENT REPLY SKIP``): nothing to read."""
         if self.closed or self._transport is None:
+            return
+        if not self.can_skip_replies:
+            self.send(args).add_done_callback(_consume)
             return
         if not self._out:
             asyncio.get_running_loop().call_soon(self._flush)
@@ -141,6 +148,8 @@ class FastRedis:
                 _Connection, u.hostname or "127.0.0.1", u.port or 6379, ssl=tls
             )
         try:
+            # Everything after the socket opened: on any failure (or a cancellation by the
+            # caller's timeout while Redis is frozen) the socket must not be left open.
             if u.password:
                 auth = (u.username, u.password) if u.username else (u.password,)
                 await conn.send(("AUTH", *(unquote(a) for a in auth)))
@@ -149,10 +158,17 @@ class FastRedis:
                 await conn.send(("SELECT", db))
             for script in self._preload:
                 await conn.send(("SCRIPT", "LOAD", script.source))
+            try:
+                conn.can_skip_replies = await conn.send(("CLIENT", "REPLY", "ON")) == b"OK"
+            except RespError:
+                conn.can_skip_replies = False
         except RespError as exc:
             conn.abort()
             # The reply names the problem (WRONGPASS, ...), never the password.
             raise ConnectionError(f"redis refused the connection: {exc}") from None
+        except BaseException:
+            conn.abort()
+            raise
         return conn
 
     async def execute(self, *args: Any) -> Any:
@@ -189,3 +205,8 @@ class FastRedis:
 
     async def close(self) -> None:
         self.reset()
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved, so asyncio does not log it: a lost release is harmless

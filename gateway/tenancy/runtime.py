@@ -74,6 +74,7 @@ class Tenancy:
         )
         self.admin = TenantAdmin(self.store, self.auth)
         self._ledger_task: asyncio.Task[None] | None = None
+        self._config_task: asyncio.Task[None] | None = None
 
     async def auth_needed(self) -> bool:
         """Keys are required if an admin key is set or any tenant exists (config or store)."""
@@ -89,7 +90,8 @@ class Tenancy:
         try:
             await self.admin.apply_config(self.settings.tenants)
         except StoreUnavailable:
-            log.warning("redis unreachable at start-up: configured tenants not written yet")
+            log.warning("redis unreachable at start-up: configured tenants written when it is up")
+            self._config_task = asyncio.create_task(self._apply_config_when_up())
         if isinstance(self.counters, MemoryCounters):
             await self._restore_budgets(self.counters)
         self.auth.enabled = await self.auth_needed()
@@ -99,6 +101,16 @@ class Tenancy:
                 raise ConfigError(no_auth_message(host))
             log.warning("no tenants and no admin key: serving on %s without API keys", host)
         self._ledger_task = asyncio.create_task(self.ledger.run())
+
+    async def _apply_config_when_up(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await self.admin.apply_config(self.settings.tenants)
+            except StoreUnavailable:
+                continue
+            log.warning("configured tenants written to redis")
+            return
 
     async def _restore_budgets(self, counters: MemoryCounters) -> None:
         """In-process budgets start empty: re-charge this day's and month's usage from the ledger.
@@ -124,10 +136,11 @@ class Tenancy:
                     counters.seed(check, spent[tenant.id, model, check.what])
 
     async def stop(self) -> None:
-        if self._ledger_task is not None:
-            self._ledger_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ledger_task
+        for task in (self._ledger_task, self._config_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         with contextlib.suppress(Exception):
             await self.ledger.flush()
         await self.counters.close()

@@ -486,3 +486,24 @@ async def test_budgets_survive_a_restart_through_the_ledger(
                 assert r.status_code == 200  # 25 + 20 of 60 tokens today
             else:
                 error(r, 429, "insufficient_quota")  # 45 already spent before the restart
+
+
+async def test_config_keys_stay_revoked_across_restarts_and_leave_with_the_file(
+    tmp_path: Path, fakes: dict[str, FakeBackend]
+) -> None:
+    async def models(config: Settings, key: str, revoke: str | None = None) -> int:
+        app = create_app(config, backends=fakes)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c,
+        ):
+            if revoke is not None:
+                r = await c.post(f"/admin/keys/{revoke}/revoke", headers=auth(ADMIN))
+                assert r.status_code == 200
+            return (await c.get("/v1/models", headers=auth(key))).status_code
+
+    assert await models(settings(tmp_path), Keys.limited, revoke="limited-key") == 401
+    assert await models(settings(tmp_path), Keys.limited) == 401  # the restart keeps it revoked
+    assert await models(settings(tmp_path), Keys.team_a) == 200
+    fewer = [t for t in tenants() if t["id"] != "team-a"]
+    assert await models(settings(tmp_path, tenants=fewer), Keys.team_a) == 401  # left the file

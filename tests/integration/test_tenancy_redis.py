@@ -201,6 +201,11 @@ def test_redis_outage_fails_closed_without_hanging_and_recovers(
             assert limited.headers["retry-after"] == "1"
             worst = max(worst, time.monotonic() - started)
         assert worst < 0.3 + 1.0, f"requests took {worst:.2f}s during the outage"
+        if failure == "stopped":  # (frozen, an admin call waits out its longer 5 s timeout)
+            admin = httpx.get(
+                f"{gateway.base_url}/admin/tenants", headers={"Authorization": f"Bearer {ADMIN}"}
+            )
+            assert admin.status_code == 503, admin.text  # not a 500
         assert "lockgate_redis_degraded 1.0" in httpx.get(metrics).text
         if failure == "stopped":
             own_redis.start()

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from gateway.tenancy.counters import Check, Counters, MemoryCounters, duration, too_big
 from gateway.tenancy.redis_counters import RedisCounters
 from gateway.tenancy.redis_link import RedisLink
+from tests.redis_server import RedisServer
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -154,3 +156,33 @@ async def test_scripts_come_back_after_redis_forgets_them(redis_url: str) -> Non
     assert (await counters.acquire([rpm(5)], "b")).ok  # NOSCRIPT → EVAL, transparently
     await counters.close()
     await link.close()
+
+
+async def test_an_overrun_is_remembered_until_it_drains(counters: Counters) -> None:
+    """A bucket pushed far above its limit by an overrun outlives its usual lifetime."""
+    fast = Check("rate", "t:a:burst", 10, 10, 20.0, what="tokens")  # drains in 0.5 s
+    assert (await counters.acquire([fast], "a")).ok
+    await counters.release([fast], "a", [-90])  # used 100 of the 10 charged
+    await asyncio.sleep(1.6)  # past 0.5 s + Redis's 1 s margin; 100 - 32 = 68 left
+    refused = await counters.acquire([Check("rate", "t:a:burst", 10, 1, 20.0)], "b")
+    assert not refused.ok
+
+
+async def test_a_server_without_client_reply_keeps_replies_in_step(tmp_path: Path) -> None:
+    """Hardened servers rename CLIENT away: releases then go out as ordinary calls."""
+    server = RedisServer(tmp_path, "--rename-command", "CLIENT", '""')
+    server.start()
+    link = RedisLink(server.url, timeout=1.0)
+    counters = RedisCounters(link, lease=5.0)
+    try:
+        slots = Check("slots", "t:a:conc", 1)
+        for i in range(5):
+            assert (await counters.acquire([slots, rpm(100)], f"r{i}")).ok
+            counters.release_nowait([slots, rpm(100)], f"r{i}", [0, 0])
+        await asyncio.sleep(0.05)
+        assert (await counters.acquire([slots], "last")).ok
+        assert not link.degraded
+    finally:
+        await counters.close()
+        await link.close()
+        server.stop()
