@@ -101,7 +101,7 @@ def budgets(scope: str, limits: Limits, tokens: int, periods: Periods) -> list[C
 def rate_headers(checks: list[Check], verdict: Verdict) -> dict[str, str]:
     """OpenAI's ``x-ratelimit-*`` headers, from the tightest request and token rates."""
     headers: dict[str, str] = {}
-    for what, suffix in (("requests", "requests"), ("tokens", "tokens")):
+    for what in ("requests", "tokens"):
         rows = [
             (verdict.remaining[i], verdict.reset[i], c)
             for i, c in enumerate(checks)
@@ -109,9 +109,9 @@ def rate_headers(checks: list[Check], verdict: Verdict) -> dict[str, str]:
         ]
         if rows:
             remaining, reset, check = min(rows, key=lambda r: r[0])
-            headers[f"x-ratelimit-limit-{suffix}"] = str(check.limit)
-            headers[f"x-ratelimit-remaining-{suffix}"] = str(max(0, math.floor(remaining)))
-            headers[f"x-ratelimit-reset-{suffix}"] = duration(reset)
+            headers[f"x-ratelimit-limit-{what}"] = str(check.limit)
+            headers[f"x-ratelimit-remaining-{what}"] = str(max(0, math.floor(remaining)))
+            headers[f"x-ratelimit-reset-{what}"] = duration(reset)
     return headers
 
 
@@ -119,7 +119,7 @@ def rate_headers(checks: list[Check], verdict: Verdict) -> dict[str, str]:
 class Ticket:
     """An admitted request; :meth:`settle` it once when it ends (again is a no-op)."""
 
-    admission: Admission | None
+    admission: Admission
     principal: Principal
     model: str
     member: str
@@ -133,7 +133,7 @@ class Ticket:
     def settle(
         self, *, status: int, prompt_tokens: int, completion_tokens: int, engine_seconds: float
     ) -> None:
-        if self.settled or self.admission is None:
+        if self.settled:
             return
         self.settled = True
         self.admission.settle(self, status, prompt_tokens, completion_tokens, engine_seconds)
