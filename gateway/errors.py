@@ -16,7 +16,11 @@ says nothing about the internals (the traceback goes to the log only).
     ├── RequestTooLarge       413 request_too_large
     ├── RateLimited           429 rate_limit_exceeded, Retry-After and x-ratelimit-*
     ├── QuotaExceeded         429 insufficient_quota (a token budget is spent)
-    └── StateUnavailable      503 (Redis unreachable and no local answer)
+    ├── StateUnavailable      503 (Redis unreachable and no local answer)
+    └── SchedulerRefusal      not queued, or waited too long; Retry-After from the drain rate
+        ├── TenantQueueFull   429 rate_limit_exceeded (this tenant has too many waiting)
+        ├── QueueFull         503 queue_full (the model's queue is full)
+        └── QueueTimeout      503 queue_timeout (no slot within the maximum wait)
 
 ``StoreUnavailable`` (the tenancy store, e.g. Redis, did not answer an admin call)
 is a 503 too. Backend errors (``backends.base``) are mapped in the same table:
@@ -110,6 +114,26 @@ class StateUnavailable(GatewayError):
         super().__init__(message, headers={"Retry-After": "1"})
 
 
+class SchedulerRefusal(GatewayError):
+    """The scheduler would not queue the request, or it waited too long."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, math.ceil(retry_after)))})
+        self.retry_after = retry_after
+
+
+class TenantQueueFull(SchedulerRefusal):
+    """This tenant already has ``max_queue_per_tenant`` requests waiting for the model."""
+
+
+class QueueFull(SchedulerRefusal):
+    """The model's queue holds ``max_queue`` requests already."""
+
+
+class QueueTimeout(SchedulerRefusal):
+    """No slot freed within ``max_wait``."""
+
+
 @dataclass(frozen=True, slots=True)
 class ErrorInfo:
     status: int
@@ -149,6 +173,9 @@ _TABLE: tuple[tuple[type[Exception], int, str, str | None], ...] = (
     (Conflict, 409, "invalid_request_error", "conflict"),
     (RateLimited, 429, "requests", "rate_limit_exceeded"),
     (QuotaExceeded, 429, "insufficient_quota", "insufficient_quota"),
+    (TenantQueueFull, 429, "requests", "rate_limit_exceeded"),
+    (QueueFull, 503, "server_error", "queue_full"),
+    (QueueTimeout, 503, "server_error", "queue_timeout"),
     (StateUnavailable, 503, "server_error", "service_unavailable"),
     (StoreUnavailable, 503, "server_error", "service_unavailable"),
     (BackendOverloaded, 503, "server_error", "overloaded"),

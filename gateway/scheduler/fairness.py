@@ -11,6 +11,9 @@
    earns no credit to spend later in a burst.
 4. First in, first out within a tenant.
 
+With ``policy="fcfs"`` the queue ignores all of that and serves in arrival order (what
+llama-server and Ollama do): the baseline the fairness benchmark compares against.
+
     queue = FairQueue()
     queue.push("r1", tenant="team-a", weight=1.0, priority="interactive")
     queue.charge("team-a", 120, weight=1.0)  # as tokens are produced
@@ -22,9 +25,9 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from dataclasses import dataclass
-from typing import Literal
 
-Priority = Literal["interactive", "batch"]
+from gateway.scheduler.base import Policy, Priority
+
 _RANK: dict[str, int] = {"interactive": 0, "batch": 1}
 
 
@@ -34,10 +37,12 @@ class Entry:
     tenant: str
     priority: Priority
     seq: int  # arrival order, to break ties
+    slots: int = 1
 
 
 class FairQueue:
-    def __init__(self) -> None:
+    def __init__(self, policy: Policy = "fair") -> None:
+        self._fcfs = policy == "fcfs"
         self._queues: dict[tuple[int, str], deque[Entry]] = {}  # (rank, tenant) → FIFO
         self._waiting: dict[str, int] = {}  # tenant → entries queued, all classes
         self._counters: dict[str, float] = {}
@@ -54,10 +59,12 @@ class FairQueue:
     def counter(self, tenant: str) -> float:
         return self._counters.get(tenant, 0.0)
 
-    def push(self, entry_id: str, *, tenant: str, weight: float, priority: Priority) -> Entry:
+    def push(
+        self, entry_id: str, *, tenant: str, weight: float, priority: Priority, slots: int = 1
+    ) -> Entry:
         if not self._waiting.get(tenant):
             self._lift(tenant)
-        entry = Entry(entry_id, tenant, priority, next(self._seq))
+        entry = Entry(entry_id, tenant, priority, next(self._seq), slots)
         self._queues.setdefault((_RANK[priority], tenant), deque()).append(entry)
         self._waiting[tenant] = self._waiting.get(tenant, 0) + 1
         return entry
@@ -72,18 +79,26 @@ class FairQueue:
             floor = 0.0
         self._counters[tenant] = max(self.counter(tenant), floor)
 
+    def peek(self) -> Entry | None:
+        """The entry :meth:`pop` would return, left in place."""
+        best: tuple[int, float, int] | None = None
+        head: Entry | None = None
+        for (rank, tenant), queue in self._queues.items():
+            first = queue[0]
+            if self._fcfs:
+                candidate = (0, 0.0, first.seq)
+            else:
+                candidate = (rank, self.counter(tenant), first.seq)
+            if best is None or candidate < best:
+                best, head = candidate, first
+        return head
+
     def pop(self) -> Entry | None:
         """The next entry to serve, or None if nothing waits."""
-        best: tuple[int, float, int] | None = None
-        best_key: tuple[int, str] | None = None
-        for key, queue in self._queues.items():
-            rank, tenant = key
-            candidate = (rank, self.counter(tenant), queue[0].seq)
-            if best is None or candidate < best:
-                best, best_key = candidate, key
-        if best_key is None:
+        entry = self.peek()
+        if entry is None:
             return None
-        entry = self._take(best_key)
+        self._take((_RANK[entry.priority], entry.tenant))
         self._last_served = entry.tenant
         return entry
 
