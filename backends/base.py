@@ -209,6 +209,11 @@ class Backend(Protocol):
         """Abort in-flight work and release every resource."""
         ...
 
+    def validate(self, request: GenerationRequest) -> None:
+        """Raise :class:`InvalidRequestError` (e.g. context too long) for a request that
+        can never run, without running it, so it is refused before it queues."""
+        ...
+
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Stream the completion; see the module docstring for the contract."""
         ...

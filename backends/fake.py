@@ -37,9 +37,16 @@ from backends.base import (
 
 class FakeBackend:
     def __init__(
-        self, behaviour: str = "echo", *, context_length: int = 4096, delay: float = 0.0
+        self,
+        behaviour: str = "echo",
+        *,
+        context_length: int = 4096,
+        delay: float = 0.0,
+        capacity: int = 8,
     ) -> None:
         self.behaviour = behaviour
+        self.capacity = capacity
+        self.peak = 0  # most requests generating at once
         self._context_length = context_length
         self.delay = delay
         self.running = 0
@@ -62,16 +69,10 @@ class FakeBackend:
         self.closed = True
 
     def load(self) -> BackendLoad:
-        return BackendLoad(running=self.running, waiting=0, capacity=8)
+        return BackendLoad(running=self.running, waiting=0, capacity=self.capacity)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        self.seen.append(request)
-        if self.behaviour.startswith("overloaded"):
-            raise BackendOverloaded("fake backend is full", retry_after=2.5)
-        if self.behaviour.startswith("unavailable"):
-            raise BackendUnavailable("fake backend is down")
-        source = request.prompt if request.messages is None else request.messages[-1].content
-        words = (source or "").split()
+    def validate(self, request: GenerationRequest) -> None:
+        words = _source(request).split()
         limit = request.sampling.max_tokens
         if len(words) + (limit or 1) > self._context_length:
             raise ContextLengthExceeded(
@@ -79,6 +80,17 @@ class FakeBackend:
                 max_tokens=limit or 1,
                 context_length=self._context_length,
             )
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        self.seen.append(request)
+        if self.behaviour.startswith("overloaded"):
+            raise BackendOverloaded("fake backend is full", retry_after=2.5)
+        if self.behaviour.startswith("unavailable"):
+            raise BackendUnavailable("fake backend is down")
+        self.validate(request)
+        source = _source(request)
+        words = source.split()
+        limit = request.sampling.max_tokens
         if request.tools and request.tool_choice != "none":
             name = request.tools[0]["function"]["name"]
             call = ToolCall("call_0", name, json.dumps({"echo": source}))
@@ -87,6 +99,7 @@ class FakeBackend:
         budget = limit if limit is not None else len(words)
         out = words[:budget]
         self.running += 1
+        self.peak = max(self.peak, self.running)
         try:
             for i, word in enumerate(out, start=1):
                 if self.delay:
@@ -110,3 +123,8 @@ class FakeBackend:
             raise BackendUnavailable("fake backend is down")
         vectors = [[float(len(t)), float(len(t.split())), 1.0] for t in texts]
         return EmbeddingResult(vectors=vectors, prompt_tokens=sum(len(t.split()) for t in texts))
+
+
+def _source(request: GenerationRequest) -> str:
+    text = request.prompt if request.messages is None else request.messages[-1].content
+    return text or ""

@@ -30,6 +30,7 @@ from backends.base import (
     BackendOverloaded,
     BackendTimeout,
     BackendUnavailable,
+    GenerationRequest,
     InvalidRequestError,
 )
 
@@ -268,6 +269,9 @@ class RemoteBackend:
                 return
             limit = self.config.chunk_timeout
             yield line.decode("utf-8", errors="replace").rstrip("\r\n")
+
+    def validate(self, request: GenerationRequest) -> None:
+        """Nothing to check locally: without the upstream's tokenizer, it enforces context."""
 
     def load(self) -> BackendLoad:
         return BackendLoad(running=self.in_flight, waiting=0, capacity=self.config.concurrency)

@@ -31,6 +31,8 @@ from gateway.errors import GatewayError, InvalidRequest, NotFound, describe
 from gateway.limits import BodySizeLimit
 from gateway.metrics import Metrics
 from gateway.remote import build_remote_backend
+from gateway.scheduler.base import PoolLimits, Scheduler
+from gateway.scheduler.memory import MemoryScheduler
 from gateway.service import CLIENT_CLOSED, InferenceService, ModelRegistry, ServedModel
 from gateway.settings import ModelSettings, RemoteModelSettings, Settings
 from gateway.tenancy.runtime import Tenancy
@@ -47,8 +49,6 @@ def build_backend(model: ModelSettings | RemoteModelSettings) -> Backend:
                 max_sequences=model.max_sequences,
                 threads=model.threads,
                 template=model.template,
-                queue_timeout=model.queue_timeout,
-                max_waiting=model.max_waiting,
                 prefill_chunk=model.prefill_chunk,
                 default_top_k=model.default_top_k,
             )
@@ -119,37 +119,76 @@ def _require_guards(routers: Sequence[APIRouter]) -> None:
                 raise RuntimeError(f"route {route.path} has no auth dependency")
 
 
+def _pool_limits(settings: Settings, backend: Backend) -> PoolLimits:
+    s = settings.scheduler
+    return PoolLimits(
+        capacity=backend.load().capacity,
+        max_queue=s.max_queue,
+        max_queue_per_tenant=s.max_queue_per_tenant,
+        max_wait=s.max_wait,
+    )
+
+
 def create_app(settings: Settings, *, backends: Mapping[str, Backend] | None = None) -> FastAPI:
     """Build the app; ``backends`` (name → backend) replaces the configured ones in tests."""
     created = int(time.time())
+    metrics = Metrics(tenant_label_cap=settings.auth.tenant_label_cap)
+    tenancy = Tenancy(settings, metrics)
+    policy = settings.scheduler.policy
+    # An embedded engine's slots belong to this process; a remote engine's are shared by
+    # every replica, through Redis when there is one.
+    local = MemoryScheduler(policy=policy)
+    shared: Scheduler = local
+    if tenancy.link is not None:
+        from gateway.scheduler.redis_scheduler import RedisScheduler  # TEMP until written
+
+        shared = RedisScheduler(tenancy.link, policy=policy, lease_ttl=settings.scheduler.lease_ttl)
     if backends is None:
         served = [
-            ServedModel(m.name, build_backend(m), m.max_n, created, _instance(m))
+            ServedModel(
+                m.name,
+                build_backend(m),
+                m.max_n,
+                created,
+                local if isinstance(m, ModelSettings) else shared,
+                _instance(m),
+            )
             for m in settings.models
         ]
     else:
         limits = {m.name: m.max_n for m in settings.models}
         served = [
-            ServedModel(name, b, limits.get(name, 1), created, "injected")
+            ServedModel(name, b, limits.get(name, 1), created, local, "injected")
             for name, b in backends.items()
         ]
     registry = ModelRegistry(served)
-    pairs = [(m.name, m.backend) for m in served]
-    metrics = Metrics(
+    for m in served:
+        m.scheduler.add_pool(m.pool, _pool_limits(settings, m.backend))
+    metrics.watch(
         lambda: [(m.name, m.instance, m.backend) for m in registry.instances()],
-        tenant_label_cap=settings.auth.tenant_label_cap,
+        lambda: [(m.name, m.instance, m.scheduler.load(m.pool)) for m in registry.instances()],
     )
-    tenancy = Tenancy(settings, metrics)
+    pairs = [(m.name, m.backend) for m in served]
+
+    async def load_models() -> None:
+        await _start_all(pairs)
+        for m in served:  # llama-server reports its real slot count once it is up
+            m.scheduler.add_pool(m.pool, _pool_limits(settings, m.backend))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await tenancy.start()
-        loading = asyncio.create_task(_start_all(pairs))
+        schedulers = {id(s): s for s in (local, shared)}.values()
+        for s in schedulers:
+            await s.start()
+        loading = asyncio.create_task(load_models())
         try:
             yield
         finally:
             loading.cancel()
             await asyncio.gather(loading, return_exceptions=True)
+            for s in schedulers:
+                await s.stop()
             await asyncio.gather(*(b.close() for _, b in pairs), return_exceptions=True)
             await tenancy.stop()
 

@@ -53,7 +53,7 @@ def _refuse_open_bind(settings: Settings) -> None:
         return
 
     async def needed() -> bool:
-        tenancy = Tenancy(settings, Metrics(list))
+        tenancy = Tenancy(settings, Metrics())
         await tenancy.store.open()
         try:
             return await tenancy.auth_needed()

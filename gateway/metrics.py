@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from backends.base import Backend
+from gateway.scheduler.base import PoolLoad
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
@@ -72,15 +73,40 @@ class EngineCollector(Collector):
         return [running, waiting, capacity, batch, steps, decoded]
 
 
+class SchedulerCollector(Collector):
+    """Queue depth and slot use per backend instance, read from the scheduler on each scrape.
+
+    For a pool shared through Redis the figures are the cluster's, as of the
+    replica's last heartbeat or queue operation.
+    """
+
+    def __init__(self, pools: Callable[[], Iterable[tuple[str, str, PoolLoad]]]) -> None:
+        self._pools = pools
+
+    def collect(self) -> Iterable[Metric]:
+        depth = GaugeMetricFamily(
+            "lockgate_queue_depth",
+            "Requests waiting for a slot, by priority class",
+            labels=["model", "instance", "priority"],
+        )
+        used = GaugeMetricFamily(
+            "lockgate_slots_used", "Engine slots held by requests", labels=["model", "instance"]
+        )
+        capacity = GaugeMetricFamily(
+            "lockgate_slots_capacity", "Engine slots", labels=["model", "instance"]
+        )
+        for name, instance, load in self._pools():
+            for priority in ("interactive", "batch"):
+                depth.add_metric([name, instance, priority], load.waiting.get(priority, 0))
+            used.add_metric([name, instance], load.running)
+            capacity.add_metric([name, instance], load.capacity)
+        return [depth, used, capacity]
+
+
 class Metrics:
     """Built once per app; pass it to whatever records."""
 
-    def __init__(
-        self,
-        backends: Callable[[], Iterable[tuple[str, str, Backend]]],
-        *,
-        tenant_label_cap: int = 100,
-    ) -> None:
+    def __init__(self, *, tenant_label_cap: int = 100) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self._tenant_cap = tenant_label_cap
@@ -142,7 +168,29 @@ class Metrics:
             "1 while Redis is unreachable and auth/limits run on their outage policy",
             registry=r,
         )
-        r.register(EngineCollector(backends))
+        self.queue_wait = Histogram(
+            "lockgate_queue_wait_seconds",
+            "Time granted requests waited for an engine slot",
+            ["model"],
+            buckets=(0, *_LATENCY_BUCKETS),
+            registry=r,
+        )
+        self.queue_outcomes = Counter(
+            "lockgate_queue_requests",
+            "Scheduling outcomes: granted, rejected_full (503), rejected_tenant (429),"
+            " expired (waited max_wait, 503), cancelled (the client left while queued)",
+            ["model", "outcome"],
+            registry=r,
+        )
+
+    def watch(
+        self,
+        backends: Callable[[], Iterable[tuple[str, str, Backend]]],
+        pools: Callable[[], Iterable[tuple[str, str, PoolLoad]]],
+    ) -> None:
+        """Read engine load and scheduler pools at each scrape (once the app has them)."""
+        self.registry.register(EngineCollector(backends))
+        self.registry.register(SchedulerCollector(pools))
 
     def tenant_label(self, tenant: str) -> str:
         if tenant in self._tenants_labelled:

@@ -1,10 +1,13 @@
-"""The request path without HTTP: pick the backend, start generations, collect or stream.
+"""The request path without HTTP: pick the backend, queue for slots, generate, collect or stream.
 
 A request becomes one :class:`~backends.base.GenerationRequest` per choice
-(``n`` times the number of prompts). :meth:`InferenceService.open` starts them all and waits for
-each first chunk, so anything that fails early (unknown model, context too
-long, engine full) is raised before a status line is sent; afterwards the
-caller either :meth:`collect`s the full text or :meth:`stream`s SSE bytes.
+(``n`` times the number of prompts), each needing one engine slot.
+:meth:`InferenceService.open` validates them (context length...), waits in the
+scheduler's queue for the slots, starts them all and waits for each first chunk,
+so anything that fails early is raised before a status line is sent; afterwards
+the caller either :meth:`collect`s the full text or :meth:`stream`s SSE bytes.
+Tokens are charged to the tenant's fair share as they are produced, and the
+slots are released when the tracker finishes.
 """
 
 from __future__ import annotations
@@ -17,9 +20,18 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from backends.base import Backend, FinishReason, GenerationChunk, GenerationRequest, ToolCall
-from gateway.errors import Forbidden, InvalidRequest, ModelNotFound, describe
+from gateway.errors import (
+    Forbidden,
+    InvalidRequest,
+    ModelNotFound,
+    QueueFull,
+    QueueTimeout,
+    TenantQueueFull,
+    describe,
+)
 from gateway.metrics import Metrics
 from gateway.protocol import ChunkEncoder
+from gateway.scheduler.base import Grant, Priority, Scheduler
 from gateway.tenancy.admission import Admission, Ticket
 from gateway.tenancy.records import Principal
 
@@ -34,7 +46,13 @@ class ServedModel:
     backend: Backend
     max_n: int
     created: int
+    scheduler: Scheduler  # owns this instance's slots and the queue in front of them
     instance: str = "embedded"  # which engine serves it, for metrics: "embedded" or a URL
+
+    @property
+    def pool(self) -> str:
+        """The scheduler's name for this instance's slots (the same on every replica)."""
+        return f"{self.name}@{self.instance}"
 
 
 class ModelRegistry:
@@ -80,7 +98,17 @@ class Generation:
     first: GenerationChunk
     rest: AsyncIterator[GenerationChunk]
     counts_prompt: bool  # False for extra choices (n > 1) of the same prompt
+    grant: Grant | None = None  # whose fair share the tokens count toward
     latest: GenerationChunk | None = None  # the last chunk read: counts so far, for billing
+    charged: int = 0  # tokens already counted toward the fair share
+
+    def advance(self, chunk: GenerationChunk) -> None:
+        """Record ``chunk`` as the latest, and charge its new tokens to the tenant's share."""
+        self.latest = chunk
+        if self.grant is not None:
+            served = chunk.completion_tokens + (chunk.prompt_tokens if self.counts_prompt else 0)
+            self.grant.charge(served - self.charged)
+            self.charged = served
 
 
 def usage_of(generations: Sequence[Generation]) -> tuple[int, int]:
@@ -113,6 +141,7 @@ class Tracker:
         "_first_seen",
         "_metrics",
         "endpoint",
+        "grant",
         "model",
         "started",
         "ticket",
@@ -128,6 +157,7 @@ class Tracker:
         self._first_seen: float | None = None
         self._done = False
         self.ticket: Ticket | None = None  # set once admitted; settled by finish()
+        self.grant: Grant | None = None  # set once scheduled; released by finish()
 
     def dispatched(self) -> None:
         self._dispatched = time.perf_counter()
@@ -143,6 +173,8 @@ class Tracker:
         if self._done:
             return
         self._done = True
+        if self.grant is not None:
+            self.grant.release()
         m, now = self._metrics, time.perf_counter()
         if self.ticket is not None:
             engine = 0.0 if self._dispatched is None else now - self._dispatched
@@ -197,20 +229,73 @@ class InferenceService:
         *,
         n: int,
         tracker: Tracker,
+        request_id: str,
+        tenant: str,
+        weight: float,
+        priority: Priority,
     ) -> list[Generation]:
-        """Start every choice and wait for its first chunk; all or nothing."""
+        """Validate, queue for one slot per choice, start every choice; all or nothing."""
+        for r in requests:  # a request that can never run is refused before it queues
+            served.backend.validate(r)
+        tracker.grant = grant = await self._schedule(
+            served,
+            request_id,
+            tenant=tenant,
+            weight=weight,
+            priority=priority,
+            slots=len(requests),
+        )
         tracker.dispatched()
         streams = [served.backend.generate(r) for r in requests]
         try:
             firsts = await _first_chunks(streams)
-        except BaseException:  # an early error, or the client left while queued
+        except BaseException:  # an early error, or the client left
             await _close_all(streams)
             raise
         tracker.first_token()
-        return [
-            Generation(i, first, stream, counts_prompt=i % n == 0)
+        generations = [
+            Generation(i, first, stream, counts_prompt=i % n == 0, grant=grant)
             for i, (first, stream) in enumerate(zip(firsts, streams, strict=True))
         ]
+        for g in generations:
+            g.advance(g.first)
+        return generations
+
+    async def _schedule(
+        self,
+        served: ServedModel,
+        request_id: str,
+        *,
+        tenant: str,
+        weight: float,
+        priority: Priority,
+        slots: int,
+    ) -> Grant:
+        outcomes = self.metrics.queue_outcomes
+        try:
+            grant = await served.scheduler.acquire(
+                served.pool,
+                request_id,
+                tenant=tenant,
+                weight=weight,
+                priority=priority,
+                slots=slots,
+            )
+        except TenantQueueFull:
+            outcomes.labels(served.name, "rejected_tenant").inc()
+            raise
+        except QueueFull:
+            outcomes.labels(served.name, "rejected_full").inc()
+            raise
+        except QueueTimeout:
+            outcomes.labels(served.name, "expired").inc()
+            raise
+        except asyncio.CancelledError:  # the client left while queued
+            outcomes.labels(served.name, "cancelled").inc()
+            raise
+        outcomes.labels(served.name, "granted").inc()
+        self.metrics.queue_wait.labels(served.name).observe(grant.queued_seconds)
+        return grant
 
     async def collect(self, generations: Sequence[Generation]) -> list[Outcome]:
         """Run every choice to the end, concurrently; one failure stops them all."""
@@ -237,7 +322,7 @@ class InferenceService:
                     yield encoder.role(g.index)
             async with contextlib.aclosing(_merge(generations)) as merged:
                 async for index, chunk in merged:
-                    by_index[index].latest = chunk
+                    by_index[index].advance(chunk)
                     if chunk.text:
                         yield encoder.text(index, chunk.text)
                     if chunk.tool_calls:
@@ -287,7 +372,7 @@ async def _drain(g: Generation) -> Outcome:
     chunk = g.first
     while chunk.finish_reason is None:
         chunk = await anext(g.rest)
-        g.latest = chunk
+        g.advance(chunk)
         out.text.append(chunk.text)
         out.tool_calls.extend(chunk.tool_calls)
     out.finish_reason = chunk.finish_reason

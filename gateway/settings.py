@@ -56,8 +56,6 @@ class ModelSettings(_Strict):
     max_sequences: Annotated[int, Field(ge=1, le=256)] = 16
     threads: Annotated[int, Field(ge=1, le=512)] | None = None
     template: BuiltinTemplate | None = None
-    queue_timeout: Annotated[float, Field(gt=0, le=3600)] = 30.0
-    max_waiting: Annotated[int, Field(ge=0, le=100_000)] = 256
     prefill_chunk: Annotated[int, Field(ge=16, le=8192)] = 256
     max_n: Annotated[int, Field(ge=1, le=128)] = 1
     # top-k when a request sets none; 40 is llama.cpp's and Ollama's default. Sampling
@@ -122,6 +120,24 @@ class AuthSettings(_Strict):
     concurrency_lease: Annotated[float, Field(ge=3, le=3600)] = 30.0
 
 
+class SchedulerSettings(_Strict):
+    """The queue in front of every backend's slots (``gateway/scheduler``).
+
+    Each backend instance has slots (the embedded engine's ``max_sequences``,
+    llama-server's slots, a remote model's ``concurrency``); requests beyond them
+    wait here, interactive before batch, then by each tenant's weighted service.
+    """
+
+    # fair: priority, then the tenant with the least weighted service (VTC).
+    # fcfs: arrival order, as llama-server and Ollama queue (for comparison).
+    policy: Literal["fair", "fcfs"] = "fair"
+    max_queue: Annotated[int, Field(ge=0, le=100_000)] = 256  # per model → then 503
+    max_queue_per_tenant: Annotated[int, Field(ge=0, le=100_000)] = 64  # → then 429
+    max_wait: Annotated[float, Field(gt=0, le=3600)] = 30.0  # seconds queued → then 503
+    # With redis_url: a replica that dies gives its slots and queued requests back this fast.
+    lease_ttl: Annotated[float, Field(ge=1, le=600)] = 10.0
+
+
 def _redis_scheme(url: SecretStr) -> SecretStr:
     # A secret (it may hold a password), so the message never repeats it.
     value = url.get_secret_value()
@@ -157,8 +173,9 @@ class Settings(BaseSettings):
         ModelSettings(name="gemma-3-270m", max_n=4)
     ]
     auth: AuthSettings = AuthSettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
     tenants: list[ConfiguredTenant] = []
-    # Shared state for several replicas: tenants, keys, usage and counters.
+    # Shared state for several replicas: tenants, keys, usage, counters, remote models' queues.
     redis_url: Annotated[SecretStr, AfterValidator(_redis_scheme)] | None = None
     redis_timeout: Annotated[float, Field(gt=0, le=10)] = 0.25
 

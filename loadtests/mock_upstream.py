@@ -2,8 +2,15 @@
 
 ``POST /v1/chat/completions`` answers at once when ``stream`` is false, or with
 ``--chunks`` SSE chunks ``--gap-ms`` apart (then a usage chunk and ``[DONE]``).
-``GET /v1/models`` and ``GET /health`` answer 200. It is a bare ASGI callable
-on uvicorn with uvloop and httptools, so that it is not the bottleneck.
+With ``--hold-ms``, a non-streamed answer takes that long (a busy engine), and a
+request's ``max_tokens`` sets its number of chunks. ``GET /v1/models`` and
+``GET /health`` answer 200. It is a bare ASGI callable on uvicorn with uvloop and
+httptools, so that it is not the bottleneck.
+
+``GET /stats`` reports what the upstream saw: requests in flight, the most at once
+(``peak``), and the first word of each request's last message in arrival order
+(``order``), which is how the scheduler's tests count from the backend side;
+``POST /stats`` resets them.
 
     python loadtests/mock_upstream.py --port 9100 --chunks 64 --gap-ms 20
 """
@@ -56,10 +63,14 @@ _USAGE = (
 
 
 class MockUpstream:
-    def __init__(self, chunks: int, gap: float) -> None:
+    def __init__(self, chunks: int, gap: float, hold: float = 0.0) -> None:
         self.chunks = chunks
         self.gap = gap
+        self.hold = hold
         self.token = _chunk("tok", None)
+        self.in_flight = 0
+        self.peak = 0
+        self.order: list[str] = []
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -70,11 +81,34 @@ class MockUpstream:
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
+        if scope["path"] == "/stats":
+            if scope["method"] == "POST":
+                self.peak, self.order = self.in_flight, []
+            stats = {"in_flight": self.in_flight, "peak": self.peak, "order": self.order}
+            await self._reply(send, 200, json.dumps(stats).encode())
+            return
         if scope["path"] != "/v1/chat/completions":
             await self._reply(send, 200, b'{"object":"list","data":[{"id":"mock"}]}')
             return
         request = json.loads(body or b"{}")
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            self._record(request)
+            await self._answer(request, send)
+        finally:
+            self.in_flight -= 1
+
+    def _record(self, request: dict[str, Any]) -> None:
+        messages = request.get("messages") or [{}]
+        words = str(messages[-1].get("content", "")).split()
+        self.order.append(words[0] if words else "")
+
+    async def _answer(self, request: dict[str, Any], send: Any) -> None:
+        chunks = int(request.get("max_tokens") or self.chunks)
         if not request.get("stream"):
+            if self.hold:
+                await asyncio.sleep(self.hold)
             await self._reply(send, 200, _COMPLETION)
             return
         await send(
@@ -84,11 +118,11 @@ class MockUpstream:
                 "headers": [(b"content-type", b"text/event-stream")],
             }
         )
-        for _ in range(self.chunks):
+        for _ in range(chunks):
             if self.gap:
                 await asyncio.sleep(self.gap)
             await send({"type": "http.response.body", "body": self.token, "more_body": True})
-        tail = _chunk(None, "stop") + _USAGE % (self.chunks, self.chunks + 5) + b"data: [DONE]\n\n"
+        tail = _chunk(None, "stop") + _USAGE % (chunks, chunks + 5) + b"data: [DONE]\n\n"
         await send({"type": "http.response.body", "body": tail, "more_body": False})
 
     @staticmethod
@@ -108,9 +142,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--chunks", type=int, default=64)
     parser.add_argument("--gap-ms", type=float, default=20.0)
+    parser.add_argument("--hold-ms", type=float, default=0.0)
     args = parser.parse_args()
     uvicorn.run(
-        MockUpstream(args.chunks, args.gap_ms / 1000),
+        MockUpstream(args.chunks, args.gap_ms / 1000, args.hold_ms / 1000),
         host="127.0.0.1",
         port=args.port,
         loop="uvloop",

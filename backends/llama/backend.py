@@ -141,8 +141,12 @@ class EmbeddedBackend:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         return tokens
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        engine, model = self._require()
+    def validate(self, request: GenerationRequest) -> None:
+        self._prepare(request)
+
+    def _prepare(self, request: GenerationRequest) -> list[int]:
+        """The prompt's tokens, once every check that needs no engine time has passed."""
+        _, model = self._require()
         if request.tools and request.tool_choice != "none":
             raise InvalidRequestError(
                 "tools are not supported by the embedded engine", param="tools"
@@ -154,15 +158,23 @@ class EmbeddedBackend:
                 param="logit_bias",
             )
         prompt = self.prompt_tokens(request)
-        n_ctx = self.config.context_length
         requested = request.sampling.max_tokens
-        if len(prompt) + (requested or 1) > n_ctx:
+        if len(prompt) + (requested or 1) > self.config.context_length:
             raise ContextLengthExceeded(
                 prompt_tokens=len(prompt),
                 max_tokens=requested or 1,
-                context_length=n_ctx,
+                context_length=self.config.context_length,
                 param="messages" if request.messages is not None else "prompt",
             )
+        return prompt
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        engine, _ = self._require()
+        # validate() ran this already; tokenizing again costs microseconds and keeps no
+        # per-request state for requests that never reach the engine.
+        prompt = self._prepare(request)
+        n_ctx = self.config.context_length
+        requested = request.sampling.max_tokens
         max_tokens = requested if requested is not None else n_ctx - len(prompt)
         inbox: asyncio.Queue[object] = asyncio.Queue()
         ticket = engine.submit(prompt, request.sampling, max_tokens, inbox.put_nowait)

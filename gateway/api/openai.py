@@ -21,7 +21,7 @@ from fastapi.responses import Response, StreamingResponse
 from backends.base import GenerationRequest
 from gateway.api.disconnect import ClientDisconnected, unless_disconnected
 from gateway.api.security import Caller
-from gateway.errors import status_of
+from gateway.errors import InvalidRequest, status_of
 from gateway.protocol import (
     ChatCompletionRequest,
     ChunkEncoder,
@@ -33,6 +33,7 @@ from gateway.protocol import (
     new_id,
     parse,
 )
+from gateway.scheduler.base import Priority
 from gateway.service import (
     CLIENT_CLOSED,
     Generation,
@@ -51,6 +52,9 @@ router = APIRouter(prefix="/v1")
 
 JSON = "application/json"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# A client may lower its own priority (a batch job on an interactive key), never raise it.
+PRIORITY_HEADER = "x-lockgate-priority"
+QUEUED_HEADER = "x-lockgate-queued-ms"  # time spent waiting for an engine slot
 
 
 def _service(request: Request) -> InferenceService:
@@ -65,6 +69,19 @@ def _json(payload: object, headers: dict[str, str] | None = None) -> Response:
 def _log_body(principal: Principal, body: bytes) -> None:
     if principal.tenant.log_requests and body_log.isEnabledFor(logging.DEBUG):
         body_log.debug("tenant %s: %s", principal.tenant.id, body.decode(errors="replace"))
+
+
+def _priority(request: Request, principal: Principal) -> Priority:
+    asked = request.headers.get(PRIORITY_HEADER)
+    if asked is None:
+        return principal.tenant.priority
+    asked = asked.strip().lower()
+    if asked not in ("interactive", "batch"):
+        raise InvalidRequest(
+            f"The {PRIORITY_HEADER} header must be 'interactive' or 'batch'.",
+            param=PRIORITY_HEADER,
+        )
+    return "batch" if "batch" in (asked, principal.tenant.priority) else "interactive"
 
 
 async def _tracked(
@@ -115,14 +132,30 @@ async def _generate(
 ) -> Response:
     service = _service(request)
     served = service.resolve(body.model, n=body.n, principal=principal)
+    priority = _priority(request, principal)
     tracker = Tracker(service.metrics, served.name, endpoint, choices=len(generation_requests))
     await _admitted(request, principal, served, tracker, tokens=tokens, rid=rid)
     assert tracker.ticket is not None
-    headers = tracker.ticket.headers
     chat = isinstance(body, ChatCompletionRequest)
     generations = await _tracked(
-        request, tracker, service.open(served, generation_requests, n=body.n, tracker=tracker)
+        request,
+        tracker,
+        service.open(
+            served,
+            generation_requests,
+            n=body.n,
+            tracker=tracker,
+            request_id=rid,
+            tenant=principal.tenant.id,
+            weight=principal.tenant.weight,
+            priority=priority,
+        ),
     )
+    assert tracker.grant is not None
+    headers = {
+        **tracker.ticket.headers,
+        QUEUED_HEADER: f"{tracker.grant.queued_seconds * 1000:.0f}",
+    }
     if body.stream:
         encoder = ChunkEncoder(
             rid=rid, model=served.name, chat=chat, include_usage=body.include_usage

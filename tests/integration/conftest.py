@@ -7,6 +7,7 @@ become ready fails the tests with its log.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -14,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,7 +148,8 @@ models:
   - name: gemma-single
     n_ctx: 512
     max_sequences: 1
-    queue_timeout: 1.0
+scheduler:
+  max_wait: 1.0
 """
 
 
@@ -228,3 +230,17 @@ def fake_ollama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     server = spawn(cmd, f"http://127.0.0.1:{port}", "/api/version", root / "ollama.log")
     yield server
     stop(server)
+
+
+async def eventually(check: Callable[[], Awaitable[bool] | bool], *, within: float = 30) -> None:
+    """Poll ``check`` (sync or async) until it is true; fail after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        result = check()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {within}s: {check}")
+        await asyncio.sleep(0.01)
