@@ -213,7 +213,7 @@ def test_error_statuses_and_shapes(server: Server, client: openai.OpenAI) -> Non
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
-def test_full_engine_answers_503_with_retry_after(server: Server) -> None:
+def test_a_request_queued_past_max_wait_answers_503_with_retry_after(server: Server) -> None:
     body = long_stream("gemma-single")
     with streaming(f"{server.base_url}/v1/chat/completions", body, lines=1):
         r = httpx.post(
@@ -221,7 +221,7 @@ def test_full_engine_answers_503_with_retry_after(server: Server) -> None:
             json={"model": "gemma-single", "messages": MESSAGES, "max_tokens": 4},
         )
     assert r.status_code == 503
-    assert r.json()["error"]["code"] == "overloaded"
+    assert r.json()["error"]["code"] == "queue_timeout"
     assert int(r.headers["retry-after"]) >= 1
     wait_for_idle(server)
 
