@@ -33,6 +33,7 @@ from gateway.metrics import Metrics
 from gateway.remote import build_remote_backend
 from gateway.scheduler.base import PoolLimits, Scheduler
 from gateway.scheduler.memory import MemoryScheduler
+from gateway.scheduler.redis_scheduler import RedisScheduler
 from gateway.service import CLIENT_CLOSED, InferenceService, ModelRegistry, ServedModel
 from gateway.settings import ModelSettings, RemoteModelSettings, Settings
 from gateway.tenancy.runtime import Tenancy
@@ -140,8 +141,6 @@ def create_app(settings: Settings, *, backends: Mapping[str, Backend] | None = N
     local = MemoryScheduler(policy=policy)
     shared: Scheduler = local
     if tenancy.link is not None:
-        from gateway.scheduler.redis_scheduler import RedisScheduler  # TEMP until written
-
         shared = RedisScheduler(tenancy.link, policy=policy, lease_ttl=settings.scheduler.lease_ttl)
     if backends is None:
         served = [

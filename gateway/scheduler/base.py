@@ -18,7 +18,7 @@ Refusals are :class:`~gateway.errors.SchedulerRefusal` subclasses: ``QueueFull``
 A waiter whose task is cancelled (its client left) leaves the queue at once.
 
 Implementations: :class:`~gateway.scheduler.memory.MemoryScheduler` (one process)
-and :class:`~gateway.scheduler.redis.RedisScheduler` (replicas sharing Redis).
+and :class:`~gateway.scheduler.redis_scheduler.RedisScheduler` (replicas sharing Redis).
 """
 
 from __future__ import annotations
