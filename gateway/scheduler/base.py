@@ -26,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from gateway.errors import QueueFull, QueueTimeout, TenantQueueFull
+
 Priority = Literal["interactive", "batch"]
 Policy = Literal["fair", "fcfs"]
 
@@ -36,6 +38,25 @@ class PoolLimits:
     max_queue: int = 256  # waiting requests, all tenants
     max_queue_per_tenant: int = 64
     max_wait: float = 30.0  # seconds in the queue before QueueTimeout
+
+    # The refusals, worded once for every implementation.
+    def full(self, waiting: int, retry_after: float) -> QueueFull:
+        return QueueFull(
+            f"The queue for this model is full ({waiting} waiting); retry later.",
+            retry_after=retry_after,
+        )
+
+    def tenant_full(self, retry_after: float) -> TenantQueueFull:
+        return TenantQueueFull(
+            f"Too many of your requests are already queued for this model "
+            f"(at most {self.max_queue_per_tenant}).",
+            retry_after=retry_after,
+        )
+
+    def timed_out(self, retry_after: float) -> QueueTimeout:
+        return QueueTimeout(
+            f"No capacity for this model within {self.max_wait:g}s.", retry_after=retry_after
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gateway.errors import QueueFull, QueueTimeout, TenantQueueFull
 from gateway.scheduler.base import Grant, Policy, PoolLimits, PoolLoad, Priority
 from gateway.scheduler.fairness import Entry, FairQueue
 
@@ -104,16 +103,9 @@ class MemoryScheduler:
             return grant
         waiting = len(p.queue)
         if waiting >= limits.max_queue:
-            raise QueueFull(
-                f"The queue for this model is full ({waiting} waiting); retry later.",
-                retry_after=p.drain.retry_after(waiting),
-            )
+            raise limits.full(waiting, p.drain.retry_after(waiting))
         if p.per_tenant.get(tenant, 0) >= limits.max_queue_per_tenant:
-            raise TenantQueueFull(
-                f"Too many of your requests are already queued for this model "
-                f"(at most {limits.max_queue_per_tenant}).",
-                retry_after=p.drain.retry_after(waiting),
-            )
+            raise limits.tenant_full(p.drain.retry_after(waiting))
         entry = p.queue.push(
             request_id, tenant=tenant, weight=weight, priority=priority, slots=slots
         )
@@ -137,10 +129,7 @@ class MemoryScheduler:
                 p.per_tenant[tenant] -= 1
                 self._dispatch(p)  # a wide head that left may unblock narrower ones
                 if isinstance(exc, TimeoutError):
-                    raise QueueTimeout(
-                        f"No capacity for this model within {limits.max_wait:g}s.",
-                        retry_after=p.drain.retry_after(len(p.queue)),
-                    ) from None
+                    raise limits.timed_out(p.drain.retry_after(len(p.queue))) from None
                 raise
         grant.queued_seconds = self._clock() - started
         return grant

@@ -50,7 +50,7 @@ from typing import Any
 
 import orjson
 
-from gateway.errors import QueueFull, QueueTimeout, StateUnavailable, TenantQueueFull
+from gateway.errors import StateUnavailable
 from gateway.scheduler.base import Grant, Policy, PoolLimits, PoolLoad, Priority
 from gateway.scheduler.memory import DrainRate
 from gateway.tenancy.redis_link import RedisDown, RedisLink
@@ -415,16 +415,9 @@ class RedisScheduler:
         if code != _QUEUED:
             self._waiters.pop(entry, None)
         if code == _POOL_FULL:
-            raise QueueFull(
-                f"The queue for this model is full ({waiting} waiting); retry later.",
-                retry_after=retry_after,
-            )
+            raise limits.full(waiting, retry_after)
         if code == _TENANT_FULL:
-            raise TenantQueueFull(
-                f"Too many of your requests are already queued for this model "
-                f"(at most {limits.max_queue_per_tenant}).",
-                retry_after=retry_after,
-            )
+            raise limits.tenant_full(retry_after)
         if code == _QUEUED:
             try:
                 async with asyncio.timeout(limits.max_wait):
@@ -436,10 +429,7 @@ class RedisScheduler:
                     # Dequeues it, or passes on slots granted in the instant the client left.
                     self._leave(pool, entry, slots)
                     if isinstance(exc, TimeoutError):
-                        raise QueueTimeout(
-                            f"No capacity for this model within {limits.max_wait:g}s.",
-                            retry_after=retry_after,
-                        ) from None
+                        raise limits.timed_out(retry_after) from None
                     raise
             grant.queued_seconds = time.monotonic() - started
         self._held[grant] = entry
