@@ -102,6 +102,14 @@ async def wait_queued(http: httpx.AsyncClient, depth: int) -> None:
     raise AssertionError(f"queue depth never reached {depth}")
 
 
+def start(
+    http: httpx.AsyncClient, body: dict[str, Any], key: str, **headers: str
+) -> asyncio.Task[httpx.Response]:
+    """Send a chat in the background (it may queue)."""
+    request = http.post("/v1/chat/completions", json=body, headers=auth(key, **headers))
+    return asyncio.create_task(request)
+
+
 def served_order(fake: FakeBackend) -> list[str]:
     """Who reached the engine, in order (the first word of each prompt names the request)."""
     return [r.messages[-1].content.split()[0] for r in fake.seen if r.messages]
@@ -118,18 +126,12 @@ async def test_a_light_tenant_is_served_before_the_heavy_tenants_queue(
 ) -> None:
     url = await gateway()
     async with httpx.AsyncClient(base_url=url, timeout=30) as http:
-        running = asyncio.create_task(
-            http.post("/v1/chat/completions", json=tagged("h0", 10), headers=auth(HEAVY))
-        )
+        running = start(http, tagged("h0", 10), HEAVY)
         await asyncio.sleep(0.1)  # h0 holds the only slot and keeps producing tokens
         heavy = []
         for i in range(1, 4):
             body = tagged(f"h{i}", 3)
-            heavy.append(
-                asyncio.create_task(
-                    http.post("/v1/chat/completions", json=body, headers=auth(HEAVY))
-                )
-            )
+            heavy.append(start(http, body, HEAVY))
             await wait_queued(http, i)
         light = await http.post("/v1/chat/completions", json=tagged("l1", 3), headers=auth(LIGHT))
         assert light.status_code == 200
@@ -151,9 +153,7 @@ async def test_priority_class_and_the_header_that_lowers_it(
         )
         assert bad.status_code == 400
         assert bad.json()["error"]["param"] == "x-lockgate-priority"
-        running = asyncio.create_task(
-            http.post("/v1/chat/completions", json=tagged("run", 6), headers=auth(HEAVY))
-        )
+        running = start(http, tagged("run", 6), HEAVY)
         await asyncio.sleep(0.1)
         queued = [
             # a batch tenant cannot raise itself; an interactive one may lower itself
@@ -163,12 +163,8 @@ async def test_priority_class_and_the_header_that_lowers_it(
         ]
         tasks = []
         for depth, (tag, key, header) in enumerate(queued, start=1):
-            headers = auth(key) if header is None else auth(key, **{"x-lockgate-priority": header})
-            tasks.append(
-                asyncio.create_task(
-                    http.post("/v1/chat/completions", json=tagged(tag, 2), headers=headers)
-                )
-            )
+            headers = {} if header is None else {"x-lockgate-priority": header}
+            tasks.append(start(http, tagged(tag, 2), key, **headers))
             await wait_queued(http, depth)
         assert all(r.status_code == 200 for r in [await running, *await asyncio.gather(*tasks)])
     assert served_order(fake)[1:] == ["chat", "nightly", "lowered"]
@@ -179,9 +175,7 @@ async def test_queue_limits_timeout_and_context_length_statuses(
 ) -> None:
     url = await gateway(max_queue=2, max_queue_per_tenant=1, max_wait=0.6)
     async with httpx.AsyncClient(base_url=url, timeout=30) as http:
-        running = asyncio.create_task(
-            http.post("/v1/chat/completions", json=chat(30), headers=auth(HEAVY))
-        )
+        running = start(http, chat(30), HEAVY)
         await asyncio.sleep(0.1)
         # can never run: refused at once, not after queueing
         too_long = await http.post(
@@ -189,17 +183,13 @@ async def test_queue_limits_timeout_and_context_length_statuses(
         )
         assert too_long.status_code == 400
         assert too_long.json()["error"]["code"] == "context_length_exceeded"
-        first = asyncio.create_task(
-            http.post("/v1/chat/completions", json=chat(2), headers=auth(HEAVY))
-        )
+        first = start(http, chat(2), HEAVY)
         await wait_queued(http, 1)
         mine = await http.post("/v1/chat/completions", json=chat(2), headers=auth(HEAVY))
         assert mine.status_code == 429
         assert mine.json()["error"]["code"] == "rate_limit_exceeded"
         assert int(mine.headers["retry-after"]) >= 1
-        second = asyncio.create_task(
-            http.post("/v1/chat/completions", json=chat(2), headers=auth(LIGHT))
-        )
+        second = start(http, chat(2), LIGHT)
         await wait_queued(http, 2)
         full = await http.post("/v1/chat/completions", json=chat(2), headers=auth(BATCH))
         assert full.status_code == 503
@@ -230,14 +220,10 @@ async def test_a_client_leaving_the_queue_frees_its_place_at_once(
 ) -> None:
     url = await gateway()
     async with httpx.AsyncClient(base_url=url, timeout=30) as http:
-        running = asyncio.create_task(
-            http.post("/v1/chat/completions", json=tagged("run", 10), headers=auth(HEAVY))
-        )
+        running = start(http, tagged("run", 10), HEAVY)
         await asyncio.sleep(0.1)
         async with httpx.AsyncClient(base_url=url, timeout=30) as leaver:
-            gone = asyncio.create_task(
-                leaver.post("/v1/chat/completions", json=tagged("gone", 2), headers=auth(LIGHT))
-            )
+            gone = start(leaver, tagged("gone", 2), LIGHT)
             await wait_queued(http, 1)
             gone.cancel()  # closes the connection
             await asyncio.gather(gone, return_exceptions=True)
@@ -259,9 +245,7 @@ async def test_n_choices_take_n_slots_and_streams_report_their_queue_time(
     fake.capacity = 2
     url = await gateway()
     async with httpx.AsyncClient(base_url=url, timeout=30) as http:
-        one = asyncio.create_task(
-            http.post("/v1/chat/completions", json=chat(6), headers=auth(HEAVY))
-        )
+        one = start(http, chat(6), HEAVY)
         await asyncio.sleep(0.1)
         assert await metric(http, "lockgate_slots_used") == 1
         assert await metric(http, "lockgate_slots_capacity") == 2

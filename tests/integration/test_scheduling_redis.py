@@ -122,6 +122,18 @@ def stats(upstream: Server, *, reset: bool = False) -> dict[str, Any]:
     return result
 
 
+def send(
+    http: httpx.AsyncClient, key: str, tags: list[str], **shape: Any
+) -> list[asyncio.Task[httpx.Response]]:
+    """One request per tag, all at once; ``shape`` is passed to :func:`body`."""
+    return [
+        asyncio.create_task(
+            http.post("/v1/chat/completions", json=body(tag, **shape), headers=auth(key))
+        )
+        for tag in tags
+    ]
+
+
 def queue_depth(server: Server) -> float:
     text = httpx.get(f"{server.base_url}/metrics").text
     return sum(
@@ -172,24 +184,10 @@ async def test_fairness_holds_across_replicas(
         httpx.AsyncClient(base_url=b.base_url, timeout=60) as on_b,
     ):
         # heavy floods replica A with long streams: K run, the rest queue
-        flood = [
-            asyncio.create_task(
-                on_a.post(
-                    "/v1/chat/completions",
-                    json=body(f"h{i:02d}", tokens=25, stream=True),
-                    headers=auth(HEAVY),
-                )
-            )
-            for i in range(3 * K)
-        ]
+        flood = send(on_a, HEAVY, [f"h{i:02d}" for i in range(3 * K)], tokens=25, stream=True)
         await eventually(lambda: stats(upstream)["in_flight"] == K)
         await asyncio.sleep(0.2)  # the running ones are producing (and charging) tokens
-        light = [
-            asyncio.create_task(
-                on_b.post("/v1/chat/completions", json=body(f"l{i}"), headers=auth(LIGHT))
-            )
-            for i in range(2)
-        ]
+        light = send(on_b, LIGHT, ["l0", "l1"])
         done = await asyncio.gather(*flood, *light)
     assert all(r.status_code == 200 for r in done)
     order = stats(upstream)["order"]
@@ -209,23 +207,10 @@ async def test_a_killed_replica_gives_back_its_slots_within_the_lease(
         httpx.AsyncClient(base_url=a.base_url, timeout=60) as on_a,
         httpx.AsyncClient(base_url=b.base_url, timeout=60) as on_b,
     ):
-        doomed = [
-            asyncio.create_task(
-                on_a.post(
-                    "/v1/chat/completions",
-                    json=body(f"a{i}", tokens=500, stream=True),  # ~10 s each
-                    headers=auth(HEAVY),
-                )
-            )
-            for i in range(K + 2)  # K hold every slot, 2 wait in the shared queue
-        ]
+        # K hold every slot for ~10 s each, 2 wait in the shared queue
+        doomed = send(on_a, HEAVY, [f"a{i}" for i in range(K + 2)], tokens=500, stream=True)
         await eventually(lambda: stats(upstream)["in_flight"] == K)
-        survivors = [
-            asyncio.create_task(
-                on_b.post("/v1/chat/completions", json=body(f"b{i}"), headers=auth(LIGHT))
-            )
-            for i in range(2 * K)
-        ]
+        survivors = send(on_b, LIGHT, [f"b{i}" for i in range(2 * K)])
         await asyncio.sleep(0.3)
         assert not any(t.done() for t in survivors)  # every slot is A's
         os.killpg(os.getpgid(a.process.pid), signal.SIGKILL)
