@@ -150,9 +150,10 @@ class RemoteBackend:
         self._session = aiohttp.ClientSession(
             base_url=cfg.base_url.rstrip("/") + "/",
             headers=headers,
-            # The pool matches the configured concurrency so requests never queue
-            # inside the client, where nobody could see or cancel them.
-            connector=aiohttp.TCPConnector(limit=cfg.concurrency + 2, ttl_dns_cache=300),
+            # No pool limit: the gateway's scheduler admits only as many requests as the
+            # backend has slots (``load().capacity``, which for llama-server is its own
+            # slot count), so none should ever wait inside the client, unseen.
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
             # Streams are bounded by the first-token and chunk-gap timers in lines();
             # sock_connect bounds connecting, per-call totals bound the short calls.
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout),
