@@ -178,7 +178,8 @@ class Metrics:
         self.queue_outcomes = Counter(
             "lockgate_queue_requests",
             "Scheduling outcomes: granted, rejected_full (503), rejected_tenant (429),"
-            " expired (waited max_wait, 503), cancelled (the client left while queued)",
+            " expired (waited max_wait, 503), cancelled (the client left while queued),"
+            " unavailable (a shared queue with Redis unreachable, 503)",
             ["model", "outcome"],
             registry=r,
         )

@@ -26,6 +26,7 @@ from gateway.errors import (
     ModelNotFound,
     QueueFull,
     QueueTimeout,
+    StateUnavailable,
     TenantQueueFull,
     describe,
 )
@@ -289,6 +290,9 @@ class InferenceService:
             raise
         except QueueTimeout:
             outcomes.labels(served.name, "expired").inc()
+            raise
+        except StateUnavailable:  # a shared queue with Redis unreachable
+            outcomes.labels(served.name, "unavailable").inc()
             raise
         except asyncio.CancelledError:  # the client left while queued
             outcomes.labels(served.name, "cancelled").inc()

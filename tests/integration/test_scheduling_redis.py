@@ -15,7 +15,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from tests.integration.conftest import (
     spawn,
     stop,
 )
+from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration
 
@@ -224,3 +225,30 @@ async def test_a_killed_replica_gives_back_its_slots_within_the_lease(
     # A's two queued requests died with it: only the K it was running reached the backend
     assert len([o for o in order if o.startswith("a")]) == K, order
     assert sorted(o for o in order if o.startswith("b")) == [f"b{i}" for i in range(2 * K)]
+
+
+async def test_with_redis_down_a_shared_queue_answers_503_and_recovers(
+    own_redis: RedisServer, upstream: Server, tmp_path: Path
+) -> None:
+    gateway = lockgate(config(own_redis.url, upstream.base_url, tmp_path), tmp_path)
+    try:
+        async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as http:
+
+            async def chat() -> httpx.Response:
+                return await http.post("/v1/chat/completions", json=body("x"), headers=auth(LIGHT))
+
+            assert (await chat()).status_code == 200  # the key is now cached (outage grace)
+            own_redis.stop()
+            down = await chat()
+            assert down.status_code == 503, down.text
+            assert down.headers["retry-after"] == "1"
+            text = (await http.get("/metrics")).text
+            assert 'lockgate_queue_requests_total{model="mock",outcome="unavailable"} 1.0' in text
+            own_redis.start()  # same port; the link's probe notices within a second
+            await eventually(lambda: _ok(chat), within=10)
+    finally:
+        stop(gateway)
+
+
+async def _ok(send: Callable[[], Awaitable[httpx.Response]]) -> bool:
+    return (await send()).status_code == 200
