@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,11 +18,17 @@ pytestmark = pytest.mark.integration
 
 HEAVY, LIGHT = new_key(), new_key()
 
-CONFIG = f"""
+
+def config(root: Path) -> str:
+    # A database of its own: tenants written to the session's shared one would turn auth
+    # on for every other test server.
+    return f"""
 server:
   host: 127.0.0.1
   port: {{port}}
   log_level: warning
+auth:
+  database: {root / "lockgate.db"}
 models:
   - name: gemma
     n_ctx: 512
@@ -40,7 +47,8 @@ tenants:
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = lockgate(CONFIG, tmp_path_factory.mktemp("scheduling"))
+    root = tmp_path_factory.mktemp("scheduling")
+    server = lockgate(config(root), root)
     yield server
     stop(server)
 
