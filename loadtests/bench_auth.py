@@ -42,7 +42,15 @@ from typing import Any
 import aiohttp
 import httpx
 import uvloop
-from harness import free_port, spawned, wait_http
+from harness import (
+    busy_seconds,
+    cpu_seconds,
+    free_port,
+    gateway_env,
+    git_revision,
+    spawned,
+    wait_http,
+)
 
 HERE = Path(__file__).resolve().parent
 BODY = json.dumps(
@@ -140,25 +148,6 @@ def write_config(workdir: Path, *, mock_port: int, key_hash: str | None, redis: 
         config["redis_url"] = redis
     (workdir / "lockgate.yaml").write_text(json.dumps(config, indent=2))  # JSON is YAML
     return port
-
-
-def gateway_env(workdir: Path) -> dict[str, str]:
-    # No LOCKGATE_* from the caller's shell (an admin key would turn auth on in `off`),
-    # and a private state dir so nothing is written to the user's home.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCKGATE_")}
-    return env | {"XDG_STATE_HOME": str(workdir / "state")}
-
-
-def cpu_seconds(pid: int) -> float:
-    # utime and stime are fields 14 and 15; split after the ")" that ends the command name.
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def busy_seconds() -> float:
-    """CPU time spent by the whole machine: /proc/stat's total minus idle and iowait."""
-    ticks = [int(t) for t in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
 
 async def drive(
@@ -341,18 +330,6 @@ def run_rounds(
                     flush=True,
                 )
     return samples
-
-
-def git_revision() -> str:
-    """The commit the gateways ran, with ``+dirty`` if gateway/ or backends/ had edits."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=HERE, capture_output=True, text=True, check=False
-        ).stdout.strip()
-
-    dirty = git("status", "--porcelain", "--", "../gateway", "../backends")
-    return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
 
 
 def main() -> None:

@@ -63,7 +63,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from harness import NO_EOG, free_port, spawned, wait_http
+from harness import (
+    NO_EOG,
+    busy_seconds,
+    cpu_seconds,
+    free_port,
+    gateway_env,
+    git_revision,
+    spawned,
+    wait_http,
+)
 
 from gateway.tenancy.keys import key_hash, new_key
 
@@ -226,18 +235,6 @@ async def send(
             call.status = 200
     except httpx.TransportError:
         call.status = 0
-
-
-def cpu_seconds(pid: int) -> float:
-    # utime and stime are fields 14 and 15; split after the ")" that ends the command name.
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def busy_seconds() -> float:
-    """CPU time spent by the whole machine: /proc/stat's total minus idle and iowait."""
-    ticks = [int(t) for t in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -433,12 +430,6 @@ def write_config(
     return port
 
 
-def gateway_env(workdir: Path) -> dict[str, str]:
-    # No LOCKGATE_* from the caller's shell, and a private state dir.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCKGATE_")}
-    return env | {"XDG_STATE_HOME": str(workdir / "state")}
-
-
 def start_gateways(
     stack: contextlib.ExitStack, root: Path, keys: dict[str, str], pin: Pinning, slots: int
 ) -> dict[str, Gateway]:
@@ -594,18 +585,6 @@ def print_tables(summary: dict[str, dict[str, Any]], goals: list[dict[str, Any]]
     other = max(summary[s.name][p]["other_cpus"] for s in SCENARIOS for p in POLICIES)
     if other > 0.15:
         print(f"\nwarning: other processes kept up to {other:.2f} CPUs busy (median of a phase)")
-
-
-def git_revision() -> str:
-    """The commit the gateways ran, with ``+dirty`` if gateway/ or backends/ had edits."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=HERE, capture_output=True, text=True, check=False
-        ).stdout.strip()
-
-    dirty = git("status", "--porcelain", "--", "../gateway", "../backends")
-    return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
 
 
 def main() -> None:

