@@ -236,7 +236,9 @@ class InferenceService:
         priority: Priority,
     ) -> list[Generation]:
         """Validate, queue for one slot per choice, start every choice; all or nothing."""
-        for r in requests:  # a request that can never run is refused before it queues
+        # A request that can never run is refused before it queues; the n choices of
+        # one prompt are alike, so each prompt is checked once.
+        for r in requests[::n]:
             served.backend.validate(r)
         tracker.grant = grant = await self._schedule(
             served,
@@ -346,6 +348,14 @@ class InferenceService:
             await _close_all([g.rest for g in generations])
             # Billed for what was produced, however the stream ended.
             tracker.finish(status, *usage_of(generations))
+
+    async def abandon(self, generations: Sequence[Generation], tracker: Tracker) -> None:
+        """End a stream whose body may never have started (the client left before it did).
+
+        Once :meth:`stream` has run, this changes nothing: finishing twice is a no-op.
+        """
+        tracker.finish(CLIENT_CLOSED, *usage_of(generations))  # frees the slots first
+        await _close_all([g.rest for g in generations])
 
 
 async def _first_chunks(

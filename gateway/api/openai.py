@@ -11,12 +11,13 @@ import base64
 import logging
 import struct
 import time
-from collections.abc import Awaitable, Sequence
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from backends.base import GenerationRequest
 from gateway.api.disconnect import ClientDisconnected, unless_disconnected
@@ -55,6 +56,26 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # A client may lower its own priority (a batch job on an interactive key), never raise it.
 PRIORITY_HEADER = "x-lockgate-priority"
 QUEUED_HEADER = "x-lockgate-queued-ms"  # time spent waiting for an engine slot
+
+
+class _Stream(StreamingResponse):
+    """SSE that ends its request even when the body never starts.
+
+    The body generator finishes the request (bills it, frees its slots) in its own
+    ``finally``, but a generator that was never started never runs it: that happens
+    when the client is gone before the status line is sent.
+    """
+
+    def __init__(self, content: AsyncIterator[bytes], *, abandon: Callable[[], Awaitable[None]],
+                 **kwargs: Any) -> None:  # fmt: skip
+        super().__init__(content, **kwargs)
+        self._abandon = abandon
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._abandon()
 
 
 def _service(request: Request) -> InferenceService:
@@ -160,10 +181,11 @@ async def _generate(
         encoder = ChunkEncoder(
             rid=rid, model=served.name, chat=chat, include_usage=body.include_usage
         )
-        return StreamingResponse(
+        return _Stream(
             service.stream(
                 generations, encoder, chat=chat, include_usage=body.include_usage, tracker=tracker
             ),
+            abandon=lambda: service.abandon(generations, tracker),
             media_type="text/event-stream",
             headers={**SSE_HEADERS, **headers},
         )

@@ -24,17 +24,22 @@ from gateway.scheduler.fairness import Entry, FairQueue
 
 @dataclass(slots=True)
 class DrainRate:
-    """Slots freed per second, smoothed: the basis of every Retry-After."""
+    """Slots freed per second, smoothed: the basis of every Retry-After.
+
+    It averages the time *per slot* between releases and inverts that, rather than
+    averaging instantaneous rates: slots often free together (one engine step, an
+    ``n > 1`` request), and a rate sample of 1000/s for each would swamp the mean.
+    """
 
     per_second: float = 0.0
     last: float | None = None
+    interval: float | None = None  # seconds per freed slot, smoothed
 
     def freed(self, now: float, slots: int = 1) -> None:
         if self.last is not None:
-            instant = slots / max(now - self.last, 1e-3)
-            self.per_second = (
-                instant if self.per_second == 0 else 0.8 * self.per_second + 0.2 * instant
-            )
+            sample = (now - self.last) / slots
+            self.interval = sample if self.interval is None else 0.8 * self.interval + 0.2 * sample
+            self.per_second = 1.0 / max(self.interval, 1e-3)
         self.last = now
 
     def retry_after(self, position: int) -> float:
@@ -49,7 +54,7 @@ class _Pool:
     limits: PoolLimits
     queue: FairQueue
     running: int = 0
-    waiters: dict[str, tuple[asyncio.Future[None], Entry]] = field(default_factory=dict)
+    waiters: dict[Entry, asyncio.Future[None]] = field(default_factory=dict)
     per_tenant: dict[str, int] = field(default_factory=dict)
     drain: DrainRate = field(default_factory=DrainRate)
 
@@ -110,7 +115,7 @@ class MemoryScheduler:
             request_id, tenant=tenant, weight=weight, priority=priority, slots=slots
         )
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        p.waiters[request_id] = (future, entry)
+        p.waiters[entry] = future  # by entry, not request id: ids come from clients too
         p.per_tenant[tenant] = p.per_tenant.get(tenant, 0) + 1
         started = self._clock()
         try:
@@ -124,9 +129,11 @@ class MemoryScheduler:
                 grant.release()
                 raise
             else:
-                p.queue.remove(entry)
-                p.waiters.pop(request_id, None)
-                p.per_tenant[tenant] -= 1
+                # Still queued, unless a release popped it in the same loop pass (and
+                # already did this bookkeeping).
+                if p.queue.remove(entry):
+                    del p.waiters[entry]
+                    p.per_tenant[tenant] -= 1
                 self._dispatch(p)  # a wide head that left may unblock narrower ones
                 if isinstance(exc, TimeoutError):
                     raise limits.timed_out(p.drain.retry_after(len(p.queue))) from None
@@ -150,7 +157,7 @@ class MemoryScheduler:
             if p.running + head.slots > p.limits.capacity:
                 return
             p.queue.pop()
-            future, _ = p.waiters.pop(head.id)
+            future = p.waiters.pop(head)
             p.per_tenant[head.tenant] -= 1
             if future.done():  # cancelled in the same instant: the slots stay free
                 continue

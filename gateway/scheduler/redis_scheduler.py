@@ -14,7 +14,8 @@ with ``P = {prefix}{pool}:`` and ``G = {prefix}``::
     P tenants:{rank}     zset  waiting tenant → its counter (ties: the earlier head seq)
     P waiting            hash  tenant → entries waiting, all ranks
     P vtc                hash  tenant → Virtual Token Counter (tokens / weight)
-    P stats              hash  rate (slots freed/s, EWMA), freed_at, served (last), seq
+    P stats              hash  interval (s per freed slot, EWMA), rate (its inverse),
+                               freed_at, served (last), seq
     G replica:{id}       string, PX 0.9 lease: the replica is alive
     G inbox:{id}         list  grant JSON {pool, id, slots} for that replica's waiters
 
@@ -25,7 +26,7 @@ inbox on a connection of its own and resolves the local waiter. A grant nobody
 waits for any more is given back at once. Entries of dead replicas (replica key
 expired) and past their deadline are dropped instead of granted.
 
-Slots are leases: each replica renews the slots it holds every ``lease_ttl / 3``;
+Slots are leases: each replica renews the slots it holds every ``lease_ttl / 4``;
 a replica killed with ``kill -9`` loses its slots and queued entries within
 ``lease_ttl``. The price: a replica cut off from Redis for longer than that loses
 its slots while its requests still run. Releases, cancellations and charges
@@ -217,12 +218,14 @@ if raw then unqueue(P, cjson.decode(raw)) end
 local freed = 0
 for i = 1, tonumber(ARGV[6]) do freed = freed + redis.call('ZREM', P .. 'slots', id .. '#' .. i) end
 if freed > 0 then
-  local s = redis.call('HMGET', P .. 'stats', 'rate', 'freed_at')
-  local rate, at, t = tonumber(s[1]) or 0, tonumber(s[2]), now / 1000
+  -- Smooth the time per freed slot and invert it (see memory.DrainRate: averaging
+  -- rates would let slots freed together swamp the mean).
+  local s = redis.call('HMGET', P .. 'stats', 'interval', 'freed_at')
+  local iv, at, t = tonumber(s[1]), tonumber(s[2]), now / 1000
   if at then
-    local instant = freed / math.max(t - at, 0.001)
-    rate = rate == 0 and instant or 0.8 * rate + 0.2 * instant
-    redis.call('HSET', P .. 'stats', 'rate', rate)
+    local sample = (t - at) / freed
+    iv = iv and (0.8 * iv + 0.2 * sample) or sample
+    redis.call('HSET', P .. 'stats', 'interval', iv, 'rate', 1 / math.max(iv, 0.001))
   end
   redis.call('HSET', P .. 'stats', 'freed_at', t)
 end
@@ -469,8 +472,10 @@ class RedisScheduler:
 
     async def _beat_forever(self) -> None:
         while True:
-            await asyncio.sleep(self._lease_ttl / 3)
-            with contextlib.suppress(RedisDown):  # a lease outlasts two missed rounds
+            # Every lease/4: after two missed rounds the third (at 0.75 lease) still comes
+            # before the replica key (0.9 lease) and the slot leases (1.0) run out.
+            await asyncio.sleep(self._lease_ttl / 4)
+            with contextlib.suppress(RedisDown):
                 await self._beat()
 
     async def _beat(self) -> None:

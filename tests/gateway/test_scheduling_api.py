@@ -8,12 +8,14 @@ are in tests/integration/test_scheduling.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 import uvicorn
 from fastapi import FastAPI
@@ -259,3 +261,51 @@ async def test_n_choices_take_n_slots_and_streams_report_their_queue_time(
             await stream.aread()
         assert (await one).status_code == 200
         assert await metric(http, "lockgate_slots_used") == 0
+
+
+async def test_a_stream_whose_client_left_before_the_status_line_frees_its_slot(
+    tmp_path: Path, fake: FakeBackend
+) -> None:
+    """The status line cannot be sent (the connection is gone): the body never starts,
+    yet the request must end, billed and with its slot released."""
+    app = create_app(settings(tmp_path), backends={"slow": fake})
+    body = orjson.dumps({**chat(3), "stream": True})
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [
+            (b"host", b"test"),
+            (b"content-type", b"application/json"),
+            (b"authorization", f"Bearer {LIGHT}".encode()),
+        ],
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
+        "state": {},
+    }
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop()
+        await asyncio.Event().wait()  # never: the request is fully read
+        raise AssertionError
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            raise OSError("connection reset")
+
+    async with app.router.lifespan_context(app):
+        await fake.start()
+        with contextlib.suppress(Exception):
+            await app(scope, receive, send)  # type: ignore[arg-type]
+        served = app.state.service.registry.instances()[0]
+        assert served.scheduler.load(served.pool).running == 0
+        metrics = app.state.metrics.render().decode()
+        assert 'lockgate_requests_total{endpoint="chat",model="slow",status="499"} 1.0' in metrics

@@ -171,7 +171,7 @@ async def test_a_thousand_requests_over_two_replicas_never_exceed_capacity(
     assert sorted(seen["order"]) == tags  # each reached the backend exactly once
     queued = [float(r.headers["x-lockgate-queued-ms"]) for r in responses]
     assert max(queued) > 50  # they did wait in the shared queue
-    # /metrics shows the shared queue as of each replica's last heartbeat (lease_ttl / 3)
+    # /metrics shows the shared queue as of each replica's last heartbeat (lease_ttl / 4)
     await eventually(lambda: queue_depth(pair[0]) == queue_depth(pair[1]) == 0, within=LEASE)
 
 
