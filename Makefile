@@ -13,7 +13,7 @@ LLAMA_CPP_PYTHON := 0.3.36
 LLAMA_CMAKE_ARGS := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 DEPS := $(VENV)/.deps-installed
 
-.PHONY: setup serve test lint unit bench redis llama-server vllm clean
+.PHONY: setup serve test lint unit bench locust redis llama-server vllm clean
 
 setup: $(DEPS)
 
@@ -77,6 +77,16 @@ vllm: setup
 
 bench: llama-server
 	$(BIN)/python loadtests/bench_engine.py
+
+# Locust in a virtualenv of its own (its gevent stack stays out of the gateway's), run
+# headless for 60 s against a running gateway: `make serve` in another shell first.
+LOCUST_VENV := $(CACHE)/locust-venv
+LOCKGATE_URL ?= http://127.0.0.1:8000
+locust:
+	@$(LOCUST_VENV)/bin/locust --version >/dev/null 2>&1 || { \
+	  $(PYTHON) -m venv $(LOCUST_VENV) && $(LOCUST_VENV)/bin/pip install --quiet "locust>=2.47,<3"; }
+	$(LOCUST_VENV)/bin/locust -f loadtests/locustfile.py --headless -u 8 -r 2 -t 60s \
+	  --host $(LOCKGATE_URL) --only-summary
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
