@@ -21,13 +21,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import json
 import os
 import random
-import secrets
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,13 +39,17 @@ import aiohttp
 import httpx
 import uvloop
 from harness import (
+    LIMITS,
+    Pinning,
     busy_seconds,
     cpu_seconds,
     free_port,
     gateway_env,
     git_revision,
+    new_key,
     spawned,
     wait_http,
+    wait_redis,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -58,37 +58,7 @@ BODY = json.dumps(
 ).encode()
 JSON = {"Content-Type": "application/json"}
 WARMUP_S = 1.0
-# High enough never to refuse, but set, so that every limit is checked and counted.
-LIMITS = {
-    "requests_per_minute": 100_000_000,
-    "tokens_per_minute": 1_000_000_000,
-    "max_concurrent": 100_000,
-    "tokens_per_day": 100_000_000_000,
-    "tokens_per_month": 1_000_000_000_000,
-}
 ARMS = ["off", "memory", "redis", "direct"]
-
-
-@dataclass(frozen=True)
-class Pinning:
-    """taskset prefixes: the gateway gets CPU 0 alone; mock, Redis and the client share CPU 1."""
-
-    gateway: list[str]
-    helpers: list[str]
-    client_cpus: set[int] | None
-
-    @classmethod
-    def detect(cls) -> Pinning:
-        if shutil.which("taskset") and len(os.sched_getaffinity(0)) >= 2:
-            return cls(["taskset", "-c", "0"], ["taskset", "-c", "1"], {1})
-        return cls([], [], None)
-
-    def describe(self) -> dict[str, str]:
-        return {
-            "gateway": " ".join(self.gateway) or "unpinned",
-            "mock, redis": " ".join(self.helpers) or "unpinned",
-            "client": f"sched_setaffinity {sorted(self.client_cpus)}" if self.client_cpus else "no",
-        }
 
 
 @dataclass
@@ -111,22 +81,6 @@ class Arm:
     url: str
     headers: dict[str, str]
     pids: dict[str, int]  # the processes whose CPU time is charged to this arm
-
-
-def wait_redis(port: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1) as s:
-            s.sendall(b"PING\r\n")
-            if s.recv(16).startswith(b"+PONG"):
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"redis-server on port {port} not ready after {timeout}s")
-
-
-def new_key() -> tuple[str, str]:
-    key = "lg-" + secrets.token_urlsafe(32)  # 43 characters: the shape Lockgate accepts
-    return key, "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
 def write_config(workdir: Path, *, mock_port: int, key_hash: str | None, redis: str | None) -> int:

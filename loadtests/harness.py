@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import json
 import os
+import secrets
 import shutil
 import socket
 import statistics
@@ -225,3 +227,90 @@ def git_revision() -> str:
 
     dirty = git("status", "--porcelain", "--", "../gateway", "../backends")
     return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
+
+
+# High enough never to refuse, but set, so that every limit is checked and counted.
+LIMITS = {
+    "requests_per_minute": 100_000_000,
+    "tokens_per_minute": 1_000_000_000,
+    "max_concurrent": 100_000,
+    "tokens_per_day": 100_000_000_000,
+    "tokens_per_month": 1_000_000_000_000,
+}
+
+
+@dataclass(frozen=True)
+class Pinning:
+    """taskset prefixes: the gateway gets CPU 0 alone; mock, Redis and the client share CPU 1."""
+
+    gateway: list[str]
+    helpers: list[str]
+    client_cpus: set[int] | None
+
+    @classmethod
+    def detect(cls) -> Pinning:
+        if shutil.which("taskset") and len(os.sched_getaffinity(0)) >= 2:
+            return cls(["taskset", "-c", "0"], ["taskset", "-c", "1"], {1})
+        return cls([], [], None)
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "gateway": " ".join(self.gateway) or "unpinned",
+            "mock, redis": " ".join(self.helpers) or "unpinned",
+            "client": f"sched_setaffinity {sorted(self.client_cpus)}" if self.client_cpus else "no",
+        }
+
+
+def wait_redis(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1) as s:
+            s.sendall(b"PING\r\n")
+            if s.recv(16).startswith(b"+PONG"):
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"redis-server on port {port} not ready after {timeout}s")
+
+
+def new_key() -> tuple[str, str]:
+    key = "lg-" + secrets.token_urlsafe(32)  # 43 characters: the shape Lockgate accepts
+    return key, "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants (nginx workers, uvicorn/gunicorn children)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, []))
+    return found
+
+
+def tree_cpu(pid: int) -> float:
+    total = 0.0
+    for p in tree(pid):
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(p)
+    return total
+
+
+def tree_rss_mb(pid: int) -> float:
+    total = 0
+    for p in tree(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total / 1024
+
+
+def quantile(values: list[float], q: int) -> float:
+    return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else values[0]

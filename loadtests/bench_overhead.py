@@ -1,0 +1,639 @@
+"""What a gateway costs a client: Lockgate vs LiteLLM proxy vs nginx vs direct, one run.
+
+Arms, all against one loadtests/mock_upstream.py, served at once and loaded one at a time:
+
+    direct          the mock itself (the floor)
+    nginx           Debian's nginx, proxy_pass with a keep-alive upstream, buffering off
+    lockgate        no tenants (auth off), model ``mock`` on the openai backend
+    lockgate-auth   one tenant and key, all limits set too high to refuse; in-process counters
+    lockgate-redis  the same with ``redis_url``: store and counters in a private redis-server
+    litellm         LiteLLM proxy, one worker, callbacks off, master key, no database
+
+A non-streamed point is a closed loop of ``c`` aiohttp clients for 1 s (discarded)
+and then ``--seconds``; a streamed point is ``--stream-concurrency`` clients each
+reading one stream (discarded) and then ``--stream-waves`` streams of 64 chunks 20 ms
+apart. Every round visits the arms in a random order; reported are medians over
+rounds, and added latency as the median of per-round differences to ``direct``.
+CPU time and RSS are the proxy's whole process tree, read from /proc.
+
+Tools come from ``bash loadtests/overhead_setup.sh``; an arm whose tool is missing
+is skipped and named in the JSON.
+
+    python loadtests/bench_overhead.py --rounds 5 --seconds 4 --concurrency 1,4,16,64
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import random
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import uvloop
+from harness import (
+    LIMITS,
+    Pinning,
+    busy_seconds,
+    cpu_seconds,
+    free_port,
+    gateway_env,
+    git_revision,
+    new_key,
+    quantile,
+    spawned,
+    tree_cpu,
+    tree_rss_mb,
+    wait_http,
+    wait_redis,
+)
+
+HERE = Path(__file__).resolve().parent
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lockgate"
+LITELLM_VENV = CACHE / "litellm-venv"
+CHAT = "/v1/chat/completions"
+JSON = {"Content-Type": "application/json"}
+WARMUP_S = 1.0
+STREAM_CHUNKS = 64
+STREAM_GAP_MS = 20.0
+# A gap this short between chunks the mock spaced STREAM_GAP_MS apart means they were bunched.
+BUNCHED_MS = 2.0
+ARMS = ["direct", "nginx", "lockgate", "lockgate-auth", "lockgate-redis", "litellm"]
+# Within this fraction of the mock's own rate, an arm may be limited by the mock, not itself.
+CEILING = 0.9
+
+
+def body(*, stream: bool, max_tokens: int) -> bytes:
+    request = {
+        "model": "mock-stream" if stream else "mock",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+    }
+    return json.dumps(request).encode()
+
+
+@dataclass(frozen=True)
+class Arm:
+    url: str
+    stream_url: str
+    headers: dict[str, str]
+    proxy_pid: int | None  # root of the proxy's process tree; None for direct
+    extra_pids: dict[str, int] = field(default_factory=dict)  # e.g. redis-server
+
+
+@dataclass
+class Sample:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    proxy_cpu_ms: float | None  # per request, the proxy's whole process tree
+    extra_cpu_ms: dict[str, float]
+    rss_mb: float | None
+    other_cpus: float
+
+
+@dataclass
+class StreamSample:
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    gap_p50_ms: float
+    gap_p99_ms: float
+    bunched: float  # fraction of gaps under BUNCHED_MS
+    chunks_sent: int
+    chunks_received: int
+    proxy_cpu_ms: float | None  # per stream
+
+
+async def drive(
+    session: aiohttp.ClientSession, arm: Arm, concurrency: int, seconds: float
+) -> list[float]:
+    """Latencies (s) of ``concurrency`` closed-loop clients; any non-200 ends the run."""
+    stop = time.perf_counter() + seconds
+    latencies: list[float] = []
+    data = body(stream=False, max_tokens=16)
+
+    async def client() -> None:
+        while time.perf_counter() < stop:
+            started = time.perf_counter()
+            async with session.post(arm.url, data=data, headers=arm.headers) as response:
+                await response.read()
+            if response.status != 200:
+                raise SystemExit(f"{arm.url}: status {response.status} at c={concurrency}")
+            latencies.append(time.perf_counter() - started)
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return latencies
+
+
+async def measure(arm: Arm, concurrency: int, seconds: float) -> Sample:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await drive(session, arm, concurrency, WARMUP_S)
+        proxy_before = tree_cpu(arm.proxy_pid) if arm.proxy_pid else 0.0
+        extra_before = {k: cpu_seconds(p) for k, p in arm.extra_pids.items()}
+        busy, client_before = busy_seconds(), cpu_seconds(os.getpid())
+        started = time.perf_counter()
+        latencies = await drive(session, arm, concurrency, seconds)
+        wall = time.perf_counter() - started
+        proxy = tree_cpu(arm.proxy_pid) - proxy_before if arm.proxy_pid else None
+        extra = {k: cpu_seconds(p) - extra_before[k] for k, p in arm.extra_pids.items()}
+        client = cpu_seconds(os.getpid()) - client_before
+        other = busy_seconds() - busy - client - (proxy or 0.0) - sum(extra.values())
+    n = len(latencies)
+    return Sample(
+        rps=n / wall,
+        p50_ms=quantile(latencies, 50) * 1000,
+        p99_ms=quantile(latencies, 99) * 1000,
+        proxy_cpu_ms=None if proxy is None else proxy * 1000 / n,
+        extra_cpu_ms={k: s * 1000 / n for k, s in extra.items()},
+        rss_mb=tree_rss_mb(arm.proxy_pid) if arm.proxy_pid else None,
+        # The mock's CPU counts as "other" here: it is the same for every arm.
+        other_cpus=max(other, 0.0) / wall,
+    )
+
+
+async def one_stream(session: aiohttp.ClientSession, arm: Arm) -> tuple[float, list[float]]:
+    """Start time and the arrival time of every content chunk of one stream."""
+    data = body(stream=True, max_tokens=STREAM_CHUNKS)
+    arrivals: list[float] = []
+    started = time.perf_counter()
+    async with session.post(arm.stream_url, data=data, headers=arm.headers) as response:
+        if response.status != 200:
+            raise SystemExit(f"{arm.url}: status {response.status} on a stream")
+        async for raw in response.content:  # one SSE line at a time
+            line = raw.strip()
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            choices = json.loads(line[6:]).get("choices") or []
+            if choices and choices[0].get("delta", {}).get("content"):
+                arrivals.append(time.perf_counter())
+    return started, arrivals
+
+
+async def measure_stream(arm: Arm, concurrency: int, waves: int) -> StreamSample:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await asyncio.gather(*(one_stream(session, arm) for _ in range(concurrency)))
+
+        async def client() -> list[tuple[float, list[float]]]:
+            return [await one_stream(session, arm) for _ in range(waves)]
+
+        before = tree_cpu(arm.proxy_pid) if arm.proxy_pid else 0.0
+        results = await asyncio.gather(*(client() for _ in range(concurrency)))
+        cpu = tree_cpu(arm.proxy_pid) - before if arm.proxy_pid else None
+    streams = [s for per_client in results for s in per_client]
+    ttfts = [(a[0] - t0) * 1000 for t0, a in streams if a]
+    gaps = [(b - a) * 1000 for _, t in streams for a, b in itertools.pairwise(t)]
+    return StreamSample(
+        ttft_p50_ms=quantile(ttfts, 50),
+        ttft_p99_ms=quantile(ttfts, 99),
+        gap_p50_ms=quantile(gaps, 50),
+        gap_p99_ms=quantile(gaps, 99),
+        bunched=sum(g < BUNCHED_MS for g in gaps) / len(gaps),
+        chunks_sent=STREAM_CHUNKS * len(streams),
+        chunks_received=sum(len(t) for _, t in streams),
+        proxy_cpu_ms=None if cpu is None else cpu * 1000 / len(streams),
+    )
+
+
+# --- the arms' servers -------------------------------------------------------------------
+
+
+def nginx_conf(workdir: Path, *, ports: tuple[int, int], mocks: tuple[int, int]) -> Path:
+    """One worker (as Lockgate and LiteLLM get one process), keep-alive to the mocks, no
+    buffering so SSE chunks pass as they come; every path in ``workdir``.
+
+    nginx cannot route on the body's model name, so each mock gets its own port."""
+    temp = " ".join(f"{kind}_temp_path {workdir}/{kind};" for kind in _NGINX_TEMPS)
+    conf = workdir / "nginx.conf"
+    conf.write_text(
+        f"""worker_processes 1;
+pid {workdir}/nginx.pid;
+error_log {workdir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    {temp}
+{_nginx_server(ports[0], mocks[0], "fast")}
+{_nginx_server(ports[1], mocks[1], "stream")}
+}}
+"""
+    )
+    return conf
+
+
+def _nginx_server(port: int, mock_port: int, name: str) -> str:
+    return f"""
+    upstream {name} {{ server 127.0.0.1:{mock_port}; keepalive 256; }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location = /nginx-health {{ return 200 "ok"; }}
+        location / {{
+            proxy_pass http://{name};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+        }}
+    }}"""
+
+
+_NGINX_TEMPS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+
+
+def lockgate_config(
+    workdir: Path,
+    *,
+    mocks: tuple[int, int],
+    concurrency: int,
+    key_hash: str | None,
+    redis: str | None,
+) -> tuple[Path, int]:
+    port = free_port()
+    # Backend concurrency above the largest client count, so its queue never holds
+    # requests back and the arm measures the gateway, not its admission.
+    models = [
+        {"name": name, "backend": "openai", "base_url": f"http://127.0.0.1:{mock}"}
+        | {"upstream_model": "mock", "health_interval": 60, "concurrency": concurrency}
+        for name, mock in zip(("mock", "mock-stream"), mocks, strict=True)
+    ]
+    config: dict[str, object] = {
+        "server": {"host": "127.0.0.1", "port": port, "log_level": "warning"},
+        "models": models,
+        "auth": {"database": str(workdir / "lockgate.db")},
+    }
+    if key_hash is not None:
+        keys = [{"id": "bench", "hash": key_hash}]
+        config["tenants"] = [{"id": "bench", "limits": LIMITS, "keys": keys}]
+    if redis is not None:
+        config["redis_url"] = redis
+    path = workdir / "lockgate.yaml"
+    path.write_text(json.dumps(config, indent=2))  # JSON is YAML
+    return path, port
+
+
+def litellm_config(workdir: Path, *, mocks: tuple[int, int], master_key: str) -> Path:
+    config = {
+        "model_list": [
+            {
+                "model_name": name,
+                "litellm_params": {
+                    "model": "openai/mock",
+                    "api_base": f"http://127.0.0.1:{mock}/v1",
+                    "api_key": "sk-mock",
+                },
+            }
+            for name, mock in zip(("mock", "mock-stream"), mocks, strict=True)
+        ],
+        "litellm_settings": {
+            "callbacks": [],
+            "success_callback": [],
+            "failure_callback": [],
+            "telemetry": False,
+        },
+        "general_settings": {"master_key": master_key},
+    }
+    path = workdir / "litellm.yaml"
+    path.write_text(json.dumps(config, indent=2))
+    return path
+
+
+@dataclass
+class Servers:
+    arms: dict[str, Arm]
+    skipped: dict[str, str]
+    versions: dict[str, str]
+
+
+def start_all(
+    stack: contextlib.ExitStack, root: Path, pin: Pinning, *, concurrency: int, only: list[str]
+) -> Servers:
+    """Every server once, kept up across rounds (as in bench_auth: the idle arms sleep)."""
+    # Two mocks: Lockgate streams from its upstream even for a non-streamed request, so
+    # the non-streamed mock sends its chunks without a gap (as in bench_auth).
+    mocks, redis_port = (free_port(), free_port()), free_port()
+    mock_pids: dict[str, int] = {}
+    for mock_port, gap in zip(mocks, (0.0, STREAM_GAP_MS), strict=True):
+        mock = [sys.executable, str(HERE / "mock_upstream.py"), "--port", str(mock_port)]
+        mock += ["--chunks", str(STREAM_CHUNKS), "--gap-ms", str(gap)]
+        log = root / f"mock-{mock_port}.log"
+        mock_proc = stack.enter_context(spawned([*pin.helpers, *mock], log))
+        wait_http(f"http://127.0.0.1:{mock_port}/health", mock_proc)
+        mock_pids[f"mock-{'stream' if gap else 'fast'}"] = mock_proc.pid
+    servers = Servers({}, {}, {})
+    servers.arms["direct"] = Arm(*_urls(*mocks), JSON, None, mock_pids)
+    ready: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else "")
+    if "nginx" in only and nginx:
+        workdir, ports = root / "nginx", (free_port(), free_port())
+        workdir.mkdir()
+        conf = nginx_conf(workdir, ports=ports, mocks=mocks)
+        cmd = [*pin.gateway, nginx, "-c", str(conf), "-p", str(workdir), "-g", "daemon off;"]
+        proc = stack.enter_context(spawned(cmd, workdir / "nginx.out"))
+        servers.arms["nginx"] = Arm(*_urls(*ports), JSON, proc.pid, mock_pids)
+        ready.append((f"http://127.0.0.1:{ports[0]}/nginx-health", proc))
+        servers.versions["nginx"] = _version([nginx, "-v"])
+    elif "nginx" in only:
+        servers.skipped["nginx"] = "nginx not installed: run loadtests/overhead_setup.sh"
+
+    lockgates = {"lockgate": False, "lockgate-auth": False, "lockgate-redis": True}
+    if "lockgate-redis" in only:
+        redis = ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"]
+        redis_pid = stack.enter_context(spawned([*pin.helpers, *redis], root / "redis.log")).pid
+        wait_redis(redis_port)
+    key, key_hash = new_key()
+    for name, with_redis in lockgates.items():
+        if name not in only:
+            continue
+        workdir = root / name
+        workdir.mkdir()
+        secured = name != "lockgate"
+        config, port = lockgate_config(
+            workdir,
+            mocks=mocks,
+            concurrency=concurrency,
+            key_hash=key_hash if secured else None,
+            redis=f"redis://127.0.0.1:{redis_port}/0" if with_redis else None,
+        )
+        cmd = [*pin.gateway, sys.executable, "-m", "gateway", "serve", "--config", str(config)]
+        proc = stack.enter_context(spawned(cmd, workdir / "lockgate.log", gateway_env(workdir)))
+        headers = JSON | ({"Authorization": f"Bearer {key}"} if secured else {})
+        extra = mock_pids | ({"redis": redis_pid} if with_redis else {})
+        servers.arms[name] = Arm(*_urls(port, port), headers, proc.pid, extra)
+        ready.append((f"http://127.0.0.1:{port}/health/ready", proc))
+
+    litellm = LITELLM_VENV / "bin" / "litellm"
+    if "litellm" in only and litellm.exists():
+        workdir, port = root / "litellm", free_port()
+        workdir.mkdir()
+        master = "sk-" + secrets.token_urlsafe(24)
+        config = litellm_config(workdir, mocks=mocks, master_key=master)
+        cmd = [*pin.gateway, str(litellm), "--config", str(config), "--host", "127.0.0.1"]
+        cmd += ["--port", str(port), "--num_workers", "1"]
+        # No cost-map download, no telemetry, no colour codes in the log.
+        env = gateway_env(workdir) | {
+            "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+            "LITELLM_LOG": "ERROR",
+            "NO_COLOR": "1",
+            "HOME": str(workdir),
+        }
+        proc = stack.enter_context(spawned(cmd, workdir / "litellm.log", env))
+        headers = JSON | {"Authorization": f"Bearer {master}"}
+        servers.arms["litellm"] = Arm(*_urls(port, port), headers, proc.pid, mock_pids)
+        ready.append((f"http://127.0.0.1:{port}/health/liveliness", proc))
+        servers.versions["litellm"] = _version([str(litellm), "--version"], env=env)
+    elif "litellm" in only:
+        servers.skipped["litellm"] = f"{litellm} missing: run loadtests/overhead_setup.sh"
+
+    for url, proc in ready:  # started together, so their imports overlap
+        wait_http(url, proc, timeout=300)
+    return servers
+
+
+def _urls(port: int, stream_port: int) -> tuple[str, str]:
+    return f"http://127.0.0.1:{port}{CHAT}", f"http://127.0.0.1:{stream_port}{CHAT}"
+
+
+def _version(cmd: list[str], env: dict[str, str] | None = None) -> str:
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env, timeout=120)
+    lines = [line.strip() for line in (out.stdout + out.stderr).splitlines() if line.strip()]
+    return lines[-1] if lines else "?"
+
+
+# --- rounds and summary --------------------------------------------------------------------
+
+
+def run_rounds(
+    arms: dict[str, Arm], levels: list[int], args: argparse.Namespace
+) -> tuple[dict[tuple[str, int], list[Sample]], dict[str, list[StreamSample]]]:
+    samples: dict[tuple[str, int], list[Sample]] = {}
+    streams: dict[str, list[StreamSample]] = {}
+    for round_no in range(1, args.rounds + 1):
+        for n in levels:
+            for name in random.sample(list(arms), len(arms)):
+                point = uvloop.run(measure(arms[name], n, args.seconds))
+                samples.setdefault((name, n), []).append(point)
+                print(
+                    f"  round {round_no} c={n:<3d} {name:14s} {point.rps:7.0f} req/s  "
+                    f"p50 {point.p50_ms:7.2f} ms  p99 {point.p99_ms:7.2f} ms  "
+                    f"proxy CPU {point.proxy_cpu_ms or 0:.3f} ms/req",
+                    flush=True,
+                )
+        if args.stream_concurrency <= 0:
+            continue
+        for name in random.sample(list(arms), len(arms)):
+            s = uvloop.run(measure_stream(arms[name], args.stream_concurrency, args.stream_waves))
+            streams.setdefault(name, []).append(s)
+            print(
+                f"  round {round_no} stream {name:14s} TTFT p50 {s.ttft_p50_ms:6.2f} ms  "
+                f"gap p99 {s.gap_p99_ms:6.2f} ms  chunks {s.chunks_received}/{s.chunks_sent}",
+                flush=True,
+            )
+    return samples, streams
+
+
+def paired_added(points: list[Any], floor: list[Any], metric: str) -> float:
+    """Median of per-round differences to ``direct``: the rounds share a VM's drift."""
+    pairs = zip(points, floor, strict=True)
+    return float(statistics.median(getattr(p, metric) - getattr(d, metric) for p, d in pairs))
+
+
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def summarise(samples: dict[tuple[str, int], list[Sample]]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for (arm, n), points in samples.items():
+        floor = samples["direct", n]
+        rps = statistics.median(p.rps for p in points)
+        ceiling = statistics.median(p.rps for p in floor)
+        rows.append(
+            {
+                "arm": arm,
+                "concurrency": n,
+                "rps": rps,
+                "p50_ms": statistics.median(p.p50_ms for p in points),
+                "p99_ms": statistics.median(p.p99_ms for p in points),
+                "added_p50_ms": paired_added(points, floor, "p50_ms"),
+                "added_p99_ms": paired_added(points, floor, "p99_ms"),
+                "proxy_cpu_ms_per_request": _median([p.proxy_cpu_ms for p in points]),
+                "extra_cpu_ms_per_request": {
+                    k: statistics.median(p.extra_cpu_ms[k] for p in points)
+                    for k in points[0].extra_cpu_ms
+                },
+                "rss_mb": _median([p.rss_mb for p in points]),
+                "near_mock_ceiling": arm != "direct" and rps >= CEILING * ceiling,
+                "other_cpus": statistics.median(p.other_cpus for p in points),
+                "rounds": [asdict(p) for p in points],
+            }
+        )
+    return sorted(rows, key=lambda r: (r["concurrency"], ARMS.index(r["arm"])))
+
+
+def summarise_streams(streams: dict[str, list[StreamSample]]) -> list[dict[str, Any]]:
+    floor = streams.get("direct")
+    rows: list[dict[str, Any]] = []
+    for arm, points in streams.items():
+        rows.append(
+            {
+                "arm": arm,
+                "ttft_p50_ms": statistics.median(p.ttft_p50_ms for p in points),
+                "added_ttft_p50_ms": paired_added(points, floor, "ttft_p50_ms") if floor else None,
+                "gap_p99_ms": statistics.median(p.gap_p99_ms for p in points),
+                "added_gap_p99_ms": paired_added(points, floor, "gap_p99_ms") if floor else None,
+                "bunched": statistics.median(p.bunched for p in points),
+                "chunks_sent": sum(p.chunks_sent for p in points),
+                "chunks_received": sum(p.chunks_received for p in points),
+                "proxy_cpu_ms_per_stream": _median([p.proxy_cpu_ms for p in points]),
+                "rounds": [asdict(p) for p in points],
+            }
+        )
+    return sorted(rows, key=lambda r: ARMS.index(r["arm"]))
+
+
+def _cell(value: float | None, width: int, digits: int) -> str:
+    return f"{'-':>{width}s}" if value is None else f"{value:{width}.{digits}f}"
+
+
+def print_tables(rows: list[dict[str, Any]], stream_rows: list[dict[str, Any]]) -> None:
+    print(
+        "\n| c   | arm            |   req/s | p50 ms | p99 ms | +p50 ms | +p99 ms "
+        "| proxy CPU ms/req | RSS MB |\n|-----|----------------|---------|--------|--------|"
+        "---------|---------|------------------|--------|"
+    )
+    for r in rows:
+        flag = " *" if r["near_mock_ceiling"] else "  "
+        print(
+            f"| {r['concurrency']:<3d} | {r['arm']:14s} | {r['rps']:7.0f}{flag[1]}"
+            f"| {r['p50_ms']:6.2f} | {r['p99_ms']:6.2f} | {r['added_p50_ms']:7.2f} "
+            f"| {r['added_p99_ms']:7.2f} | {_cell(r['proxy_cpu_ms_per_request'], 16, 3)} "
+            f"| {_cell(r['rss_mb'], 6, 0)} |"
+        )
+    if any(r["near_mock_ceiling"] for r in rows):
+        print(f"\n* within {1 - CEILING:.0%} of the mock's own rate: may be the mock's limit")
+    if stream_rows:
+        print(
+            f"\nstreams of {STREAM_CHUNKS} chunks {STREAM_GAP_MS:g} ms apart\n"
+            "| arm            | TTFT p50 ms | +TTFT ms | gap p99 ms | +gap p99 ms | "
+            f"gaps < {BUNCHED_MS:g} ms | chunks recv/sent | proxy CPU ms/stream |\n"
+            "|----------------|-------------|----------|------------|-------------|"
+            "------------|------------------|---------------------|"
+        )
+        for s in stream_rows:
+            chunks = f"{s['chunks_received']}/{s['chunks_sent']}"
+            print(
+                f"| {s['arm']:14s} | {s['ttft_p50_ms']:11.2f} | "
+                f"{_cell(s['added_ttft_p50_ms'], 8, 2)} | {s['gap_p99_ms']:10.2f} | "
+                f"{_cell(s['added_gap_p99_ms'], 11, 2)} | {s['bunched']:10.1%} | "
+                f"{chunks:>16s} | {_cell(s['proxy_cpu_ms_per_stream'], 19, 3)} |"
+            )
+    if rows and max(r["other_cpus"] for r in rows) > 0.3:
+        print("\nwarning: other processes kept the machine busy; rerun on a quiet machine")
+
+
+def plot(rows: list[dict[str, Any]], out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax50, ax99) = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
+    for arm in ARMS:
+        mine = [r for r in rows if r["arm"] == arm]
+        if not mine:
+            continue
+        xs = [r["concurrency"] for r in mine]
+        ax50.plot(xs, [r["p50_ms"] for r in mine], marker="o", label=arm)
+        ax99.plot(xs, [r["p99_ms"] for r in mine], marker="o", label=arm)
+    for ax, name in ((ax50, "p50"), (ax99, "p99")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("concurrent clients (closed loop)")
+        ax.set_ylabel(f"{name} latency, ms")
+        ax.grid(True, which="both", alpha=0.3)
+    ax99.legend(fontsize="small")
+    fig.suptitle(title, fontsize="medium")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--concurrency", default="1,4,16,64")
+    parser.add_argument("--stream-concurrency", type=int, default=8, help="0: no stream run")
+    parser.add_argument("--stream-waves", type=int, default=3, help="streams per client")
+    parser.add_argument("--arms", default=",".join(ARMS), help="a subset; direct always runs")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "bench_overhead.json")
+    args = parser.parse_args()
+    levels = [int(x) for x in args.concurrency.split(",")]
+    only = ["direct", *(a for a in args.arms.split(",") if a in ARMS and a != "direct")]
+    pin, revision = Pinning.detect(), git_revision()  # before start: the code they import
+    with contextlib.ExitStack() as stack:
+        root = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
+        concurrency = max([*levels, args.stream_concurrency]) * 2
+        servers = start_all(stack, root, pin, concurrency=concurrency, only=only)
+        for name, why in servers.skipped.items():
+            print(f"skipping {name}: {why}")
+        if pin.client_cpus is not None:
+            os.sched_setaffinity(0, pin.client_cpus)
+        samples, streams = run_rounds(servers.arms, levels, args)
+    rows, stream_rows = summarise(samples), summarise_streams(streams)
+    print_tables(rows, stream_rows)
+    pinning = pin.describe()
+    pinning = {"proxies": pinning["gateway"], "mock, redis": pinning["mock, redis"]} | {
+        "client": pinning["client"]
+    }
+    report = {
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+        "revision": revision,
+        "rounds": args.rounds,
+        "seconds_per_point": args.seconds,
+        "warmup_seconds": WARMUP_S,
+        "concurrency": levels,
+        "stream": {
+            "chunks": STREAM_CHUNKS,
+            "gap_ms": STREAM_GAP_MS,
+            "concurrency": args.stream_concurrency,
+            "streams_per_client": args.stream_waves,
+        },
+        "arms": list(servers.arms),
+        "skipped": servers.skipped,
+        "versions": servers.versions,
+        "request": json.loads(body(stream=False, max_tokens=16)),
+        "limits": LIMITS,
+        "pinning": pinning,
+        "cpus": os.cpu_count(),
+        "ceiling_fraction": CEILING,
+        "rows": rows,
+        "stream_rows": stream_rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    png = args.out.with_suffix(".png")
+    plot(rows, png, f"gateway overhead vs a mock upstream ({revision}, {args.rounds} rounds)")
+    print(f"\nwrote {args.out} and {png}")
+
+
+if __name__ == "__main__":
+    main()
