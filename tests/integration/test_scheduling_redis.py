@@ -10,12 +10,13 @@ for it live in Redis.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,18 @@ def send(
     ]
 
 
+@contextlib.asynccontextmanager
+async def clients(
+    pair: tuple[Server, Server], **options: Any
+) -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient]]:
+    """One HTTP client per replica."""
+    async with (
+        httpx.AsyncClient(base_url=pair[0].base_url, timeout=120, **options) as a,
+        httpx.AsyncClient(base_url=pair[1].base_url, timeout=120, **options) as b,
+    ):
+        yield a, b
+
+
 def queue_depth(server: Server) -> float:
     text = httpx.get(f"{server.base_url}/metrics").text
     return sum(
@@ -151,10 +164,7 @@ async def test_a_thousand_requests_over_two_replicas_never_exceed_capacity(
     rng = random.Random(5)
     tags = [f"r{i:04d}" for i in range(1000)]
     limits = httpx.Limits(max_connections=40)
-    async with (
-        httpx.AsyncClient(base_url=pair[0].base_url, timeout=120, limits=limits) as a,
-        httpx.AsyncClient(base_url=pair[1].base_url, timeout=120, limits=limits) as b,
-    ):
+    async with clients(pair, limits=limits) as (a, b):
         gate = asyncio.Semaphore(60)  # 60 clients: ~57 of them queued at any time
 
         async def one(tag: str) -> httpx.Response:
@@ -178,12 +188,8 @@ async def test_a_thousand_requests_over_two_replicas_never_exceed_capacity(
 async def test_fairness_holds_across_replicas(
     pair: tuple[Server, Server], upstream: Server
 ) -> None:
-    a, b = pair
     stats(upstream, reset=True)
-    async with (
-        httpx.AsyncClient(base_url=a.base_url, timeout=60) as on_a,
-        httpx.AsyncClient(base_url=b.base_url, timeout=60) as on_b,
-    ):
+    async with clients(pair) as (on_a, on_b):
         # heavy floods replica A with long streams: K run, the rest queue
         flood = send(on_a, HEAVY, [f"h{i:02d}" for i in range(3 * K)], tokens=25, stream=True)
         await eventually(lambda: stats(upstream)["in_flight"] == K)
@@ -202,12 +208,9 @@ async def test_fairness_holds_across_replicas(
 async def test_a_killed_replica_gives_back_its_slots_within_the_lease(
     pair: tuple[Server, Server], upstream: Server
 ) -> None:
-    a, b = pair
+    a = pair[0]
     stats(upstream, reset=True)
-    async with (
-        httpx.AsyncClient(base_url=a.base_url, timeout=60) as on_a,
-        httpx.AsyncClient(base_url=b.base_url, timeout=60) as on_b,
-    ):
+    async with clients(pair) as (on_a, on_b):
         # K hold every slot for ~10 s each, 2 wait in the shared queue
         doomed = send(on_a, HEAVY, [f"a{i}" for i in range(K + 2)], tokens=500, stream=True)
         await eventually(lambda: stats(upstream)["in_flight"] == K)
