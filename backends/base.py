@@ -155,6 +155,9 @@ class GenerationRequest:
     # OpenAI tool definitions and tool_choice, passed to backends that support tools.
     tools: tuple[Mapping[str, Any], ...] = ()
     tool_choice: str | Mapping[str, Any] | None = None
+    # False when the caller only wants the whole answer: a backend may then produce it
+    # as one final chunk (a remote engine's non-streamed call, no SSE to parse).
+    stream: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,10 +3,13 @@
     backend = OpenAICompatBackend(RemoteConfig(base_url="http://127.0.0.1:8080",
                                                upstream_model="gemma", concurrency=8))
 
-Generation always streams from the upstream, with ``stream_options.include_usage``
+A streamed request streams from the upstream, with ``stream_options.include_usage``
 so the token counts are the upstream's own; the gateway re-frames the chunks
 for its client (dropping the usage chunk if the client did not ask for it).
-Each SSE line is parsed once with orjson, never through pydantic.
+Each SSE line is parsed once with orjson, never through pydantic. A non-streamed
+request is one non-streamed upstream call, answered as one final chunk: parsing
+a stream of SSE lines only to join them again cost the gateway a third of its
+CPU per request (loadtests/bench_overhead.py).
 
 Errors are translated by :func:`backends.remote.upstream_error`.
 Closing the generator closes the upstream connection, which is how llama-server,
@@ -54,11 +57,9 @@ def _message_dict(m: ChatMessage) -> dict[str, Any]:
 def request_body(request: GenerationRequest, upstream_model: str) -> dict[str, Any]:
     """The upstream request: only what the client set, plus streaming with usage."""
     p = request.sampling
-    body: dict[str, Any] = {
-        "model": upstream_model,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
+    body: dict[str, Any] = {"model": upstream_model, "stream": request.stream}
+    if request.stream:
+        body["stream_options"] = {"include_usage": True}
     if request.messages is not None:
         body["messages"] = [_message_dict(m) for m in request.messages]
         if request.tools:
@@ -100,18 +101,54 @@ class _ToolCallAssembler:
         )
 
 
+def whole_answer(data: dict[str, Any], *, chat: bool) -> GenerationChunk:
+    """The final chunk of a non-streamed answer: its first choice, whole."""
+    choices = data.get("choices")
+    if not choices or not isinstance(choices[0], dict):
+        raise BackendUnavailable("the upstream answered without a choice")
+    choice = choices[0]
+    calls: tuple[ToolCall, ...] = ()
+    if chat:
+        message = choice.get("message") or {}
+        text = message.get("content") or ""
+        calls = tuple(
+            ToolCall(
+                c.get("id") or f"call_{i}",
+                (c.get("function") or {}).get("name") or "",
+                (c.get("function") or {}).get("arguments") or "",
+            )
+            for i, c in enumerate(message.get("tool_calls") or ())
+        )
+    else:
+        text = choice.get("text") or ""
+    usage = data.get("usage") or {}
+    reason = choice.get("finish_reason") or "stop"
+    return GenerationChunk(
+        text,
+        int(usage.get("prompt_tokens") or 0),
+        int(usage.get("completion_tokens") or (1 if text else 0)),
+        _FINISH_REASONS.get(reason, "stop"),
+        tool_calls=calls,
+    )
+
+
 class OpenAICompatBackend(RemoteBackend):
     """Streams from an OpenAI-compatible server."""
 
     # -- requests ----------------------------------------------------------
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        path = "/v1/chat/completions" if request.messages is not None else "/v1/completions"
+        chat = request.messages is not None
+        path = "/v1/chat/completions" if chat else "/v1/completions"
         body = request_body(request, self.config.upstream_model)
         self.in_flight += 1
         try:
-            async for chunk in self._stream(path, body, chat=request.messages is not None):
-                yield chunk
+            if request.stream:
+                async for chunk in self._stream(path, body, chat=chat):
+                    yield chunk
+            else:
+                timeout = self.config.request_timeout
+                yield whole_answer(await self.post_json(path, body, within=timeout), chat=chat)
         finally:
             self.in_flight -= 1
 

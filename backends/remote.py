@@ -52,6 +52,7 @@ class RemoteConfig:
     connect_timeout: float = 5.0
     first_token_timeout: float = 120.0
     chunk_timeout: float = 60.0
+    request_timeout: float = 600.0  # a whole non-streamed answer
     context_length: int | None = None  # for clients' information; the upstream enforces it
     health_interval: float = 5.0
 
@@ -210,11 +211,14 @@ class RemoteBackend:
         except _TRANSPORT_ERRORS:
             return 0, b""
 
-    async def post_json(self, path: str, body: dict[str, Any]) -> Any:
-        """POST ``body``; the decoded JSON answer, or the translated error."""
+    async def post_json(
+        self, path: str, body: dict[str, Any], *, within: float | None = None
+    ) -> dict[str, Any]:
+        """POST ``body``; the decoded JSON object (default limit: the first-token
+        timeout), or the translated error."""
         try:
             async with (
-                asyncio.timeout(self.config.first_token_timeout),
+                asyncio.timeout(within or self.config.first_token_timeout),
                 self.session.post(
                     path.lstrip("/"), data=orjson.dumps(body), headers=JSON_HEADERS
                 ) as response,
@@ -222,7 +226,7 @@ class RemoteBackend:
                 raw = await response.read()
                 if response.status >= 400:
                     raise upstream_error(response.status, raw[:ERROR_BODY_LIMIT], response.headers)
-                return orjson.loads(raw)
+                return parse_event(raw)
         except _TRANSPORT_ERRORS as exc:
             raise transport_error(exc, path) from None
 

@@ -26,15 +26,16 @@ from backends.base import Backend, BackendError
 from backends.llama.backend import EmbeddedBackend, EmbeddedConfig
 from gateway.api import admin, health, openai
 from gateway.api.disconnect import ClientDisconnected
+from gateway.api.routing import Route, Routes, error_response
 from gateway.api.security import GUARDS, PUBLIC
-from gateway.errors import GatewayError, InvalidRequest, NotFound, describe
+from gateway.errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound
 from gateway.limits import BodySizeLimit
 from gateway.metrics import Metrics
 from gateway.remote import build_remote_backend
 from gateway.scheduler.base import PoolLimits, Scheduler
 from gateway.scheduler.memory import MemoryScheduler
 from gateway.scheduler.redis_scheduler import RedisScheduler
-from gateway.service import CLIENT_CLOSED, InferenceService, ModelRegistry, ServedModel
+from gateway.service import InferenceService, ModelRegistry, ServedModel
 from gateway.settings import ModelSettings, RemoteModelSettings, Settings
 from gateway.tenancy.runtime import Tenancy
 
@@ -74,30 +75,19 @@ async def _start_all(backends: Sequence[tuple[str, Backend]]) -> None:
     await asyncio.gather(*(start(n, b) for n, b in backends))
 
 
-def _error_response(exc: BaseException) -> Response:
-    info = describe(exc)
-    return Response(
-        info.body(), status_code=info.status, headers=info.headers, media_type="application/json"
-    )
-
-
 async def _on_error(request: Request, exc: Exception) -> Response:
-    return _error_response(exc)
+    return error_response(exc)
 
 
 async def _on_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     if exc.status_code == 404:
-        return _error_response(NotFound(f"Unknown path: {request.url.path}"))
+        return error_response(NotFound(f"Unknown path: {request.url.path}"))
     if exc.status_code == 405:
-        error = InvalidRequest(f"Method {request.method} is not allowed on {request.url.path}")
-        info = describe(error)
-        return Response(info.body(), status_code=405, media_type="application/json")
-    return _error_response(InvalidRequest(str(exc.detail)))
-
-
-async def _on_disconnect(request: Request, exc: Exception) -> Response:
-    return Response(status_code=CLIENT_CLOSED)  # nobody is left to read it
+        return error_response(
+            MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}")
+        )
+    return error_response(InvalidRequest(str(exc.detail)))
 
 
 def _calls(dependant: Dependant) -> set[object]:
@@ -108,8 +98,11 @@ def _calls(dependant: Dependant) -> set[object]:
     return found
 
 
-def _require_guards(routers: Sequence[APIRouter]) -> None:
+def _require_guards(routers: Sequence[APIRouter], routes: Sequence[Route] = ()) -> None:
     """Default deny: every route declares a key guard, or is listed as public."""
+    for plain in routes:  # the plain ASGI routes cannot be declared without one
+        if plain.guard not in GUARDS:
+            raise RuntimeError(f"route {plain.path} has no auth dependency")
     for router in routers:
         for route in router.routes:
             if not isinstance(route, APIRoute):
@@ -205,17 +198,19 @@ def create_app(settings: Settings, *, backends: Mapping[str, Backend] | None = N
     app.state.admin_key = tenancy.admin_key
     app.state.tenant_admin = tenancy.admin
     app.state.ledger = tenancy.ledger
-    routers = (openai.router, admin.router, health.router)
-    _require_guards(routers)
+    routers = (admin.router, health.router)
+    _require_guards(routers, openai.ROUTES)
     for router in routers:
         app.include_router(router)
     app.add_exception_handler(GatewayError, _on_error)
     app.add_exception_handler(BackendError, _on_error)
-    app.add_exception_handler(ClientDisconnected, _on_disconnect)
-    app.add_exception_handler(ClientDisconnect, _on_disconnect)  # left mid-upload
+    app.add_exception_handler(ClientDisconnected, _on_error)
+    app.add_exception_handler(ClientDisconnect, _on_error)  # left mid-upload
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(Exception, _on_error)
-    # Middleware, outermost first (Starlette wraps in reverse order of adding):
-    # the size guard sees a request before anything reads its body.
+    # Middleware, innermost first (Starlette wraps in reverse order of adding): the
+    # OpenAI routes, plain ASGI, inside the size guard, which sees a request before
+    # anything reads its body.
+    app.add_middleware(Routes, routes=openai.ROUTES)
     app.add_middleware(BodySizeLimit, max_bytes=settings.server.max_body_bytes)
     return app

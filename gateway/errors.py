@@ -12,6 +12,7 @@ says nothing about the internals (the traceback goes to the log only).
     ├── Forbidden             403 permission_denied (model not allowed, admin API off)
     ├── ModelNotFound         404 model_not_found
     ├── NotFound              404 (unknown route or admin resource)
+    ├── MethodNotAllowed      405 (a known path, another method)
     ├── Conflict              409 conflict (admin: the id exists)
     ├── RequestTooLarge       413 request_too_large
     ├── RateLimited           429 rate_limit_exceeded, Retry-After and x-ratelimit-*
@@ -74,6 +75,10 @@ class ModelNotFound(GatewayError):
 
 class NotFound(GatewayError):
     """No route matches the path."""
+
+
+class MethodNotAllowed(GatewayError):
+    """The path exists, but not with this method."""
 
 
 class RequestTooLarge(GatewayError):
@@ -167,6 +172,7 @@ _TABLE: tuple[tuple[type[Exception], int, str, str | None], ...] = (
     (InvalidRequest, 400, "invalid_request_error", None),
     (ModelNotFound, 404, "invalid_request_error", "model_not_found"),
     (NotFound, 404, "invalid_request_error", "not_found"),
+    (MethodNotAllowed, 405, "invalid_request_error", None),
     (RequestTooLarge, 413, "invalid_request_error", "request_too_large"),
     (Unauthorized, 401, "invalid_request_error", "invalid_api_key"),
     (Forbidden, 403, "invalid_request_error", "permission_denied"),

@@ -10,6 +10,7 @@ are counted under ``other``. Engine state is read from the backends at scrape ti
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any, Self
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -22,6 +23,38 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _RememberChildren:
+    """``labels()`` that remembers its children.
+
+    prometheus_client validates the values and takes a lock on every call; the request
+    path asks for the same few children (model, endpoint, status...) over and over, and
+    ten such calls were 8% of a request's CPU. The children are kept by the metric
+    anyway, so remembering them adds no series.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._remembered: dict[tuple[object, ...], Self] = {}
+
+    def labels(self, *labelvalues: object, **labelkwargs: object) -> Self:
+        if labelkwargs:
+            return super().labels(*labelvalues, **labelkwargs)  # type: ignore[misc,no-any-return]
+        remembered = self._remembered.get(labelvalues)
+        if remembered is not None:
+            return remembered
+        child: Self = super().labels(*labelvalues)  # type: ignore[misc]
+        self._remembered[labelvalues] = child
+        return child
+
+
+class _Counter(_RememberChildren, Counter):
+    pass
+
+
+class _Histogram(_RememberChildren, Histogram):
+    pass
 
 
 class EngineCollector(Collector):
@@ -111,52 +144,52 @@ class Metrics:
         r = self.registry
         self._tenant_cap = tenant_label_cap
         self._tenants_labelled: set[str] = set()
-        self.requests = Counter(
+        self.requests = _Counter(
             "lockgate_requests",
             "Requests by outcome (HTTP status; 499: client went away)",
             ["model", "endpoint", "status"],
             registry=r,
         )
-        self.request_duration = Histogram(
+        self.request_duration = _Histogram(
             "lockgate_request_duration_seconds",
             "End-to-end request latency",
             ["model", "endpoint"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.time_to_first_token = Histogram(
+        self.time_to_first_token = _Histogram(
             "lockgate_time_to_first_token_seconds",
             "Time from arrival to the first token",
             ["model"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.time_per_output_token = Histogram(
+        self.time_per_output_token = _Histogram(
             "lockgate_time_per_output_token_seconds",
             "Mean gap between output tokens",
             ["model"],
             buckets=_TOKEN_BUCKETS,
             registry=r,
         )
-        self.prompt_tokens = Counter(
+        self.prompt_tokens = _Counter(
             "lockgate_prompt_tokens", "Prompt tokens processed", ["model"], registry=r
         )
-        self.completion_tokens = Counter(
+        self.completion_tokens = _Counter(
             "lockgate_completion_tokens", "Completion tokens generated", ["model"], registry=r
         )
-        self.tenant_requests = Counter(
+        self.tenant_requests = _Counter(
             "lockgate_tenant_requests",
             "Admitted requests by tenant, model and outcome",
             ["tenant", "model", "status"],
             registry=r,
         )
-        self.tenant_tokens = Counter(
+        self.tenant_tokens = _Counter(
             "lockgate_tenant_tokens",
             "Tokens by tenant, model and kind (prompt or completion)",
             ["tenant", "model", "kind"],
             registry=r,
         )
-        self.rejections = Counter(
+        self.rejections = _Counter(
             "lockgate_tenant_rejections",
             "Requests refused before dispatch, by reason"
             " (unauthenticated, forbidden, rate, quota, too_large, unavailable)",
@@ -168,14 +201,14 @@ class Metrics:
             "1 while Redis is unreachable and auth/limits run on their outage policy",
             registry=r,
         )
-        self.queue_wait = Histogram(
+        self.queue_wait = _Histogram(
             "lockgate_queue_wait_seconds",
             "Time granted requests waited for an engine slot",
             ["model"],
             buckets=(0, *_LATENCY_BUCKETS),
             registry=r,
         )
-        self.queue_outcomes = Counter(
+        self.queue_outcomes = _Counter(
             "lockgate_queue_requests",
             "Scheduling outcomes: granted, rejected_full (503), rejected_tenant (429),"
             " expired (waited max_wait, 503), cancelled (the client left while queued),"

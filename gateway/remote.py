@@ -28,6 +28,7 @@ def build_remote_backend(model: RemoteModelSettings) -> Backend:
         connect_timeout=model.connect_timeout,
         first_token_timeout=model.first_token_timeout,
         chunk_timeout=model.chunk_timeout,
+        request_timeout=model.request_timeout,
         health_interval=model.health_interval,
     )
     if model.backend == "ollama":

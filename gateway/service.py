@@ -306,6 +306,8 @@ class InferenceService:
     async def collect(self, generations: Sequence[Generation]) -> list[Outcome]:
         """Run every choice to the end, concurrently; one failure stops them all."""
         try:
+            if len(generations) == 1:  # the common case needs no tasks
+                return [await _drain(generations[0])]
             return await _all_or_nothing([_drain(g) for g in generations])
         finally:
             await _close_all([g.rest for g in generations])

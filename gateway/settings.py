@@ -81,6 +81,8 @@ class RemoteModelSettings(_Strict):
     connect_timeout: Annotated[float, Field(gt=0)] = 5.0
     first_token_timeout: Annotated[float, Field(gt=0)] = 120.0
     chunk_timeout: Annotated[float, Field(gt=0)] = 60.0
+    # A non-streamed request is one upstream call with no chunks to time: its whole answer.
+    request_timeout: Annotated[float, Field(gt=0)] = 600.0
     health_interval: Annotated[float, Field(gt=0)] = 5.0
     # Ollama: the context to request on every call (it truncates silently without one)
     # and how long it keeps the model loaded.

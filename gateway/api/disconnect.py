@@ -3,20 +3,19 @@
 Starlette notices a disconnect only while it streams a response. Before that —
 while a request waits for a slot, or for a non-streamed answer — nobody reads
 the ASGI ``receive`` channel, so a client that hangs up would leave its
-sequence running to the end. :func:`unless_disconnected` races the work
-against ``http.disconnect``.
+sequence running to the end. :func:`hangup_cancels` watches ``receive`` for
+``http.disconnect`` while its block runs and cancels the block when it comes,
+the way :func:`asyncio.timeout` cancels on a deadline: one watcher task per
+request, no task per awaited step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable
-from typing import TypeVar
+from collections.abc import AsyncIterator
 
 from starlette.requests import Request
-
-T = TypeVar("T")
 
 
 class ClientDisconnected(Exception):
@@ -30,19 +29,32 @@ async def _wait_for_disconnect(request: Request) -> None:
             return
 
 
-async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+@contextlib.asynccontextmanager
+async def hangup_cancels(request: Request) -> AsyncIterator[None]:
+    """Run the block; raise :class:`ClientDisconnected` instead if the client leaves first.
+
+    The request body must have been read already (the watcher consumes ``receive``).
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    watching = True
+    left = False
+
+    def hung_up(watcher: asyncio.Task[None]) -> None:
+        nonlocal left
+        # Only while the block runs: a late callback must not cancel what follows it.
+        if watching and not watcher.cancelled() and watcher.exception() is None:
+            left = True
+            task.cancel()
+
+    watcher = asyncio.create_task(_wait_for_disconnect(request))
+    watcher.add_done_callback(hung_up)
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        yield
     except asyncio.CancelledError:
-        task.cancel()
+        if left and task.uncancel() == 0:  # ours alone, not a shutdown's as well
+            raise ClientDisconnected from None
         raise
     finally:
+        watching = False
         watcher.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    raise ClientDisconnected

@@ -1,8 +1,9 @@
 """``/v1/*``: the OpenAI-compatible endpoints.
 
-Each route parses its body with :func:`gateway.protocol.parse`, asks the
-service for the work, and returns JSON or SSE. Errors are raised and turned
-into responses by the handlers that :func:`gateway.app.create_app` installs.
+Each handler parses its body with :func:`gateway.protocol.parse`, asks the
+service for the work, and returns JSON or SSE. They are served by the plain
+ASGI :class:`gateway.api.routing.Routes` (:data:`ROUTES`, each with its key
+guard); errors are raised and rendered there.
 """
 
 from __future__ import annotations
@@ -12,16 +13,17 @@ import logging
 import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
-from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from backends.base import GenerationRequest
-from gateway.api.disconnect import ClientDisconnected, unless_disconnected
-from gateway.api.security import Caller
+from gateway.api.disconnect import ClientDisconnected, hangup_cancels
+from gateway.api.routing import Route
+from gateway.api.security import authenticated
 from gateway.errors import InvalidRequest, status_of
 from gateway.protocol import (
     ChatCompletionRequest,
@@ -39,17 +41,13 @@ from gateway.service import (
     CLIENT_CLOSED,
     Generation,
     InferenceService,
-    ServedModel,
     Tracker,
     usage_of,
 )
 from gateway.tenancy.records import Principal
 
-T = TypeVar("T")
 # Request bodies, at debug level, and only for tenants whose `log_requests` allows it.
 body_log = logging.getLogger("lockgate.requests")
-
-router = APIRouter(prefix="/v1")
 
 JSON = "application/json"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -105,40 +103,10 @@ def _priority(request: Request, principal: Principal) -> Priority:
     return "batch" if "batch" in (asked, principal.tenant.priority) else "interactive"
 
 
-async def _tracked(
-    request: Request,
-    tracker: Tracker,
-    work: Awaitable[T],
-    generations: Sequence[Generation] = (),
-) -> T:
-    """Await ``work`` unless the client leaves; record the outcome (and bill what ran) if not."""
-    try:
-        return await unless_disconnected(request, work)
-    except ClientDisconnected:
-        tracker.finish(CLIENT_CLOSED, *usage_of(generations))
-        raise
-    except Exception as exc:
-        tracker.finish(status_of(exc), *usage_of(generations))
-        raise
-
-
-async def _admitted(
-    request: Request,
-    principal: Principal,
-    served: ServedModel,
-    tracker: Tracker,
-    *,
-    tokens: int,
-    rid: str,
-) -> None:
-    # Not raced against a disconnect: admission is bounded (by redis_timeout) and short.
-    try:
-        tracker.ticket = await _service(request).admit(
-            principal, served, tokens=tokens, request_id=rid
-        )
-    except Exception as exc:
-        tracker.finish(status_of(exc))
-        raise
+def _failed(tracker: Tracker, exc: Exception, generations: Sequence[Generation] = ()) -> None:
+    """Record a request that ended in ``exc``, billing what it produced."""
+    status = CLIENT_CLOSED if isinstance(exc, ClientDisconnected) else status_of(exc)
+    tracker.finish(status, *usage_of(generations))
 
 
 async def _generate(
@@ -155,29 +123,31 @@ async def _generate(
     served = service.resolve(body.model, n=body.n, principal=principal)
     priority = _priority(request, principal)
     tracker = Tracker(service.metrics, served.name, endpoint, choices=len(generation_requests))
-    await _admitted(request, principal, served, tracker, tokens=tokens, rid=rid)
-    assert tracker.ticket is not None
     chat = isinstance(body, ChatCompletionRequest)
-    generations = await _tracked(
-        request,
-        tracker,
-        service.open(
-            served,
-            generation_requests,
-            n=body.n,
-            tracker=tracker,
-            request_id=rid,
-            tenant=principal.tenant.id,
-            weight=principal.tenant.weight,
-            priority=priority,
-        ),
-    )
-    assert tracker.grant is not None
+    generations: list[Generation] = []
+    try:
+        async with hangup_cancels(request):
+            tracker.ticket = await service.admit(principal, served, tokens=tokens, request_id=rid)
+            generations = await service.open(
+                served,
+                generation_requests,
+                n=body.n,
+                tracker=tracker,
+                request_id=rid,
+                tenant=principal.tenant.id,
+                weight=principal.tenant.weight,
+                priority=priority,
+            )
+            outcomes = None if body.stream else await service.collect(generations)
+    except Exception as exc:
+        _failed(tracker, exc, generations)
+        raise
+    assert tracker.ticket is not None and tracker.grant is not None
     headers = {
         **tracker.ticket.headers,
         QUEUED_HEADER: f"{tracker.grant.queued_seconds * 1000:.0f}",
     }
-    if body.stream:
+    if outcomes is None:
         encoder = ChunkEncoder(
             rid=rid, model=served.name, chat=chat, include_usage=body.include_usage
         )
@@ -189,7 +159,6 @@ async def _generate(
             media_type="text/event-stream",
             headers={**SSE_HEADERS, **headers},
         )
-    outcomes = await _tracked(request, tracker, service.collect(generations), generations)
     prompt_tokens = sum(o.prompt_tokens for o in outcomes)
     completion_tokens = sum(o.completion_tokens for o in outcomes)
     tracker.finish(200, prompt_tokens, completion_tokens)
@@ -207,8 +176,7 @@ async def _generate(
     )
 
 
-@router.post("/chat/completions")
-async def chat_completions(request: Request, principal: Caller) -> Response:
+async def chat_completions(request: Request, principal: Principal) -> Response:
     raw = await request.body()
     _log_body(principal, raw)
     body = parse(ChatCompletionRequest, raw)
@@ -223,6 +191,7 @@ async def chat_completions(request: Request, principal: Caller) -> Response:
             messages=messages,
             tools=tools,
             tool_choice=body.tool_choice,
+            stream=body.stream,
         )
         for i in range(body.n)
     ]
@@ -237,8 +206,7 @@ async def chat_completions(request: Request, principal: Caller) -> Response:
     )
 
 
-@router.post("/completions")
-async def completions(request: Request, principal: Caller) -> Response:
+async def completions(request: Request, principal: Principal) -> Response:
     raw = await request.body()
     _log_body(principal, raw)
     body = parse(CompletionRequest, raw)
@@ -249,6 +217,7 @@ async def completions(request: Request, principal: Caller) -> Response:
             model=body.model,
             sampling=body.sampling(choice=i),
             prompt=prompt,
+            stream=body.stream,
         )
         for p, prompt in enumerate(body.prompts())
         for i in range(body.n)
@@ -264,20 +233,23 @@ async def completions(request: Request, principal: Caller) -> Response:
     )
 
 
-@router.post("/embeddings")
-async def embeddings(request: Request, principal: Caller) -> Response:
+async def embeddings(request: Request, principal: Principal) -> Response:
     raw = await request.body()
     _log_body(principal, raw)
     body = parse(EmbeddingRequest, raw)
     service = _service(request)
     served = service.resolve(body.model, n=1, principal=principal)
     tracker = Tracker(service.metrics, served.name, "embeddings")
-    await _admitted(
-        request, principal, served, tracker, tokens=body.token_charge(), rid=new_id("embd")
-    )
-    assert tracker.ticket is not None
-    tracker.dispatched()
-    result = await _tracked(request, tracker, served.backend.embed(body.texts()))
+    try:
+        async with hangup_cancels(request):
+            tracker.ticket = await service.admit(
+                principal, served, tokens=body.token_charge(), request_id=new_id("embd")
+            )
+            tracker.dispatched()
+            result = await served.backend.embed(body.texts())
+    except Exception as exc:
+        _failed(tracker, exc)
+        raise
     tracker.finish(200, result.prompt_tokens)
     vectors: list[list[float]] | list[str] = result.vectors
     if body.encoding_format == "base64":
@@ -291,13 +263,20 @@ async def embeddings(request: Request, principal: Caller) -> Response:
     )
 
 
-@router.get("/models")
-async def list_models(request: Request, principal: Caller) -> Response:
+async def list_models(request: Request, principal: Principal) -> Response:
     models = [m for m in _service(request).registry.names() if principal.tenant.allows(m.name)]
     return _json({"object": "list", "data": [model_card(m.name, m.created) for m in models]})
 
 
-@router.get("/models/{model_id:path}")
-async def get_model(request: Request, principal: Caller, model_id: str) -> Response:
-    served = _service(request).resolve(model_id, n=1, principal=principal)
+async def get_model(request: Request, principal: Principal) -> Response:
+    served = _service(request).resolve(request.path_params["model_id"], n=1, principal=principal)
     return _json(model_card(served.name, served.created))
+
+
+ROUTES = (
+    Route("POST", "/v1/chat/completions", chat_completions, authenticated),
+    Route("POST", "/v1/completions", completions, authenticated),
+    Route("POST", "/v1/embeddings", embeddings, authenticated),
+    Route("GET", "/v1/models", list_models, authenticated),
+    Route("GET", "/v1/models/", get_model, authenticated, param="model_id"),
+)

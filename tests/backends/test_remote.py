@@ -179,6 +179,63 @@ async def test_sse_stream_with_split_tool_calls_and_trailing_usage() -> None:
     assert seen[-1]["stream_options"] == {"include_usage": True}
 
 
+async def test_non_streamed_request_is_one_non_streamed_call() -> None:
+    """No SSE for a caller that wants the whole answer: one chunk with text, calls and usage."""
+    seen: list[dict[str, object]] = []
+    answer = {
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": "Hi",
+                    "tool_calls": [
+                        {
+                            "id": "c1",
+                            "type": "function",
+                            "function": {"name": "f", "arguments": "{}"},
+                        }
+                    ],
+                },
+                "finish_reason": "tool_calls",
+            }
+        ],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 3},
+    }
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        seen.append(await request.json())
+        return web.json_response(answer)
+
+    async with upstream({"POST /v1/chat/completions": completions}) as url:
+        backend = OpenAICompatBackend(config(url))
+        whole = GenerationRequest(
+            request_id="r", model="m", messages=(ChatMessage("user", "hi"),),
+            sampling=SamplingParams(max_tokens=5), stream=False,
+        )  # fmt: skip
+        chunks = await collect(backend, whole)
+    message = {"role": "user", "content": "hi"}
+    assert seen == [{"model": "up", "stream": False, "messages": [message], "max_tokens": 5}]
+    assert chunks == [GenerationChunk("Hi", 7, 3, "tool_calls", (ToolCall("c1", "f", "{}"),))]
+
+
+@pytest.mark.parametrize(
+    "body", [b"not json", b"[]", b'{"choices": []}', b'{"choices": ["x"]}'], ids=str
+)
+async def test_malformed_whole_answers_are_upstream_failures(body: bytes) -> None:
+    async def completions(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=body, content_type="application/json")
+
+    async with upstream({"POST /v1/chat/completions": completions}) as url:
+        backend = OpenAICompatBackend(config(url))
+        whole = GenerationRequest(
+            request_id="r", model="m", messages=(ChatMessage("user", "hi"),),
+            sampling=SamplingParams(), stream=False,
+        )  # fmt: skip
+        with pytest.raises(BackendUnavailable):
+            await collect(backend, whole)
+
+
 async def test_error_event_mid_stream_is_raised() -> None:
     content = (
         b'data: {"choices":[{"delta":{"content":"a"}}]}\n\ndata: {"error":{"message":"oom"}}\n\n'

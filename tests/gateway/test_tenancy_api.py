@@ -20,6 +20,7 @@ from fastapi import APIRouter
 
 from backends.fake import FakeBackend
 from gateway.api import admin, health, openai
+from gateway.api.routing import Route
 from gateway.app import _require_guards, create_app
 from gateway.settings import ConfigError, ServerSettings, Settings
 from gateway.tenancy.keys import key_hash, new_key
@@ -180,8 +181,11 @@ def test_a_route_without_a_guard_stops_the_app_from_starting() -> None:
         return {"leak": "yes"}
 
     with pytest.raises(RuntimeError, match="/v1/secret has no auth dependency"):
-        _require_guards([openai.router, loose])
-    _require_guards([openai.router, admin.router, health.router])
+        _require_guards([loose], openai.ROUTES)
+    plain = Route("GET", "/v1/plain", openai.list_models, guard=lambda request: None)  # type: ignore[arg-type,return-value]
+    with pytest.raises(RuntimeError, match="/v1/plain has no auth dependency"):
+        _require_guards([admin.router], [*openai.ROUTES, plain])
+    _require_guards([admin.router, health.router], openai.ROUTES)
 
 
 async def test_models_outside_the_tenants_list_are_403(client: httpx.AsyncClient) -> None:
