@@ -12,14 +12,16 @@ Arms, all against one loadtests/mock_upstream.py, served at once and loaded one 
 A non-streamed point is a closed loop of ``c`` aiohttp clients for 1 s (discarded)
 and then ``--seconds``; a streamed point is ``--stream-concurrency`` clients each
 reading one stream (discarded) and then ``--stream-waves`` streams of 64 chunks 20 ms
-apart. Every round visits the arms in a random order; reported are medians over
-rounds, and added latency as the median of per-round differences to ``direct``.
+apart; the clients start spread over one chunk gap, as independent users would,
+rather than all in the same millisecond. Every round visits the arms in a random
+order; reported are medians over rounds, and added latency as the median of
+per-round differences to ``direct``.
 CPU time and RSS are the proxy's whole process tree, read from /proc.
 
 Tools come from ``bash loadtests/overhead_setup.sh``; an arm whose tool is missing
 is skipped and named in the JSON.
 
-    python loadtests/bench_overhead.py --rounds 5 --seconds 4 --concurrency 1,4,16,64
+    python loadtests/bench_overhead.py --rounds 5 --seconds 4 --concurrency 1,4,16,64,256
 """
 
 from __future__ import annotations
@@ -69,8 +71,10 @@ from overhead_report import (
     StreamSample,
     plot,
     print_tables,
+    rps_within_budget,
     summarise,
     summarise_streams,
+    targets,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -171,11 +175,12 @@ async def measure_stream(arm: Arm, concurrency: int, waves: int) -> StreamSample
     async with aiohttp.ClientSession(connector=connector) as session:
         await asyncio.gather(*(one_stream(session, arm) for _ in range(concurrency)))
 
-        async def client() -> list[tuple[float, list[float]]]:
+        async def client(i: int) -> list[tuple[float, list[float]]]:
+            await asyncio.sleep(i * STREAM_GAP_MS / 1000 / concurrency)
             return [await one_stream(session, arm) for _ in range(waves)]
 
         before = tree_cpu(arm.proxy_pid) if arm.proxy_pid else 0.0
-        results = await asyncio.gather(*(client() for _ in range(concurrency)))
+        results = await asyncio.gather(*(client(i) for i in range(concurrency)))
         cpu = tree_cpu(arm.proxy_pid) - before if arm.proxy_pid else None
     streams = [s for per_client in results for s in per_client]
     ttfts = [(a[0] - t0) * 1000 for t0, a in streams if a]
@@ -433,7 +438,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=4.0)
-    parser.add_argument("--concurrency", default="1,4,16,64")
+    parser.add_argument("--concurrency", default="1,4,16,64,256")
     parser.add_argument("--stream-concurrency", type=int, default=8, help="0: no stream run")
     parser.add_argument("--stream-waves", type=int, default=3, help="streams per client")
     parser.add_argument("--arms", default=",".join(ARMS), help="a subset; direct always runs")
@@ -478,6 +483,8 @@ def main() -> None:
         "pinning": pinning,
         "cpus": os.cpu_count(),
         "ceiling_fraction": CEILING,
+        "rps_p99_under_10ms": rps_within_budget(rows),
+        "targets": targets(rows, stream_rows),
         "rows": rows,
         "stream_rows": stream_rows,
     }
