@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from pathlib import Path
 from typing import Annotated
@@ -88,8 +89,15 @@ def serve(
     )
     _refuse_open_bind(settings)
     _prepare_models(settings)
+    app = create_app(settings)
+    # What exists now (modules, schemas, the app) lives as long as the process: keep it
+    # out of the collector's full scans, and collect young objects less often. Under 64
+    # clients this took the gateway's p99 from 81-94 ms to 31-51 ms and its rate from
+    # 2.0-2.2k to 2.4-2.8k requests/s (loadtests/bench_overhead.py, auth on).
+    gc.freeze()
+    gc.set_threshold(10_000, 50, 100)
     uvicorn.run(
-        create_app(settings),
+        app,
         host=server.host,
         port=server.port,
         loop="uvloop",
