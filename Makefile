@@ -13,7 +13,7 @@ LLAMA_CPP_PYTHON := 0.3.36
 LLAMA_CMAKE_ARGS := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 DEPS := $(VENV)/.deps-installed
 
-.PHONY: setup serve test lint unit bench locust redis llama-server vllm clean
+.PHONY: setup serve test lint unit bench bench-overhead locust redis llama-server vllm clean
 
 setup: $(DEPS)
 
@@ -77,6 +77,12 @@ vllm: setup
 
 bench: llama-server
 	$(BIN)/python loadtests/bench_engine.py
+
+# What a gateway costs a client: Lockgate vs LiteLLM proxy vs nginx vs direct, against a mock
+# upstream (~20 min). Debian's nginx and LiteLLM (its own virtualenv) are installed on first use.
+bench-overhead: setup
+	bash loadtests/overhead_setup.sh
+	$(BIN)/python loadtests/bench_overhead.py
 
 # Locust in a virtualenv of its own (its gevent stack stays out of the gateway's), run
 # headless for 60 s against a running gateway: `make serve` in another shell first.
