@@ -320,7 +320,7 @@ class InferenceService:
         chat: bool,
         include_usage: bool,
         tracker: Tracker,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """SSE bytes for every choice, interleaved as tokens arrive."""
         by_index = {g.index: g for g in generations}
         status = CLIENT_CLOSED

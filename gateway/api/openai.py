@@ -12,18 +12,17 @@ import base64
 import logging
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import orjson
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.responses import Response
 
 from backends.base import GenerationRequest
 from gateway.api.disconnect import ClientDisconnected, hangup_cancels
 from gateway.api.routing import Route
 from gateway.api.security import authenticated
+from gateway.api.sse import EventStream
 from gateway.errors import InvalidRequest, status_of
 from gateway.protocol import (
     ChatCompletionRequest,
@@ -50,30 +49,9 @@ from gateway.tenancy.records import Principal
 body_log = logging.getLogger("lockgate.requests")
 
 JSON = "application/json"
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # A client may lower its own priority (a batch job on an interactive key), never raise it.
 PRIORITY_HEADER = "x-lockgate-priority"
 QUEUED_HEADER = "x-lockgate-queued-ms"  # time spent waiting for an engine slot
-
-
-class _Stream(StreamingResponse):
-    """SSE that ends its request even when the body never starts.
-
-    The body generator finishes the request (bills it, frees its slots) in its own
-    ``finally``, but a generator that was never started never runs it: that happens
-    when the client is gone before the status line is sent.
-    """
-
-    def __init__(self, content: AsyncIterator[bytes], *, abandon: Callable[[], Awaitable[None]],
-                 **kwargs: Any) -> None:  # fmt: skip
-        super().__init__(content, **kwargs)
-        self._abandon = abandon
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._abandon()
 
 
 def _service(request: Request) -> InferenceService:
@@ -118,7 +96,7 @@ async def _generate(
     endpoint: str,
     rid: str,
     tokens: int,
-) -> Response:
+) -> Response | EventStream:
     service = _service(request)
     served = service.resolve(body.model, n=body.n, principal=principal)
     priority = _priority(request, principal)
@@ -151,13 +129,12 @@ async def _generate(
         encoder = ChunkEncoder(
             rid=rid, model=served.name, chat=chat, include_usage=body.include_usage
         )
-        return _Stream(
+        return EventStream(
             service.stream(
                 generations, encoder, chat=chat, include_usage=body.include_usage, tracker=tracker
             ),
+            headers=headers,
             abandon=lambda: service.abandon(generations, tracker),
-            media_type="text/event-stream",
-            headers={**SSE_HEADERS, **headers},
         )
     prompt_tokens = sum(o.prompt_tokens for o in outcomes)
     completion_tokens = sum(o.completion_tokens for o in outcomes)
@@ -176,7 +153,7 @@ async def _generate(
     )
 
 
-async def chat_completions(request: Request, principal: Principal) -> Response:
+async def chat_completions(request: Request, principal: Principal) -> Response | EventStream:
     raw = await request.body()
     _log_body(principal, raw)
     body = parse(ChatCompletionRequest, raw)
@@ -206,7 +183,7 @@ async def chat_completions(request: Request, principal: Principal) -> Response:
     )
 
 
-async def completions(request: Request, principal: Principal) -> Response:
+async def completions(request: Request, principal: Principal) -> Response | EventStream:
     raw = await request.body()
     _log_body(principal, raw)
     body = parse(CompletionRequest, raw)

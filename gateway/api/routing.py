@@ -25,7 +25,8 @@ from gateway.service import CLIENT_CLOSED
 from gateway.tenancy.records import Principal
 
 Guard = Callable[[Request], Awaitable[Principal]]
-Handler = Callable[[Request, Principal], Awaitable[Response]]
+# What a handler returns is itself ASGI: a Response, or an event stream.
+Handler = Callable[[Request, Principal], Awaitable[ASGIApp]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +82,7 @@ class Routes:
         if route is not None and route.param is not None:
             scope["path_params"] = {route.param: rest}
         request = Request(scope, receive)
+        response: ASGIApp
         try:
             if route is None:
                 raise MethodNotAllowed(
