@@ -156,6 +156,8 @@ class RemoteBackend:
             # backend has slots (``load().capacity``, which for llama-server is its own
             # slot count), so none should ever wait inside the client, unseen.
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+            # One session serves every tenant: nothing an upstream sets may ride along.
+            cookie_jar=aiohttp.DummyCookieJar(),
             # Streams are bounded by the first-token and chunk-gap timers in lines();
             # sock_connect bounds connecting, per-call totals bound the short calls.
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout),

@@ -321,31 +321,35 @@ class InferenceService:
         include_usage: bool,
         tracker: Tracker,
     ) -> AsyncGenerator[bytes, None]:
-        """SSE bytes for every choice, interleaved as tokens arrive."""
+        """SSE bytes for every choice, interleaved as tokens arrive.
+
+        One write per chunk produced (its text, tool calls and finish together, the
+        role events with the first), so a client is woken once per token.
+        """
         by_index = {g.index: g for g in generations}
         status = CLIENT_CLOSED
+        events = [encoder.role(g.index) for g in generations] if chat else []
         try:
-            if chat:
-                for g in generations:
-                    yield encoder.role(g.index)
             async with contextlib.aclosing(_merge(generations)) as merged:
                 async for index, chunk in merged:
                     by_index[index].advance(chunk)
                     if chunk.text:
-                        yield encoder.text(index, chunk.text)
+                        events.append(encoder.text(index, chunk.text))
                     if chunk.tool_calls:
-                        yield encoder.tool_calls(index, chunk.tool_calls)
+                        events.append(encoder.tool_calls(index, chunk.tool_calls))
                     if chunk.finish_reason is not None:
-                        yield encoder.finish(index, chunk.finish_reason)
+                        events.append(encoder.finish(index, chunk.finish_reason))
+                    if events:
+                        yield b"".join(events)
+                        events = []
             if include_usage:
-                yield encoder.usage(*usage_of(generations))
-            yield ChunkEncoder.DONE
+                events.append(encoder.usage(*usage_of(generations)))
+            yield b"".join(events) + ChunkEncoder.DONE
             status = 200
         except Exception as exc:  # the status line is gone: report in-band
             info = describe(exc)
             status = info.status
-            yield info.sse_event()
-            yield ChunkEncoder.DONE
+            yield b"".join(events) + info.sse_event() + ChunkEncoder.DONE
         finally:
             await _close_all([g.rest for g in generations])
             # Billed for what was produced, however the stream ended.

@@ -263,6 +263,32 @@ async def test_upstream_status_errors_reach_the_caller_translated() -> None:
     assert info.value.code == "context_length_exceeded"
 
 
+async def test_upstream_cookies_are_never_sent_back() -> None:
+    """One session serves every tenant: a cookie the upstream sets must not ride along."""
+    seen: list[str | None] = []
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        seen.append(request.headers.get("Cookie"))
+        response = web.json_response({"choices": [{"message": {"content": "x"}}]})
+        response.set_cookie("session", "tenant-a")
+        return response
+
+    async with upstream({"POST /v1/chat/completions": completions}) as url:
+        # By name: aiohttp's default jar ignores cookies from IP addresses anyway.
+        backend = OpenAICompatBackend(config(url.replace("127.0.0.1", "localhost")))
+        await backend.start()
+        try:
+            for _ in range(2):
+                whole = GenerationRequest(
+                    request_id="r", model="m", messages=(ChatMessage("user", "hi"),),
+                    sampling=SamplingParams(), stream=False,
+                )  # fmt: skip
+                assert [c.text async for c in backend.generate(whole)] == ["x"]
+        finally:
+            await backend.close()
+    assert seen == [None, None]
+
+
 @pytest.mark.parametrize("stall_after_first", [False, True])
 async def test_first_token_and_chunk_gap_timeouts(stall_after_first: bool) -> None:
     async def completions(request: web.Request) -> web.StreamResponse:
