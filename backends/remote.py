@@ -1,8 +1,9 @@
 """What every remote backend shares: the HTTP client, health probing, load, errors.
 
-:class:`RemoteBackend` owns one pooled ``aiohttp.ClientSession`` per upstream,
-probes the upstream every ``health_interval`` seconds (subclasses decide how,
-and may read load signals on the way), and counts requests in flight.
+:class:`RemoteBackend` owns one pool of keep-alive connections per upstream
+(:mod:`backends.http1`), probes the upstream every ``health_interval`` seconds
+(subclasses decide how, and may read load signals on the way), and counts
+requests in flight.
 
 Upstream failures are translated here, once, into the backend error tree (see
 :mod:`backends.base`): a 4xx caused by the request is the client's
@@ -21,7 +22,6 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import orjson
 
 from backends.base import (
@@ -33,11 +33,13 @@ from backends.base import (
     GenerationRequest,
     InvalidRequestError,
 )
+from backends.http1 import ConnectionPool, Response
 
 log = logging.getLogger(__name__)
 
-# aiohttp, not httpx: under concurrency httpx spent 10-23x more client CPU per request
-# (loadtests/bench_http_clients.py; 1.95 vs 0.085 ms at 64 concurrent plain requests).
+# Not httpx (10-23x aiohttp's client CPU per request under concurrency,
+# loadtests/bench_http_clients.py), and no longer aiohttp: backends/http1.py spends a
+# third of its CPU per call.
 
 ERROR_BODY_LIMIT = 64 * 1024
 MAX_LINE = 1 << 20  # one SSE or NDJSON line (long tool-call arguments must fit)
@@ -118,20 +120,19 @@ def transport_error(exc: BaseException, what: str) -> BackendError:
     return BackendUnavailable(f"the upstream is unreachable ({type(exc).__name__})")
 
 
-_TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError, OSError)
+_TRANSPORT_ERRORS = (TimeoutError, OSError)  # OSError includes http1.ProtocolError
 
 
 class RemoteBackend:
     """The shared half of every remote backend; subclasses add generate/embed.
 
     All HTTP goes through the helpers here (``get``, ``post_json``,
-    ``streaming_response``, ``lines``), so the client library appears in this
-    module only.
+    ``streaming_response``, ``lines``), so the client appears in this module only.
     """
 
     def __init__(self, config: RemoteConfig) -> None:
         self.config = config
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: ConnectionPool | None = None
         self._healthy = False
         self._health_task: asyncio.Task[None] | None = None
         self.in_flight = 0
@@ -144,23 +145,18 @@ class RemoteBackend:
 
     @property
     def ready(self) -> bool:
-        return self._session is not None and self._healthy
+        return self._pool is not None and self._healthy
 
     async def start(self) -> None:
         cfg = self.config
         headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
-        self._session = aiohttp.ClientSession(
-            base_url=cfg.base_url.rstrip("/") + "/",
-            headers=headers,
-            # No pool limit: the gateway's scheduler admits only as many requests as the
-            # backend has slots (``load().capacity``, which for llama-server is its own
-            # slot count), so none should ever wait inside the client, unseen.
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
-            # One session serves every tenant: nothing an upstream sets may ride along.
-            cookie_jar=aiohttp.DummyCookieJar(),
-            # Streams are bounded by the first-token and chunk-gap timers in lines();
-            # sock_connect bounds connecting, per-call totals bound the short calls.
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout),
+        # No limit on connections: the gateway's scheduler admits only as many requests
+        # as the backend has slots (``load().capacity``, which for llama-server is its
+        # own slot count), so none should ever wait inside the client, unseen. Streams
+        # are bounded by the first-token and chunk-gap timers in lines(), the short calls
+        # by their own limits.
+        self._pool = ConnectionPool(
+            cfg.base_url, connect_timeout=cfg.connect_timeout, headers=headers
         )
         self._healthy = await self.probe()
         self._health_task = asyncio.create_task(self._watch())
@@ -169,9 +165,9 @@ class RemoteBackend:
         if self._health_task is not None:
             self._health_task.cancel()
             await asyncio.gather(self._health_task, return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
 
     async def probe(self) -> bool:
         """Refresh health (and, in subclasses, load signals); True if healthy.
@@ -195,21 +191,22 @@ class RemoteBackend:
             self._healthy = healthy
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
+    def pool(self) -> ConnectionPool:
+        if self._pool is None:
             raise BackendUnavailable("the backend is not started")
-        return self._session
+        return self._pool
 
     # -- HTTP helpers ------------------------------------------------------
 
     async def get(self, path: str) -> tuple[int, bytes]:
         """(status, body) of a short GET; status 0 when the upstream is unreachable."""
         try:
-            async with (
-                asyncio.timeout(self.config.connect_timeout),
-                self.session.get(path.lstrip("/")) as response,
-            ):
-                return response.status, await response.read()
+            async with asyncio.timeout(self.config.connect_timeout):
+                response = await self.pool.send("GET", path)
+                try:
+                    return response.status, await response.read()
+                finally:
+                    response.release()
         except _TRANSPORT_ERRORS:
             return 0, b""
 
@@ -219,51 +216,41 @@ class RemoteBackend:
         """POST ``body``; the decoded JSON object (default limit: the first-token
         timeout), or the translated error."""
         try:
-            async with (
-                asyncio.timeout(within or self.config.first_token_timeout),
-                self.session.post(
-                    path.lstrip("/"), data=orjson.dumps(body), headers=JSON_HEADERS
-                ) as response,
-            ):
-                raw = await response.read()
-                if response.status >= 400:
-                    raise upstream_error(response.status, raw[:ERROR_BODY_LIMIT], response.headers)
-                return parse_event(raw)
+            async with asyncio.timeout(within or self.config.first_token_timeout):
+                response = await self.pool.send("POST", path, orjson.dumps(body), JSON_HEADERS)
+                try:
+                    raw = await response.read()
+                finally:
+                    response.release()
         except _TRANSPORT_ERRORS as exc:
             raise transport_error(exc, path) from None
+        if response.status >= 400:
+            raise upstream_error(response.status, raw[:ERROR_BODY_LIMIT], response.headers)
+        return parse_event(raw)
 
     @contextlib.asynccontextmanager
-    async def streaming_response(
-        self, path: str, body: dict[str, Any]
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
+    async def streaming_response(self, path: str, body: dict[str, Any]) -> AsyncIterator[Response]:
         """POST ``body`` and yield the streaming response, or raise the translated error.
 
-        Leaving the block early closes the connection, which is how the upstream
-        learns to stop generating.
+        Leaving the block before the answer's end closes the connection, which is how
+        the upstream learns to stop generating.
         """
         try:
             async with asyncio.timeout(self.config.first_token_timeout):
-                response = await self.session.post(
-                    path.lstrip("/"), data=orjson.dumps(body), headers=JSON_HEADERS
-                )
+                response = await self.pool.send("POST", path, orjson.dumps(body), JSON_HEADERS)
         except _TRANSPORT_ERRORS as exc:
             raise transport_error(exc, "connect") from None
-        finished = False
         try:
             if response.status >= 400:
                 raw = await response.read()
                 raise upstream_error(response.status, raw[:ERROR_BODY_LIMIT], response.headers)
             yield response
-            finished = True
-        except aiohttp.ClientError as exc:
+        except OSError as exc:
             raise transport_error(exc, "reading the stream") from None
         finally:
-            if finished:
-                response.release()  # the connection goes back to the pool
-            else:
-                response.close()  # an unfinished stream: drop the connection
+            response.release()  # back to the pool if read to its end, else closed
 
-    async def lines(self, response: aiohttp.ClientResponse) -> AsyncIterator[str]:
+    async def lines(self, response: Response) -> AsyncIterator[str]:
         """The response's lines; each read from the socket within the first-token or
         chunk-gap limit.
 
@@ -275,7 +262,7 @@ class RemoteBackend:
         while True:
             try:
                 async with asyncio.timeout(limit):
-                    data = await response.content.readany()
+                    data = await response.readany()
             except TimeoutError:
                 raise BackendTimeout("the upstream stalled") from None
             if not data:

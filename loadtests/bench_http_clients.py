@@ -1,6 +1,7 @@
-"""httpx vs aiohttp as the upstream client: client CPU per request and throughput.
+"""httpx vs aiohttp vs Lockgate's own backends/http1.py as the upstream client:
+client CPU per request and throughput.
 
-Both clients hit the same mock upstream (loadtests/mock_upstream.py, a separate
+The clients hit the same mock upstream (loadtests/mock_upstream.py, a separate
 process) with the same closed-loop concurrency, pooled keep-alive connections
 sized to the concurrency, and the same request: a non-streamed chat completion,
 or a streamed one (64 chunks, no pacing) read line by line as the gateway does.
@@ -26,6 +27,8 @@ from pathlib import Path
 import aiohttp
 import httpx
 from harness import free_port, running
+
+from backends.http1 import ConnectionPool
 
 HERE = Path(__file__).resolve().parent
 BODY = json.dumps({"model": "mock", "messages": [{"role": "user", "content": "hi"}]}).encode()
@@ -83,6 +86,29 @@ async def with_aiohttp(url: str, stream: bool, concurrency: int, total: int) -> 
         return await drive(call, concurrency, total)
 
 
+async def with_http1(url: str, stream: bool, concurrency: int, total: int) -> float:
+    base, path = url.split("/v1/", 1)
+    pool = ConnectionPool(base, connect_timeout=5)
+
+    async def call() -> None:
+        response = await pool.send("POST", "/v1/" + path, STREAM_BODY if stream else BODY, HEADERS)
+        try:
+            if stream:  # whole reads split into lines, as RemoteBackend.lines does
+                pending = b""
+                while data := await response.readany():
+                    *_, pending = (pending + data).split(b"\n")
+            else:
+                json.loads(await response.read())
+        finally:
+            response.release()
+
+    try:
+        await call()
+        return await drive(call, concurrency, total)
+    finally:
+        await pool.close()
+
+
 def measure(fn: Callable[..., Awaitable[float]], *args: object) -> tuple[float, float]:
     """(requests/s, client CPU ms per request)."""
     total = int(args[-1])  # type: ignore[call-overload]
@@ -118,7 +144,8 @@ def main() -> None:
         for stream in (False, True):
             total = args.requests // (8 if stream else 1)
             for n in (int(x) for x in args.concurrency.split(",")):
-                for name, fn in (("httpx", with_httpx), ("aiohttp", with_aiohttp)):
+                arms = (("httpx", with_httpx), ("aiohttp", with_aiohttp), ("http1", with_http1))
+                for name, fn in arms:
                     rps, cpu_ms = measure(fn, url, stream, n, total)
                     rows.append(
                         {
