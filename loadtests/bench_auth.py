@@ -46,10 +46,12 @@ from harness import (
     free_port,
     gateway_env,
     git_revision,
+    mock_model,
     new_key,
     spawned,
     wait_http,
     wait_redis,
+    write_lockgate_config,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -84,24 +86,9 @@ class Arm:
 
 
 def write_config(workdir: Path, *, mock_port: int, key_hash: str | None, redis: str | None) -> int:
-    port = free_port()
-    config: dict[str, object] = {
-        "server": {"host": "127.0.0.1", "port": port, "log_level": "warning"},
-        # concurrency 64 > the largest client count, so the backend's own queue never
-        # holds requests back and the arms differ only in auth and limits.
-        "models": [
-            {"name": "mock", "backend": "openai", "base_url": f"http://127.0.0.1:{mock_port}"}
-            | {"upstream_model": "mock", "health_interval": 60, "concurrency": 64}
-        ],
-        "auth": {"database": str(workdir / "lockgate.db")},
-    }
-    if key_hash is not None:
-        keys = [{"id": "bench", "hash": key_hash}]
-        config["tenants"] = [{"id": "bench", "limits": LIMITS, "keys": keys}]
-    if redis is not None:
-        config["redis_url"] = redis
-    (workdir / "lockgate.yaml").write_text(json.dumps(config, indent=2))  # JSON is YAML
-    return port
+    # concurrency 64 > the largest client count: the arms differ only in auth and limits.
+    models = [mock_model("mock", mock_port, concurrency=64)]
+    return write_lockgate_config(workdir, models=models, key_hash=key_hash, redis=redis)[1]
 
 
 async def drive(

@@ -53,6 +53,7 @@ from harness import (
     free_port,
     gateway_env,
     git_revision,
+    mock_model,
     new_key,
     quantile,
     spawned,
@@ -60,6 +61,7 @@ from harness import (
     tree_rss_mb,
     wait_http,
     wait_redis,
+    write_lockgate_config,
 )
 from overhead_report import (
     ARMS,
@@ -250,27 +252,11 @@ def lockgate_config(
     key_hash: str | None,
     redis: str | None,
 ) -> tuple[Path, int]:
-    port = free_port()
-    # Backend concurrency above the largest client count, so its queue never holds
-    # requests back and the arm measures the gateway, not its admission.
     models = [
-        {"name": name, "backend": "openai", "base_url": f"http://127.0.0.1:{mock}"}
-        | {"upstream_model": "mock", "health_interval": 60, "concurrency": concurrency}
+        mock_model(name, mock, concurrency=concurrency)
         for name, mock in zip(("mock", "mock-stream"), mocks, strict=True)
     ]
-    config: dict[str, object] = {
-        "server": {"host": "127.0.0.1", "port": port, "log_level": "warning"},
-        "models": models,
-        "auth": {"database": str(workdir / "lockgate.db")},
-    }
-    if key_hash is not None:
-        keys = [{"id": "bench", "hash": key_hash}]
-        config["tenants"] = [{"id": "bench", "limits": LIMITS, "keys": keys}]
-    if redis is not None:
-        config["redis_url"] = redis
-    path = workdir / "lockgate.yaml"
-    path.write_text(json.dumps(config, indent=2))  # JSON is YAML
-    return path, port
+    return write_lockgate_config(workdir, models=models, key_hash=key_hash, redis=redis)
 
 
 def litellm_config(workdir: Path, *, mocks: tuple[int, int], master_key: str) -> Path:

@@ -239,6 +239,38 @@ LIMITS = {
 }
 
 
+def mock_model(name: str, mock_port: int, *, concurrency: int) -> dict[str, object]:
+    """A remote model on loadtests/mock_upstream.py. ``concurrency`` (its slots) should
+    exceed the largest client count, so the scheduler's queue never holds requests back
+    and an arm measures the gateway, not its admission."""
+    return {"name": name, "backend": "openai", "base_url": f"http://127.0.0.1:{mock_port}"} | {
+        "upstream_model": "mock",
+        "health_interval": 60,
+        "concurrency": concurrency,
+    }
+
+
+def write_lockgate_config(
+    workdir: Path, *, models: list[dict[str, object]], key_hash: str | None, redis: str | None
+) -> tuple[Path, int]:
+    """A benchmark gateway's config: the tenant "bench" with :data:`LIMITS` when
+    ``key_hash`` is given (else auth off), Redis when ``redis`` is; (its path, its port)."""
+    port = free_port()
+    config: dict[str, object] = {
+        "server": {"host": "127.0.0.1", "port": port, "log_level": "warning"},
+        "models": models,
+        "auth": {"database": str(workdir / "lockgate.db")},
+    }
+    if key_hash is not None:
+        keys = [{"id": "bench", "hash": key_hash}]
+        config["tenants"] = [{"id": "bench", "limits": LIMITS, "keys": keys}]
+    if redis is not None:
+        config["redis_url"] = redis
+    path = workdir / "lockgate.yaml"
+    path.write_text(json.dumps(config, indent=2))  # JSON is YAML
+    return path, port
+
+
 @dataclass(frozen=True)
 class Pinning:
     """taskset prefixes: the gateway gets CPU 0 alone; mock, Redis and the client share CPU 1."""
