@@ -19,7 +19,8 @@ awaits). Anything that breaks a connection raises an ``OSError``: the
 connection failures themselves, and :class:`ProtocolError` for an answer that is
 not HTTP/1.1 or stops half-way. A request on a reused connection that the
 upstream had already closed (its keep-alive timeout) is sent again once on a new
-connection, as long as not a byte of an answer had arrived.
+connection, if that connection ended at once and without a byte of an answer; an
+upstream that takes a request and then dies is not sent it again.
 """
 
 from __future__ import annotations
@@ -33,6 +34,13 @@ from urllib.parse import urlsplit
 import httptools
 
 _HIGH_WATER = 1 << 16  # buffered body bytes before the socket stops being read
+# An idle connection is reused for this long, below the usual keep-alive timeouts
+# (uvicorn's and llama-server's are 5 s), so that the upstream rarely closes one under us.
+_IDLE_SECONDS = 4.0
+# A reused connection that ends this soon after a request was written, with nothing of
+# an answer, was closed while idle: the request is sent again, once. Later, the upstream
+# may have run it.
+_STALE_SECONDS = 0.05
 
 
 class ProtocolError(ConnectionError):
@@ -49,6 +57,8 @@ class _Connection(asyncio.Protocol):
         self._reset()
 
     def _reset(self) -> None:
+        if getattr(self, "_paused", False) and self._transport is not None:
+            self._transport.resume_reading()  # a previous answer left unread
         self.status = 0
         self.headers: dict[str, str] = {}
         self.headers_done = False
@@ -60,6 +70,9 @@ class _Connection(asyncio.Protocol):
         self._body: deque[bytes] = deque()
         self._buffered = 0
         self._paused = False
+        self.sent_at = self.lost_at = 0.0
+        self.idle_since = 0.0
+        self.unsent = False  # the request could not even be written
 
     # -- asyncio.Protocol ----------------------------------------------------
 
@@ -79,6 +92,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        self.lost_at = asyncio.get_running_loop().time()
         if self.headers_done and not self.complete and not self._delimited and exc is None:
             self.complete = True  # a body that runs until the connection closes
             self.keep_alive = False
@@ -96,6 +110,9 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.status = self._parser.get_status_code()
+        if 100 <= self.status < 200:  # informational (103 Early Hints): the answer follows
+            self.headers = {}
+            return
         self.keep_alive = self._parser.should_keep_alive()
         self.headers_done = True
         self._wake()
@@ -109,10 +126,20 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
-        self.complete = True
-        self._wake()
+        if self.headers_done:  # not the end of an informational answer
+            self.complete = True
+            self._wake()
 
     # -- used by ConnectionPool and Response ------------------------------------
+
+    def closed_while_idle(self) -> bool:
+        """Ended at once after the request went out, with nothing of an answer: the
+        upstream had closed it while it sat in the pool."""
+        if self.unsent:
+            return True
+        if self.received:
+            return False
+        return self._transport is None and self.lost_at - self.sent_at < _STALE_SECONDS
 
     @property
     def usable(self) -> bool:
@@ -120,9 +147,11 @@ class _Connection(asyncio.Protocol):
 
     def send(self, data: bytes) -> None:
         if self._transport is None or self._transport.is_closing():
+            self.unsent = True
             raise ProtocolError("the connection is closed")
         self._reset()
         self._transport.write(data)
+        self.sent_at = asyncio.get_running_loop().time()
 
     async def wait(self) -> None:
         """Until the parser has news (headers, body, the end) or the connection fails."""
@@ -191,6 +220,15 @@ class Response:
             await conn.wait()
         return conn.take()
 
+    async def finish(self, limit: int = 1 << 16) -> None:
+        """Read and drop what is left (an answer's terminator, say), up to ``limit``
+        bytes, so that :meth:`release` can reuse the connection."""
+        while limit > 0:
+            chunk = await self.readany()
+            if not chunk:
+                return
+            limit -= len(chunk)
+
     def release(self) -> None:
         """Give the connection back if the answer was read to its end, else close it
         (which is how an upstream learns that nobody wants the rest)."""
@@ -240,6 +278,7 @@ class ConnectionPool:
         if body or method in ("POST", "PUT", "PATCH"):
             head += b"Content-Length: %d\r\n" % len(body)
         data = head + b"\r\n" + body
+        retried = False
         while True:
             conn, reused = await self._checkout()
             try:
@@ -248,8 +287,9 @@ class ConnectionPool:
                     await conn.wait()
             except ProtocolError:
                 conn.close()
-                if reused and not conn.received:
-                    continue  # closed by the upstream while idle: once more on a new one
+                if reused and not retried and conn.closed_while_idle():
+                    retried = True
+                    continue
                 raise
             except BaseException:
                 conn.close()
@@ -259,11 +299,12 @@ class ConnectionPool:
     async def _checkout(self) -> tuple[_Connection, bool]:
         if self._closed:
             raise ProtocolError("the connection pool is closed")
+        loop = asyncio.get_running_loop()
         while self._idle:
             conn = self._idle.pop()
-            if conn.usable:
+            if conn.usable and loop.time() - conn.idle_since < _IDLE_SECONDS:
                 return conn, True
-        loop = asyncio.get_running_loop()
+            conn.close()
         async with asyncio.timeout(self._connect_timeout):
             _, conn = await loop.create_connection(
                 _Connection, self._host, self._port, ssl=self._ssl
@@ -273,6 +314,7 @@ class ConnectionPool:
     def give_back(self, conn: _Connection) -> None:
         reusable = conn.complete and conn.keep_alive and conn.error is None and conn.usable
         if reusable and not self._closed and len(self._idle) < self._max_idle:
+            conn.idle_since = asyncio.get_running_loop().time()
             self._idle.append(conn)
         else:
             conn.close()

@@ -16,8 +16,9 @@ Ollama's JSON objects on the way in, and back on the way out. Ollama has no
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,12 +110,17 @@ class OllamaBackend(RemoteBackend):
         path, body = ollama_body(request, self.config.upstream_model, self.options)
         self.in_flight += 1
         try:
-            async for chunk in self._stream(path, body):
-                yield chunk
+            # Closed with this generator, not later by the finalizer: that closes the
+            # upstream connection, which is how Ollama learns to stop.
+            async with contextlib.aclosing(self._stream(path, body)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
         finally:
             self.in_flight -= 1
 
-    async def _stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[GenerationChunk]:
+    async def _stream(
+        self, path: str, body: dict[str, Any]
+    ) -> AsyncGenerator[GenerationChunk, None]:
         async with self.streaming_response(path, body) as response:
             pieces = 0
             calls: list[ToolCall] = []

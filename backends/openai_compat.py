@@ -18,7 +18,8 @@ vLLM and Ollama learn that a client has gone.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
 from backends.base import (
@@ -144,8 +145,11 @@ class OpenAICompatBackend(RemoteBackend):
         self.in_flight += 1
         try:
             if request.stream:
-                async for chunk in self._stream(path, body, chat=chat):
-                    yield chunk
+                # Closed with this generator, not later by the finalizer: that closes the
+                # upstream connection, which is how the engine learns to stop.
+                async with contextlib.aclosing(self._stream(path, body, chat=chat)) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
             else:
                 timeout = self.config.request_timeout
                 yield whole_answer(await self.post_json(path, body, within=timeout), chat=chat)
@@ -154,7 +158,7 @@ class OpenAICompatBackend(RemoteBackend):
 
     async def _stream(
         self, path: str, body: dict[str, Any], *, chat: bool
-    ) -> AsyncIterator[GenerationChunk]:
+    ) -> AsyncGenerator[GenerationChunk, None]:
         tools = _ToolCallAssembler()
         prompt_tokens = completion_tokens = 0
         finish: FinishReason | None = None

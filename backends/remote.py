@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 ERROR_BODY_LIMIT = 64 * 1024
 MAX_LINE = 1 << 20  # one SSE or NDJSON line (long tool-call arguments must fit)
+# After [DONE], how long to wait for the rest of the answer (its terminator) so that the
+# connection is reused rather than closed.
+_TAIL_SECONDS = 0.05
 JSON_HEADERS = {"Content-Type": "application/json"}
 
 
@@ -233,7 +236,8 @@ class RemoteBackend:
         """POST ``body`` and yield the streaming response, or raise the translated error.
 
         Leaving the block before the answer's end closes the connection, which is how
-        the upstream learns to stop generating.
+        the upstream learns to stop generating; a block that ran to its end (``[DONE]``)
+        reads the answer's last bytes so that the connection is used again.
         """
         try:
             async with asyncio.timeout(self.config.first_token_timeout):
@@ -242,13 +246,25 @@ class RemoteBackend:
             raise transport_error(exc, "connect") from None
         try:
             if response.status >= 400:
-                raw = await response.read()
-                raise upstream_error(response.status, raw[:ERROR_BODY_LIMIT], response.headers)
+                raise await self._error_of(response)
             yield response
+            with contextlib.suppress(TimeoutError, OSError):
+                async with asyncio.timeout(_TAIL_SECONDS):
+                    await response.finish()
         except OSError as exc:
             raise transport_error(exc, "reading the stream") from None
         finally:
             response.release()  # back to the pool if read to its end, else closed
+
+    async def _error_of(self, response: Response) -> BackendError:
+        """The translated error of a failed answer, from at most ERROR_BODY_LIMIT bytes of
+        its body read within the chunk-gap limit (an error body may stall too)."""
+        raw = b""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.config.chunk_timeout):
+                while len(raw) < ERROR_BODY_LIMIT and (chunk := await response.readany()):
+                    raw += chunk
+        return upstream_error(response.status, raw[:ERROR_BODY_LIMIT], response.headers)
 
     async def lines(self, response: Response) -> AsyncIterator[str]:
         """The response's lines; each read from the socket within the first-token or
@@ -258,7 +274,8 @@ class RemoteBackend:
         than per line (an SSE event is two lines) cut the gateway's CPU per stream.
         """
         limit = self.config.first_token_timeout
-        pending = b""
+        pending: list[bytes] = []  # the start of a line not yet ended
+        size = 0
         while True:
             try:
                 async with asyncio.timeout(limit):
@@ -267,12 +284,18 @@ class RemoteBackend:
                 raise BackendTimeout("the upstream stalled") from None
             if not data:
                 if pending:
-                    yield pending.decode("utf-8", errors="replace").rstrip("\r")
+                    yield b"".join(pending).decode("utf-8", errors="replace").rstrip("\r")
                 return
             limit = self.config.chunk_timeout
-            *complete, pending = (pending + data).split(b"\n")
-            if len(pending) > MAX_LINE:
-                raise BackendUnavailable(f"the upstream sent a line over {MAX_LINE} bytes")
+            *complete, tail = data.split(b"\n")
+            if complete:
+                complete[0] = b"".join((*pending, complete[0]))
+                pending, size = [], 0
+            if tail:
+                pending.append(tail)
+                size += len(tail)
+                if size > MAX_LINE:
+                    raise BackendUnavailable(f"the upstream sent a line over {MAX_LINE} bytes")
             for line in complete:
                 yield line.decode("utf-8", errors="replace").rstrip("\r")
 

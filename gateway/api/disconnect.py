@@ -37,6 +37,7 @@ async def hangup_cancels(request: Request) -> AsyncIterator[None]:
     """
     task = asyncio.current_task()
     assert task is not None
+    cancelling = task.cancelling()  # cancellations already pending are not ours
     watching = True
     left = False
 
@@ -52,7 +53,7 @@ async def hangup_cancels(request: Request) -> AsyncIterator[None]:
     try:
         yield
     except asyncio.CancelledError:
-        if left and task.uncancel() == 0:  # ours alone, not a shutdown's as well
+        if left and task.uncancel() <= cancelling:  # ours alone, not a shutdown's as well
             raise ClientDisconnected from None
         raise
     finally:

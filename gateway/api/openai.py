@@ -8,6 +8,7 @@ guard); errors are raised and rendered there.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import struct
@@ -81,9 +82,11 @@ def _priority(request: Request, principal: Principal) -> Priority:
     return "batch" if "batch" in (asked, principal.tenant.priority) else "interactive"
 
 
-def _failed(tracker: Tracker, exc: Exception, generations: Sequence[Generation] = ()) -> None:
-    """Record a request that ended in ``exc``, billing what it produced."""
-    status = CLIENT_CLOSED if isinstance(exc, ClientDisconnected) else status_of(exc)
+def _failed(tracker: Tracker, exc: BaseException, generations: Sequence[Generation] = ()) -> None:
+    """Record a request that ended in ``exc``, billing what it produced and freeing its
+    slots; a cancellation (the server shutting down) counts as the client gone."""
+    gone = isinstance(exc, ClientDisconnected | asyncio.CancelledError)
+    status = CLIENT_CLOSED if gone else status_of(exc)
     tracker.finish(status, *usage_of(generations))
 
 
@@ -117,7 +120,7 @@ async def _generate(
                 priority=priority,
             )
             outcomes = None if body.stream else await service.collect(generations)
-    except Exception as exc:
+    except BaseException as exc:
         _failed(tracker, exc, generations)
         raise
     assert tracker.ticket is not None and tracker.grant is not None
@@ -224,7 +227,7 @@ async def embeddings(request: Request, principal: Principal) -> Response:
             )
             tracker.dispatched()
             result = await served.backend.embed(body.texts())
-    except Exception as exc:
+    except BaseException as exc:
         _failed(tracker, exc)
         raise
     tracker.finish(200, result.prompt_tokens)

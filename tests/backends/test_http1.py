@@ -14,7 +14,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from backends.http1 import ConnectionPool, ProtocolError
+from backends import http1
+from backends.http1 import _HIGH_WATER, ConnectionPool, ProtocolError
 
 Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -218,3 +219,99 @@ async def test_connection_refused_is_an_os_error() -> None:
 def test_only_http_urls() -> None:
     with pytest.raises(ValueError, match="not an http"):
         ConnectionPool("ftp://example.com", connect_timeout=1)
+
+
+async def test_an_upstream_that_took_the_request_and_died_is_not_sent_it_again() -> None:
+    """Only a connection that ends at once after the write was closed while idle."""
+    taken = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal taken
+        await read_request(reader)
+        writer.write(reply(b"x"))
+        await writer.drain()
+        await read_request(reader)  # the second request: taken, worked on, then a crash
+        taken += 1
+        await asyncio.sleep(0.2)
+
+    async with server(serve) as (url, connections):
+        pool = ConnectionPool(url, connect_timeout=1)
+        response = await pool.send("POST", "/", b"{}")
+        assert await response.read() == b"x"
+        response.release()
+        with pytest.raises(ProtocolError):
+            await pool.send("POST", "/", b"{}")
+        await pool.close()
+    assert (taken, len(connections)) == (1, 1)
+
+
+async def test_an_unread_answer_that_paused_reading_leaves_a_usable_connection() -> None:
+    big = b"y" * (_HIGH_WATER + 4096)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            writer.write(reply(big))
+
+    async with server(serve) as (url, connections):
+        pool = ConnectionPool(url, connect_timeout=1)
+        response = await pool.send("GET", "/")
+        await asyncio.sleep(0.1)  # all of it arrives; reading pauses; nobody reads it
+        response.release()
+        response = await asyncio.wait_for(pool.send("GET", "/"), 2)
+        assert await asyncio.wait_for(response.read(), 2) == big
+        response.release()
+        await pool.close()
+    assert len(connections) == 1
+
+
+async def test_informational_answers_are_skipped() -> None:
+    """A 103 Early Hints before the answer must not be taken for it (and shift answers)."""
+    count = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal count
+        while True:
+            try:
+                await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            count += 1
+            writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n")
+            writer.write(reply(b"answer-%d" % count))
+
+    async with server(serve) as (url, _):
+        pool = ConnectionPool(url, connect_timeout=1)
+        for n in (1, 2):
+            response = await pool.send("GET", "/")
+            assert (response.status, await response.read()) == (200, b"answer-%d" % n)
+            assert "link" not in response.headers
+            response.release()
+        await pool.close()
+
+
+async def test_idle_connections_are_not_kept_past_the_idle_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(http1, "_IDLE_SECONDS", 0.05)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            writer.write(reply(b"x"))
+
+    async with server(serve) as (url, connections):
+        pool = ConnectionPool(url, connect_timeout=1)
+        for pause in (0, 0.1):
+            await asyncio.sleep(pause)
+            response = await pool.send("GET", "/")
+            assert await response.read() == b"x"
+            response.release()
+        await pool.close()
+    assert len(connections) == 2

@@ -289,6 +289,47 @@ async def test_upstream_cookies_are_never_sent_back() -> None:
     assert seen == [None, None]
 
 
+async def test_a_stalled_error_body_is_not_waited_for() -> None:
+    async def completions(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=500)
+        await response.prepare(request)
+        await response.write(b'{"error": {"message": "bro')
+        await asyncio.sleep(2)  # the rest never comes (the client gives up after 0.2 s)
+        return response
+
+    async with upstream({"POST /v1/chat/completions": completions}) as url:
+        backend = OpenAICompatBackend(config(url, chunk_timeout=0.2))
+        with pytest.raises(BackendUnavailable, match="upstream error 500"):
+            await asyncio.wait_for(collect(backend, chat()), 1)
+
+
+async def test_a_finished_stream_leaves_its_connection_for_the_next() -> None:
+    peers: list[object] = []
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        peers.append(request.transport.get_extra_info("peername"))  # type: ignore[union-attr]
+        events = [
+            {"choices": [{"index": 0, "delta": {"content": "a"}}]},
+            {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        ]
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(sse(*events))
+        await asyncio.sleep(0.01)  # the answer's terminator comes after [DONE], apart
+        await response.write_eof()
+        return response
+
+    async with upstream({"POST /v1/chat/completions": completions}) as url:
+        backend = OpenAICompatBackend(config(url))
+        await backend.start()
+        try:
+            for _ in range(3):
+                assert "".join([c.text async for c in backend.generate(chat())]) == "a"
+        finally:
+            await backend.close()
+    assert len(peers) == 3 and len(set(peers)) == 1
+
+
 @pytest.mark.parametrize("stall_after_first", [False, True])
 async def test_first_token_and_chunk_gap_timeouts(stall_after_first: bool) -> None:
     async def completions(request: web.Request) -> web.StreamResponse:
