@@ -263,13 +263,8 @@ async def test_n_choices_take_n_slots_and_streams_report_their_queue_time(
         assert await metric(http, "lockgate_slots_used") == 0
 
 
-async def test_a_stream_whose_client_left_before_the_status_line_frees_its_slot(
-    tmp_path: Path, fake: FakeBackend
-) -> None:
-    """The status line cannot be sent (the connection is gone): the body never starts,
-    yet the request must end, billed and with its slot released."""
-    app = create_app(settings(tmp_path), backends={"slow": fake})
-    body = orjson.dumps({**chat(3), "stream": True})
+def asgi_chat(body: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], Any]]:
+    """The ASGI scope and ``receive`` of a chat sent straight to the app (no server)."""
     scope = {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.4"},
@@ -289,13 +284,24 @@ async def test_a_stream_whose_client_left_before_the_status_line_frees_its_slot(
         "server": ("test", 80),
         "state": {},
     }
-    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    messages = [{"type": "http.request", "body": orjson.dumps(body), "more_body": False}]
 
     async def receive() -> dict[str, Any]:
         if messages:
             return messages.pop()
         await asyncio.Event().wait()  # never: the request is fully read
         raise AssertionError
+
+    return scope, receive
+
+
+async def test_a_stream_whose_client_left_before_the_status_line_frees_its_slot(
+    tmp_path: Path, fake: FakeBackend
+) -> None:
+    """The status line cannot be sent (the connection is gone): the body never starts,
+    yet the request must end, billed and with its slot released."""
+    app = create_app(settings(tmp_path), backends={"slow": fake})
+    scope, receive = asgi_chat({**chat(3), "stream": True})
 
     async def send(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
@@ -306,6 +312,33 @@ async def test_a_stream_whose_client_left_before_the_status_line_frees_its_slot(
         with contextlib.suppress(Exception):
             await app(scope, receive, send)  # type: ignore[arg-type]
         served = app.state.service.registry.instances()[0]
+        assert served.scheduler.load(served.pool).running == 0
+        metrics = app.state.metrics.render().decode()
+        assert 'lockgate_requests_total{endpoint="chat",model="slow",status="499"} 1.0' in metrics
+
+
+async def test_a_request_cancelled_by_a_shutdown_frees_its_slot(
+    tmp_path: Path, fake: FakeBackend
+) -> None:
+    """Not the client leaving: the server cancelling the request's task. It must end too."""
+    app = create_app(settings(tmp_path), backends={"slow": fake})
+    scope, receive = asgi_chat(chat(40))
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    async with app.router.lifespan_context(app):
+        await fake.start()
+        served = app.state.service.registry.instances()[0]
+        task = asyncio.create_task(app(scope, receive, send))  # type: ignore[arg-type]
+        for _ in range(200):  # until it holds the slot and generates
+            if served.scheduler.load(served.pool).running:
+                break
+            await asyncio.sleep(0.01)
+        assert served.scheduler.load(served.pool).running == 1
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
         assert served.scheduler.load(served.pool).running == 0
         metrics = app.state.metrics.render().decode()
         assert 'lockgate_requests_total{endpoint="chat",model="slow",status="499"} 1.0' in metrics
