@@ -54,10 +54,11 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
         self._reset()
 
     def _reset(self) -> None:
-        if getattr(self, "_paused", False) and self._transport is not None:
+        if self._paused and self._transport is not None:
             self._transport.resume_reading()  # a previous answer left unread
         self.status = 0
         self.headers: dict[str, str] = {}
