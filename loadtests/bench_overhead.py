@@ -444,9 +444,11 @@ def main() -> None:
         samples, streams = run_rounds(servers.arms, levels, args)
     rows, stream_rows = summarise(samples), summarise_streams(streams)
     print_tables(rows, stream_rows)
-    pinning = pin.describe()
-    pinning = {"proxies": pinning["gateway"], "mock, redis": pinning["mock, redis"]} | {
-        "client": pinning["client"]
+    pinned = pin.describe()
+    pinning = {
+        "proxies": pinned["gateway"],
+        "mock, redis": pinned["mock, redis"],
+        "client": pinned["client"],
     }
     report = {
         "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -53,6 +53,23 @@ def reply(body: bytes, extra: bytes = b"") -> bytes:
     return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
 
 
+def keep_alive(answer: Callable[[int], bytes]) -> Serve:
+    """A connection that answers request n (from 1) with ``answer(n)`` until the client leaves."""
+    count = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal count
+        while True:
+            try:
+                await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            count += 1
+            writer.write(answer(count))
+
+    return serve
+
+
 async def test_sequential_requests_share_one_keep_alive_connection() -> None:
     seen: list[bytes] = []
 
@@ -248,15 +265,7 @@ async def test_an_upstream_that_took_the_request_and_died_is_not_sent_it_again()
 async def test_an_unread_answer_that_paused_reading_leaves_a_usable_connection() -> None:
     big = b"y" * (_HIGH_WATER + 4096)
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            try:
-                await read_request(reader)
-            except asyncio.IncompleteReadError:
-                return
-            writer.write(reply(big))
-
-    async with server(serve) as (url, connections):
+    async with server(keep_alive(lambda _: reply(big))) as (url, connections):
         pool = ConnectionPool(url, connect_timeout=1)
         response = await pool.send("GET", "/")
         await asyncio.sleep(0.1)  # all of it arrives; reading pauses; nobody reads it
@@ -270,20 +279,9 @@ async def test_an_unread_answer_that_paused_reading_leaves_a_usable_connection()
 
 async def test_informational_answers_are_skipped() -> None:
     """A 103 Early Hints before the answer must not be taken for it (and shift answers)."""
-    count = 0
+    hints = b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n"
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal count
-        while True:
-            try:
-                await read_request(reader)
-            except asyncio.IncompleteReadError:
-                return
-            count += 1
-            writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n")
-            writer.write(reply(b"answer-%d" % count))
-
-    async with server(serve) as (url, _):
+    async with server(keep_alive(lambda n: hints + reply(b"answer-%d" % n))) as (url, _):
         pool = ConnectionPool(url, connect_timeout=1)
         for n in (1, 2):
             response = await pool.send("GET", "/")
@@ -298,15 +296,7 @@ async def test_idle_connections_are_not_kept_past_the_idle_limit(
 ) -> None:
     monkeypatch.setattr(http1, "_IDLE_SECONDS", 0.05)
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            try:
-                await read_request(reader)
-            except asyncio.IncompleteReadError:
-                return
-            writer.write(reply(b"x"))
-
-    async with server(serve) as (url, connections):
+    async with server(keep_alive(lambda _: reply(b"x"))) as (url, connections):
         pool = ConnectionPool(url, connect_timeout=1)
         for pause in (0, 0.1):
             await asyncio.sleep(pause)
