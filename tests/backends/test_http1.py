@@ -53,6 +53,17 @@ def reply(body: bytes, extra: bytes = b"") -> bytes:
     return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
 
 
+def once(raw: bytes) -> Serve:
+    """A connection that answers one request with ``raw`` bytes, whatever they are."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(raw)
+        await writer.drain()
+
+    return serve
+
+
 def keep_alive(answer: Callable[[int], bytes]) -> Serve:
     """A connection that answers request n (from 1) with ``answer(n)`` until the client leaves."""
     count = 0
@@ -159,12 +170,7 @@ async def test_chunked_and_until_close_bodies() -> None:
 
 
 async def test_an_answer_cut_short_is_a_protocol_error() -> None:
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
-        await writer.drain()
-
-    async with server(serve) as (url, _):
+    async with server(once(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")) as (url, _):
         pool = ConnectionPool(url, connect_timeout=1)
         response = await pool.send("GET", "/")
         with pytest.raises(ProtocolError):
@@ -174,12 +180,7 @@ async def test_an_answer_cut_short_is_a_protocol_error() -> None:
 
 
 async def test_garbage_is_a_protocol_error() -> None:
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"SSH-2.0-OpenSSH\r\n\r\n")
-        await writer.drain()
-
-    async with server(serve) as (url, _):
+    async with server(once(b"SSH-2.0-OpenSSH\r\n\r\n")) as (url, _):
         pool = ConnectionPool(url, connect_timeout=1)
         with pytest.raises(ProtocolError):
             await pool.send("GET", "/")
