@@ -102,6 +102,11 @@ class ToolCall:
     name: str
     arguments: str
 
+    def as_openai(self) -> dict[str, Any]:
+        """OpenAI's ``tool_calls`` entry, the one shape every OpenAI dialect shares."""
+        function = {"name": self.name, "arguments": self.arguments}
+        return {"id": self.id, "type": "function", "function": function}
+
 
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
@@ -126,6 +131,7 @@ class SamplingParams:
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    repeat_penalty: float | None = None  # llama.cpp's (Ollama's option); 1.0: off
     logit_bias: Mapping[int, float] = field(default_factory=dict)
     stop: tuple[str, ...] = ()
 
@@ -139,6 +145,7 @@ class SamplingParams:
             "seed": self.seed,
             "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,
+            "repeat_penalty": self.repeat_penalty,
         }
         return {k: v for k, v in knobs.items() if v is not None}
 
@@ -148,7 +155,6 @@ class GenerationRequest:
     """Either ``prompt`` (raw completion) or ``messages`` (chat) is set."""
 
     request_id: str
-    model: str
     sampling: SamplingParams
     prompt: str | None = None
     messages: tuple[ChatMessage, ...] | None = None
@@ -190,14 +196,24 @@ class BackendLoad:
     kv_cache_usage: float | None = None  # 0..1, where the engine reports it
 
 
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What a backend knows of its model, for clients that ask (Ollama's ``/api/show``).
+
+    Remote engines know little; unknown is ``None``, never a guess.
+    """
+
+    family: str | None = None  # architecture: gemma3, llama, qwen2...
+    parameters: int | None = None
+    quantization: str | None = None  # Q4_K_M...
+    context_length: int | None = None  # per sequence
+    size_bytes: int | None = None  # the weights' file size
+    chat_template: bool | None = None  # does the model carry its own chat template?
+
+
 @runtime_checkable
 class Backend(Protocol):
     """One engine instance serving one or more public model names."""
-
-    @property
-    def context_length(self) -> int:
-        """Maximum prompt + completion tokens of one sequence."""
-        ...
 
     @property
     def ready(self) -> bool:
@@ -227,4 +243,8 @@ class Backend(Protocol):
 
     def load(self) -> BackendLoad:
         """Current running/waiting counts, for metrics and routing."""
+        ...
+
+    def describe(self) -> ModelInfo:
+        """The model's family, size and context, as far as the backend knows them."""
         ...

@@ -1,12 +1,14 @@
 """A backend whose behaviour is chosen by the model name, for tests of the layers above.
 
-It needs no model and no threads. Names (a prefix selects the behaviour):
+It needs no model and no threads, and can be served by a real gateway process
+(``backend: fake`` in the config), as TensorZero's dummy provider is. The name's
+prefix selects the behaviour:
 
 * ``echo``: repeats the prompt (or last chat message) back word by word.
 * ``slow``: like echo, with ``delay`` seconds before every word.
-* ``overloaded``: raises BackendOverloaded before the first chunk.
-* ``unavailable``: raises BackendUnavailable before the first chunk.
-* ``fail_midstream``: sends two words, then raises BackendUnavailable.
+* ``fail_before_first``: raises BackendUnavailable before the first chunk.
+* ``fail_mid_stream``: sends two words, then raises BackendUnavailable.
+* ``overloaded``: raises BackendOverloaded (retry in 2.5 s) before the first chunk.
 
 Given ``tools`` (and a tool_choice other than "none"), any behaviour answers with
 one call to the first tool, its arguments ``{"echo": <the last message>}``.
@@ -31,8 +33,17 @@ from backends.base import (
     FinishReason,
     GenerationChunk,
     GenerationRequest,
+    ModelInfo,
     ToolCall,
 )
+
+BEHAVIOURS = ("echo", "slow", "fail_before_first", "fail_mid_stream", "overloaded")
+
+
+def behaviour_of(name: str) -> str:
+    """The behaviour a model name selects (its longest matching prefix), else ``echo``."""
+    matches = [b for b in BEHAVIOURS if name.startswith(b)]
+    return max(matches, key=len) if matches else "echo"
 
 
 class FakeBackend:
@@ -41,22 +52,18 @@ class FakeBackend:
         behaviour: str = "echo",
         *,
         context_length: int = 4096,
-        delay: float = 0.0,
+        delay: float = 0.05,
         capacity: int = 8,
     ) -> None:
-        self.behaviour = behaviour
+        self.behaviour = behaviour_of(behaviour)
         self.capacity = capacity
+        self.context_length = context_length
+        self.delay = delay if self.behaviour == "slow" else 0.0
         self.peak = 0  # most requests generating at once
-        self._context_length = context_length
-        self.delay = delay
         self.running = 0
         self.started = False
         self.closed = False
         self.seen: list[GenerationRequest] = []
-
-    @property
-    def context_length(self) -> int:
-        return self._context_length
 
     @property
     def ready(self) -> bool:
@@ -71,22 +78,25 @@ class FakeBackend:
     def load(self) -> BackendLoad:
         return BackendLoad(running=self.running, waiting=0, capacity=self.capacity)
 
+    def describe(self) -> ModelInfo:
+        return ModelInfo(family="fake", context_length=self.context_length)
+
     def validate(self, request: GenerationRequest) -> None:
         words = _source(request).split()
         limit = request.sampling.max_tokens
-        if len(words) + (limit or 1) > self._context_length:
+        if len(words) + (limit or 1) > self.context_length:
             raise ContextLengthExceeded(
                 prompt_tokens=len(words),
                 max_tokens=limit or 1,
-                context_length=self._context_length,
+                context_length=self.context_length,
             )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         self.seen.append(request)
-        if self.behaviour.startswith("overloaded"):
+        if self.behaviour == "overloaded":
             raise BackendOverloaded("fake backend is full", retry_after=2.5)
-        if self.behaviour.startswith("unavailable"):
-            raise BackendUnavailable("fake backend is down")
+        if self.behaviour == "fail_before_first":
+            raise BackendUnavailable("fake backend failed before the first token")
         self.validate(request)
         source = _source(request)
         words = source.split()
@@ -104,11 +114,10 @@ class FakeBackend:
             for i, word in enumerate(out, start=1):
                 if self.delay:
                     await asyncio.sleep(self.delay)
-                if self.behaviour.startswith("fail_midstream") and i == 3:
+                if self.behaviour == "fail_mid_stream" and i == 3:
                     raise BackendUnavailable("fake backend failed mid-stream")
-                last = i == len(out)
                 reason: FinishReason | None = None
-                if last:
+                if i == len(out):
                     reason = "length" if budget < len(words) else "stop"
                 yield GenerationChunk(
                     (" " if i > 1 else "") + word, len(words), i, finish_reason=reason
@@ -119,7 +128,7 @@ class FakeBackend:
             self.running -= 1
 
     async def embed(self, texts: Sequence[str]) -> EmbeddingResult:
-        if self.behaviour.startswith("unavailable"):
+        if self.behaviour in ("fail_before_first", "fail_mid_stream"):
             raise BackendUnavailable("fake backend is down")
         vectors = [[float(len(t)), float(len(t.split())), 1.0] for t in texts]
         return EmbeddingResult(vectors=vectors, prompt_tokens=sum(len(t.split()) for t in texts))

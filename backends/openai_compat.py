@@ -19,8 +19,8 @@ vLLM and Ollama learn that a client has gone.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from typing import Any, ClassVar
 
 from backends.base import (
     BackendUnavailable,
@@ -43,10 +43,7 @@ _FINISH_REASONS: dict[str, FinishReason] = {
 def _message_dict(m: ChatMessage) -> dict[str, Any]:
     out: dict[str, Any] = {"role": m.role, "content": m.content}
     if m.tool_calls:
-        out["tool_calls"] = [
-            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-            for c in m.tool_calls
-        ]
+        out["tool_calls"] = [c.as_openai() for c in m.tool_calls]
         out["content"] = m.content or None
     if m.tool_call_id is not None:
         out["tool_call_id"] = m.tool_call_id
@@ -55,8 +52,13 @@ def _message_dict(m: ChatMessage) -> dict[str, Any]:
     return out
 
 
-def request_body(request: GenerationRequest, upstream_model: str) -> dict[str, Any]:
-    """The upstream request: only what the client set, plus streaming with usage."""
+def request_body(
+    request: GenerationRequest, upstream_model: str, renames: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """The upstream request: only what the client set, plus streaming with usage.
+
+    ``renames`` maps a sampling knob to the upstream's own name for it.
+    """
     p = request.sampling
     body: dict[str, Any] = {"model": upstream_model, "stream": request.stream}
     if request.stream:
@@ -69,7 +71,8 @@ def request_body(request: GenerationRequest, upstream_model: str) -> dict[str, A
             body["tool_choice"] = request.tool_choice
     else:
         body["prompt"] = request.prompt or ""
-    body.update(p.explicit())
+    renames = renames or {}
+    body.update({renames.get(k, k): v for k, v in p.explicit().items()})
     if p.max_tokens is not None:
         body["max_tokens"] = p.max_tokens
     if p.stop:
@@ -136,12 +139,15 @@ def whole_answer(data: dict[str, Any], *, chat: bool) -> GenerationChunk:
 class OpenAICompatBackend(RemoteBackend):
     """Streams from an OpenAI-compatible server."""
 
+    # Sampling knobs this dialect names otherwise (vLLM: repetition_penalty).
+    renames: ClassVar[Mapping[str, str]] = {}
+
     # -- requests ----------------------------------------------------------
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         chat = request.messages is not None
         path = "/v1/chat/completions" if chat else "/v1/completions"
-        body = request_body(request, self.config.upstream_model)
+        body = request_body(request, self.config.upstream_model, self.renames)
         self.in_flight += 1
         try:
             if request.stream:

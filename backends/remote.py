@@ -32,6 +32,7 @@ from backends.base import (
     BackendUnavailable,
     GenerationRequest,
     InvalidRequestError,
+    ModelInfo,
 )
 from backends.http1 import ConnectionPool, Response
 
@@ -59,7 +60,6 @@ class RemoteConfig:
     first_token_timeout: float = 120.0
     chunk_timeout: float = 60.0
     request_timeout: float = 600.0  # a whole non-streamed answer
-    context_length: int | None = None  # for clients' information; the upstream enforces it
     health_interval: float = 5.0
 
 
@@ -141,10 +141,6 @@ class RemoteBackend:
         self.in_flight = 0
 
     # -- lifecycle ---------------------------------------------------------
-
-    @property
-    def context_length(self) -> int:
-        return self.config.context_length or 0
 
     @property
     def ready(self) -> bool:
@@ -304,3 +300,6 @@ class RemoteBackend:
 
     def load(self) -> BackendLoad:
         return BackendLoad(running=self.in_flight, waiting=0, capacity=self.config.concurrency)
+
+    def describe(self) -> ModelInfo:
+        return ModelInfo()  # the upstream's model; what it is, it does not say

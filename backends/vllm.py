@@ -9,6 +9,9 @@ v0.10) and reports them as the backend's load.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import ClassVar
+
 from prometheus_client.parser import text_string_to_metric_families
 
 from backends.base import BackendLoad
@@ -37,6 +40,7 @@ def parse_vllm_metrics(text: str, model: str | None = None) -> dict[str, float]:
 
 
 class VLLMBackend(OpenAICompatBackend):
+    renames: ClassVar[Mapping[str, str]] = {"repeat_penalty": "repetition_penalty"}
     _running = 0
     _waiting = 0
     _kv_usage: float | None = None

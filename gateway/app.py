@@ -3,6 +3,12 @@
     app = create_app(load_settings(path))                  # embedded engines
     app = create_app(settings, backends={"m": FakeBackend()})  # tests
 
+Every route is on the one FastAPI application: the front doors (``/v1`` OpenAI,
+``/v1/responses``, ``/api`` Ollama) as plain ASGI endpoints
+(:mod:`gateway.api.endpoint`), admin, health and metrics as FastAPI routes. Each
+route is checked at start-up for a key guard (default deny). Errors render in the
+wire format of the door the path belongs to.
+
 Models load in the background after start-up, so ``/health/live`` answers at
 once and ``/health/ready`` turns 200 when every model is loaded.
 """
@@ -12,37 +18,42 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import BaseRoute, Route
 
 from backends.base import Backend, BackendError
+from backends.fake import FakeBackend
 from backends.llama.backend import EmbeddedBackend, EmbeddedConfig
-from gateway.api import admin, health, openai
+from gateway.api import admin, health, ollama, openai, responses
 from gateway.api.disconnect import ClientDisconnected
-from gateway.api.routing import Route, Routes, error_response
+from gateway.api.endpoint import Endpoint, ErrorFormat
+from gateway.api.openapi import openapi_document
 from gateway.api.security import GUARDS, PUBLIC
-from gateway.errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound
+from gateway.errors import ErrorInfo, GatewayError, InvalidRequest, MethodNotAllowed, NotFound
 from gateway.limits import BodySizeLimit
 from gateway.metrics import Metrics
+from gateway.registry import ModelRegistry, ServedModel
 from gateway.remote import build_remote_backend
 from gateway.scheduler.base import PoolLimits, Scheduler
 from gateway.scheduler.memory import MemoryScheduler
 from gateway.scheduler.redis_scheduler import RedisScheduler
-from gateway.service import InferenceService, ModelRegistry, ServedModel
-from gateway.settings import ModelSettings, RemoteModelSettings, Settings
+from gateway.service import InferenceService
+from gateway.settings import AnyModelSettings, FakeModelSettings, ModelSettings, Settings
 from gateway.tenancy.runtime import Tenancy
+from gateway.tenancy.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 
-def build_backend(model: ModelSettings | RemoteModelSettings) -> Backend:
+def build_backend(model: AnyModelSettings) -> Backend:
     if isinstance(model, ModelSettings):
         return EmbeddedBackend(
             EmbeddedConfig(
@@ -55,11 +66,20 @@ def build_backend(model: ModelSettings | RemoteModelSettings) -> Backend:
                 default_top_k=model.default_top_k,
             )
         )
+    if isinstance(model, FakeModelSettings):
+        return FakeBackend(
+            model.name,
+            context_length=model.context_length,
+            delay=model.delay,
+            capacity=model.capacity,
+        )
     return build_remote_backend(model)
 
 
-def _instance(model: ModelSettings | RemoteModelSettings) -> str:
-    return "embedded" if isinstance(model, ModelSettings) else model.base_url
+def _instance(model: AnyModelSettings) -> str:
+    if isinstance(model, ModelSettings | FakeModelSettings):
+        return model.backend
+    return model.base_url
 
 
 async def _start_all(backends: Sequence[tuple[str, Backend]]) -> None:
@@ -75,19 +95,32 @@ async def _start_all(backends: Sequence[tuple[str, Backend]]) -> None:
     await asyncio.gather(*(start(n, b) for n, b in backends))
 
 
+def _errors_for(path: str) -> ErrorFormat:
+    """The wire format of the door ``path`` belongs to."""
+    return ollama.OLLAMA_ERRORS if path.startswith("/api/") else openai.OPENAI_ERRORS
+
+
 async def _on_error(request: Request, exc: Exception) -> Response:
-    return error_response(exc)
+    return _errors_for(request.url.path).response(exc)
 
 
 async def _on_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
+    path, errors = request.url.path, _errors_for(request.url.path)
     if exc.status_code == 404:
-        return error_response(NotFound(f"Unknown path: {request.url.path}"))
+        if path.startswith(ollama.MODEL_MANAGEMENT):
+            return errors.response(
+                NotFound(
+                    f"{path} is not available: Lockgate serves the models in its configuration"
+                    " and does not pull, push, create, copy or delete models."
+                )
+            )
+        return errors.response(NotFound(f"Unknown path: {path}"))
     if exc.status_code == 405:
-        return error_response(
-            MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}")
+        return errors.response(
+            MethodNotAllowed(f"Method {request.method} is not allowed on {path}")
         )
-    return error_response(InvalidRequest(str(exc.detail)))
+    return errors.response(InvalidRequest(str(exc.detail)))
 
 
 def _calls(dependant: Dependant) -> set[object]:
@@ -98,19 +131,29 @@ def _calls(dependant: Dependant) -> set[object]:
     return found
 
 
-def _require_guards(routers: Sequence[APIRouter], routes: Sequence[Route] = ()) -> None:
+def _flatten(routes: Sequence[BaseRoute]) -> Iterator[BaseRoute]:
+    """Every route, including those of included routers (FastAPI includes them lazily)."""
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            yield from _flatten(included.routes)
+        else:
+            yield route
+
+
+def require_guards(app: FastAPI) -> None:
     """Default deny: every route declares a key guard, or is listed as public."""
-    for plain in routes:  # the plain ASGI routes cannot be declared without one
-        if plain.guard not in GUARDS:
-            raise RuntimeError(f"route {plain.path} has no auth dependency")
-    for router in routers:
-        for route in router.routes:
-            if not isinstance(route, APIRoute):
-                raise RuntimeError(f"route {route} is not an APIRoute: its guard cannot be checked")
+    for route in _flatten(app.routes):
+        if isinstance(route, APIRoute):
             if route.path in PUBLIC:  # paths already carry the router's prefix
                 continue
             if not _calls(route.dependant) & set(GUARDS):
                 raise RuntimeError(f"route {route.path} has no auth dependency")
+        elif isinstance(route, Route) and isinstance(route.endpoint, Endpoint):
+            if route.endpoint.guard not in GUARDS:
+                raise RuntimeError(f"route {route.path} has no auth guard")
+        else:
+            raise RuntimeError(f"route {route} is neither an APIRoute nor an Endpoint")
 
 
 def _pool_limits(settings: Settings, backend: Backend) -> PoolLimits:
@@ -121,6 +164,10 @@ def _pool_limits(settings: Settings, backend: Backend) -> PoolLimits:
         max_queue_per_tenant=s.max_queue_per_tenant,
         max_wait=s.max_wait,
     )
+
+
+def _error_body(path: str, info: ErrorInfo) -> bytes:
+    return _errors_for(path).body(info)
 
 
 def create_app(settings: Settings, *, backends: Mapping[str, Backend] | None = None) -> FastAPI:
@@ -140,17 +187,19 @@ def create_app(settings: Settings, *, backends: Mapping[str, Backend] | None = N
             ServedModel(
                 m.name,
                 build_backend(m),
-                m.max_n,
-                created,
-                local if isinstance(m, ModelSettings) else shared,
-                _instance(m),
+                local if isinstance(m, ModelSettings | FakeModelSettings) else shared,
+                max_n=m.max_n,
+                created=created,
+                instance=_instance(m),
             )
             for m in settings.models
         ]
     else:
         limits = {m.name: m.max_n for m in settings.models}
         served = [
-            ServedModel(name, b, limits.get(name, 1), created, local, "injected")
+            ServedModel(
+                name, b, local, max_n=limits.get(name, 1), created=created, instance="injected"
+            )
             for name, b in backends.items()
         ]
     registry = ModelRegistry(served)
@@ -190,7 +239,7 @@ def create_app(settings: Settings, *, backends: Mapping[str, Backend] | None = N
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
-        openapi_url=None,  # no unauthenticated surface beyond PUBLIC
+        openapi_url=None,  # not served (no unauthenticated surface beyond PUBLIC): app.openapi()
     )
     app.state.metrics = metrics
     app.state.service = InferenceService(registry, metrics, tenancy.admission)
@@ -198,19 +247,24 @@ def create_app(settings: Settings, *, backends: Mapping[str, Backend] | None = N
     app.state.admin_key = tenancy.admin_key
     app.state.tenant_admin = tenancy.admin
     app.state.ledger = tenancy.ledger
-    routers = (admin.router, health.router)
-    _require_guards(routers, openai.ROUTES)
-    for router in routers:
+    # The generation routes first: the router tries routes in order, and they are the hot ones.
+    app.router.routes.extend([*openai.ROUTES, *responses.ROUTES, *ollama.ROUTES])
+    for router in (admin.router, health.router):
         app.include_router(router)
-    app.add_exception_handler(GatewayError, _on_error)
-    app.add_exception_handler(BackendError, _on_error)
-    app.add_exception_handler(ClientDisconnected, _on_error)
-    app.add_exception_handler(ClientDisconnect, _on_error)  # left mid-upload
+    require_guards(app)
+    app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
+    # Expected errors are handled inside the app; `Exception` (the unexpected) by
+    # Starlette's outermost middleware, which also logs the traceback.
+    for expected in (
+        GatewayError,
+        BackendError,
+        StoreUnavailable,
+        ClientDisconnected,
+        ClientDisconnect,
+    ):
+        app.add_exception_handler(expected, _on_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(Exception, _on_error)
-    # Middleware, innermost first (Starlette wraps in reverse order of adding): the
-    # OpenAI routes, plain ASGI, inside the size guard, which sees a request before
-    # anything reads its body.
-    app.add_middleware(Routes, routes=openai.ROUTES)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.server.max_body_bytes)
+    # The size guard sees a request before anything reads its body.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.server.max_body_bytes, body=_error_body)
     return app

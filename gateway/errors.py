@@ -1,10 +1,12 @@
-"""The gateway's errors and their one mapping to HTTP and to SSE.
+"""The gateway's errors and their one table: status, type, code, Retry-After, queue outcome.
 
-Every failure a client can see passes through :func:`describe`, which turns
-it into OpenAI's error shape ``{"error": {"message", "type", "param",
-"code"}}`` plus a status and headers. Routes raise; they never build error
-bodies themselves. Exceptions nobody anticipated become a 500 whose message
-says nothing about the internals (the traceback goes to the log only).
+Every failure a client can see passes through :func:`describe`, which turns it
+into a wire-neutral :class:`ErrorInfo` (status, OpenAI's error type and code, a
+message, headers); each wire format renders that once (``gateway.protocol``:
+OpenAI's ``{"error": {...}}``, Ollama's ``{"error": "..."}``, a Responses
+``response.failed`` event). Routes and the service raise; they never build error
+bodies themselves. Exceptions nobody anticipated become a 500 whose message says
+nothing about the internals (the traceback goes to the log only).
 
     GatewayError
     ├── InvalidRequest        400 invalid_request_error
@@ -36,8 +38,6 @@ import logging
 import math
 from dataclasses import dataclass, field
 
-import orjson
-
 from backends.base import (
     BackendError,
     BackendOverloaded,
@@ -49,6 +49,13 @@ from backends.base import (
 from gateway.tenancy.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
+
+CLIENT_CLOSED = 499  # nginx's convention for "the client went away" (or the server shut down)
+
+
+def retry_after_header(seconds: float) -> dict[str, str]:
+    """The ``Retry-After`` header for a delay: whole seconds, at least 1."""
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
 class GatewayError(Exception):
@@ -116,14 +123,14 @@ class StateUnavailable(GatewayError):
     """Shared state (Redis) cannot be reached and the policy is to fail closed."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message, headers={"Retry-After": "1"})
+        super().__init__(message, headers=retry_after_header(1))
 
 
 class SchedulerRefusal(GatewayError):
     """The scheduler would not queue the request, or it waited too long."""
 
     def __init__(self, message: str, *, retry_after: float) -> None:
-        super().__init__(message, headers={"Retry-After": str(max(1, math.ceil(retry_after)))})
+        super().__init__(message, headers=retry_after_header(retry_after))
         self.retry_after = retry_after
 
 
@@ -141,6 +148,8 @@ class QueueTimeout(SchedulerRefusal):
 
 @dataclass(frozen=True, slots=True)
 class ErrorInfo:
+    """What a client is told about a failure, in no wire format yet."""
+
     status: int
     type: str
     code: str | None
@@ -148,64 +157,54 @@ class ErrorInfo:
     param: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
 
-    def body(self) -> bytes:
-        return orjson.dumps(
-            {
-                "error": {
-                    "message": self.message,
-                    "type": self.type,
-                    "param": self.param,
-                    "code": self.code,
-                }
-            }
-        )
 
-    def sse_event(self) -> bytes:
-        """The event sent when a stream fails after its headers went out."""
-        return b"data: " + self.body() + b"\n\n"
-
-
-# Most specific first: the first matching row wins.
-_TABLE: tuple[tuple[type[Exception], int, str, str | None], ...] = (
-    (ContextLengthExceeded, 400, "invalid_request_error", "context_length_exceeded"),
-    (InvalidRequestError, 400, "invalid_request_error", None),
-    (InvalidRequest, 400, "invalid_request_error", None),
-    (ModelNotFound, 404, "invalid_request_error", "model_not_found"),
-    (NotFound, 404, "invalid_request_error", "not_found"),
-    (MethodNotAllowed, 405, "invalid_request_error", None),
-    (RequestTooLarge, 413, "invalid_request_error", "request_too_large"),
-    (Unauthorized, 401, "invalid_request_error", "invalid_api_key"),
-    (Forbidden, 403, "invalid_request_error", "permission_denied"),
-    (Conflict, 409, "invalid_request_error", "conflict"),
-    (RateLimited, 429, "requests", "rate_limit_exceeded"),
-    (QuotaExceeded, 429, "insufficient_quota", "insufficient_quota"),
-    (TenantQueueFull, 429, "requests", "rate_limit_exceeded"),
-    (QueueFull, 503, "server_error", "queue_full"),
-    (QueueTimeout, 503, "server_error", "queue_timeout"),
-    (StateUnavailable, 503, "server_error", "service_unavailable"),
-    (StoreUnavailable, 503, "server_error", "service_unavailable"),
-    (BackendOverloaded, 503, "server_error", "overloaded"),
-    (BackendUnavailable, 503, "server_error", "service_unavailable"),
-    (BackendTimeout, 504, "server_error", "timeout"),
+# Most specific first: the first matching row wins. The last column is the
+# lockgate_queue_requests_total outcome of a refusal by the scheduler.
+_TABLE: tuple[tuple[type[Exception], int, str, str | None, str | None], ...] = (
+    (ContextLengthExceeded, 400, "invalid_request_error", "context_length_exceeded", None),
+    (InvalidRequestError, 400, "invalid_request_error", None, None),
+    (InvalidRequest, 400, "invalid_request_error", None, None),
+    (ModelNotFound, 404, "invalid_request_error", "model_not_found", None),
+    (NotFound, 404, "invalid_request_error", "not_found", None),
+    (MethodNotAllowed, 405, "invalid_request_error", None, None),
+    (RequestTooLarge, 413, "invalid_request_error", "request_too_large", None),
+    (Unauthorized, 401, "invalid_request_error", "invalid_api_key", None),
+    (Forbidden, 403, "invalid_request_error", "permission_denied", None),
+    (Conflict, 409, "invalid_request_error", "conflict", None),
+    (RateLimited, 429, "requests", "rate_limit_exceeded", None),
+    (QuotaExceeded, 429, "insufficient_quota", "insufficient_quota", None),
+    (TenantQueueFull, 429, "requests", "rate_limit_exceeded", "rejected_tenant"),
+    (QueueFull, 503, "server_error", "queue_full", "rejected_full"),
+    (QueueTimeout, 503, "server_error", "queue_timeout", "expired"),
+    (StateUnavailable, 503, "server_error", "service_unavailable", "unavailable"),
+    (StoreUnavailable, 503, "server_error", "service_unavailable", None),
+    (BackendOverloaded, 503, "server_error", "overloaded", None),
+    (BackendUnavailable, 503, "server_error", "service_unavailable", None),
+    (BackendTimeout, 504, "server_error", "timeout", None),
 )
 
 
 def status_of(exc: BaseException) -> int:
     """The HTTP status ``exc`` maps to, without logging anything."""
-    return next((status for kind, status, _, _ in _TABLE if isinstance(exc, kind)), 500)
+    return next((row[1] for row in _TABLE if isinstance(exc, row[0])), 500)
+
+
+def queue_outcome(exc: BaseException) -> str | None:
+    """The scheduler outcome label of a refusal, or ``None`` if ``exc`` is not one."""
+    return next((row[4] for row in _TABLE if isinstance(exc, row[0])), None)
 
 
 def describe(exc: BaseException) -> ErrorInfo:
     """The client-facing description of ``exc``; logs it only if it was unexpected."""
-    for kind, status, type_, code in _TABLE:
+    for kind, status, type_, code, _ in _TABLE:
         if isinstance(exc, kind):
             if isinstance(exc, StoreUnavailable):
                 message = "Tenant storage is temporarily unavailable; retry shortly."
-                return ErrorInfo(status, type_, code, message, None, {"Retry-After": "1"})
+                return ErrorInfo(status, type_, code, message, None, retry_after_header(1))
             assert isinstance(exc, GatewayError | BackendError)
             headers = dict(exc.headers) if isinstance(exc, GatewayError) else {}
             if isinstance(exc, BackendOverloaded):
-                headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+                headers.update(retry_after_header(exc.retry_after))
             if isinstance(exc, BackendError) and exc.code is not None:
                 code = exc.code
             if isinstance(exc, RateLimited):

@@ -1,21 +1,26 @@
 """Request-size guard, as plain ASGI middleware (no BaseHTTPMiddleware on the hot path).
 
-A body larger than ``max_bytes`` is refused with OpenAI's error shape and status 413
-before the application reads it: at once when ``Content-Length`` says so, otherwise
-as soon as the streamed body passes the limit.
+A body larger than ``max_bytes`` is refused with status 413, in the error shape of the
+door the path belongs to (``body``), before the application reads it: at once when
+``Content-Length`` says so, otherwise as soon as the streamed body passes the limit.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import RequestTooLarge, describe
+from gateway.errors import ErrorInfo, RequestTooLarge, describe
 
 
 class BodySizeLimit:
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_bytes: int, body: Callable[[str, ErrorInfo], bytes]
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self._body = body  # (path, error) → the error body in that path's wire format
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -23,7 +28,7 @@ class BodySizeLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send)
+            await self._refuse(scope["path"], send)
             return
         seen = 0
         limit = self.max_bytes
@@ -42,7 +47,7 @@ class BodySizeLimit:
     def _message(self) -> str:
         return f"The request body is larger than {self.max_bytes} bytes."
 
-    async def _refuse(self, send: Send) -> None:
+    async def _refuse(self, path: str, send: Send) -> None:
         info = describe(RequestTooLarge(self._message()))
         await send(
             {
@@ -51,4 +56,4 @@ class BodySizeLimit:
                 "headers": [(b"content-type", b"application/json")],
             }
         )
-        await send({"type": "http.response.body", "body": info.body()})
+        await send({"type": "http.response.body", "body": self._body(path, info)})

@@ -1,13 +1,26 @@
-"""The request path without HTTP: pick the backend, queue for slots, generate, collect or stream.
+"""The request path without HTTP: one call owns a request from admission to its end.
 
-A request becomes one :class:`~backends.base.GenerationRequest` per choice
-(``n`` times the number of prompts), each needing one engine slot.
-:meth:`InferenceService.open` validates them (context length...), waits in the
-scheduler's queue for the slots, starts them all and waits for each first chunk,
-so anything that fails early is raised before a status line is sent; afterwards
-the caller either :meth:`collect`s the full text or :meth:`stream`s SSE bytes.
-Tokens are charged to the tenant's fair share as they are produced, and the
-slots are released when the tracker finishes.
+A front door parses its wire format into a :class:`Plan` (the model, one
+:class:`~backends.base.GenerationRequest` per choice, the token charge) and hands
+it to :meth:`InferenceService.run`, an async generator of wire-neutral events::
+
+    run = service.run(principal, plan, priority="interactive")
+    started = await anext(run)   # admitted, placed, queued, first chunks in hand; or raises
+    async for event in run:      # Delta(index, chunk)..., then Finished or Failed
+        ...
+    await run.aclose()           # always; a run closed before its end counts as 499
+
+The stages run in one order (as TGI's router does): **admit** (the tenant's
+limits) → **place** (:func:`gateway.routing.place` over the model's instances) →
+**validate** (on the chosen backend: context length...) → **queue** (the
+scheduler's grant of one slot per choice) → **generate**. Whatever fails before
+the first chunks arrive is raised from the first ``anext``, so the door can still
+answer with a plain HTTP error; afterwards a failure is a :class:`Failed` event.
+
+Exactly one place finishes a request, :meth:`_Request.finish`, called from the
+``finally`` of the operation, however it ended (success, an upstream failure, the
+client gone, a shutdown): it frees the slots, settles the tenant's bill with the
+tokens produced, and records the metrics, once.
 """
 
 from __future__ import annotations
@@ -15,170 +28,245 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from backends.base import Backend, FinishReason, GenerationChunk, GenerationRequest, ToolCall
+from backends.base import (
+    EmbeddingResult,
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    ToolCall,
+)
 from gateway.errors import (
+    CLIENT_CLOSED,
     Forbidden,
     InvalidRequest,
-    ModelNotFound,
-    QueueFull,
-    QueueTimeout,
-    StateUnavailable,
-    TenantQueueFull,
-    describe,
+    queue_outcome,
+    status_of,
 )
 from gateway.metrics import Metrics
-from gateway.protocol import ChunkEncoder
-from gateway.scheduler.base import Grant, Priority, Scheduler
+from gateway.registry import ModelRegistry, ServedModel
+from gateway.routing import InstanceState, place
+from gateway.scheduler.base import Grant
 from gateway.tenancy.admission import Admission, Ticket
-from gateway.tenancy.records import Principal
+from gateway.tenancy.records import Principal, Priority
 
 T = TypeVar("T")
 
-CLIENT_CLOSED = 499  # nginx's convention for "the client went away"
+QUEUED_HEADER = "x-lockgate-queued-ms"  # time spent waiting for an engine slot
+BACKEND_HEADER = "x-lockgate-backend"  # the instance that served the request
 
 
 @dataclass(frozen=True, slots=True)
-class ServedModel:
-    name: str
-    backend: Backend
-    max_n: int
-    created: int
-    scheduler: Scheduler  # owns this instance's slots and the queue in front of them
-    instance: str = "embedded"  # which engine serves it, for metrics: "embedded" or a URL
+class Plan:
+    """A generation request in no wire format: what a front door asks the service for."""
+
+    model: str
+    endpoint: str  # the metrics label of the door and operation: chat, ollama_chat...
+    request_id: str
+    requests: tuple[GenerationRequest, ...]  # one per choice, the n choices of a prompt adjacent
+    tokens: int  # the admission charge: prompt estimate + completion limits
+    n: int = 1  # choices per prompt (their prompt is validated and billed once)
 
     @property
-    def pool(self) -> str:
-        """The scheduler's name for this instance's slots (the same on every replica)."""
-        return f"{self.name}@{self.instance}"
+    def stream(self) -> bool:
+        return self.requests[0].stream
 
 
-class ModelRegistry:
-    """Public model name → the backends that serve it, in configured order.
+@dataclass(frozen=True, slots=True)
+class EmbedPlan:
+    model: str
+    endpoint: str
+    request_id: str
+    texts: tuple[str, ...]
+    tokens: int
 
-    Routing across several backends is a later concern; for now a request goes
-    to the first one that is ready (else the first, which answers 503).
-    """
 
-    def __init__(self, models: Sequence[ServedModel]) -> None:
-        self._models: dict[str, list[ServedModel]] = {}
-        for m in models:
-            self._models.setdefault(m.name, []).append(m)
+@dataclass(frozen=True, slots=True)
+class Timings:
+    """Where the time went, in seconds; the Ollama door reports them in nanoseconds."""
 
-    def get(self, name: str) -> ServedModel:
-        try:
-            candidates = self._models[name]
-        except KeyError:
-            raise ModelNotFound(name) from None
-        return next((m for m in candidates if m.backend.ready), candidates[0])
+    queued: float  # arrival → dispatch: admission and the wait for a slot
+    prefill: float  # dispatch → first token
+    decode: float  # first token → last
+    total: float  # arrival → end
 
-    def names(self) -> list[ServedModel]:
-        """One entry per public name (the first configured)."""
-        return [entries[0] for entries in self._models.values()]
 
-    def instances(self) -> list[ServedModel]:
-        return [m for entries in self._models.values() for m in entries]
+@dataclass(frozen=True, slots=True)
+class Started:
+    """The request holds its slots and every choice has produced its first chunk."""
 
-    def unready(self) -> list[str]:
-        """Names with no ready backend."""
-        return sorted(
-            name
-            for name, entries in self._models.items()
-            if not any(m.backend.ready for m in entries)
-        )
+    request_id: str
+    model: str
+    backend_id: str
+    created: int  # Unix time of arrival
+    headers: Mapping[str, str]  # rate limits, queue time, serving instance: for every door
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """New output of choice ``index`` (text, whole tool calls, or its finish reason)."""
+
+    index: int
+    chunk: GenerationChunk
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    prompt_tokens: int
+    completion_tokens: int
+    timings: Timings
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """The request failed after it started; ``error`` is typed (``describe`` renders it)."""
+
+    error: Exception
+
+
+Event = Started | Delta | Finished | Failed
 
 
 @dataclass(slots=True)
-class Generation:
-    """One choice in flight: its first chunk and the rest of its stream."""
+class Choice:
+    """One choice's whole output, as :func:`collect` gathers it."""
 
-    index: int
-    first: GenerationChunk
-    rest: AsyncIterator[GenerationChunk]
-    counts_prompt: bool  # False for extra choices (n > 1) of the same prompt
-    grant: Grant | None = None  # whose fair share the tokens count toward
-    latest: GenerationChunk | None = None  # the last chunk read: counts so far, for billing
-    charged: int = 0  # tokens already counted toward the fair share
+    text: list[str] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    finish_reason: FinishReason = "stop"
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """A whole non-streamed answer."""
+
+    started: Started
+    choices: list[Choice]
+    finished: Finished
+
+
+@dataclass(frozen=True, slots=True)
+class Embedded:
+    result: EmbeddingResult
+    model: str
+    headers: Mapping[str, str]
+
+
+async def collect(run: AsyncIterator[Event], started: Started, choices: int) -> Result:
+    """Read the rest of ``run`` into whole choices; a :class:`Failed` event is raised."""
+    out = [Choice() for _ in range(choices)]
+    async for event in run:
+        if isinstance(event, Delta):
+            choice, chunk = out[event.index], event.chunk
+            if chunk.text:
+                choice.text.append(chunk.text)
+            choice.tool_calls.extend(chunk.tool_calls)
+            if chunk.finish_reason is not None:
+                choice.finish_reason = chunk.finish_reason
+        elif isinstance(event, Finished):
+            return Result(started, out, event)
+        elif isinstance(event, Failed):
+            raise event.error
+    raise RuntimeError("the run ended without finishing")  # pragma: no cover - a service bug
+
+
+class _Stream:
+    """One choice in flight: the rest of its chunks and what it has produced so far."""
+
+    __slots__ = ("charged", "counts_prompt", "first", "grant", "latest", "rest")
+
+    def __init__(
+        self,
+        first: GenerationChunk,
+        rest: AsyncIterator[GenerationChunk],
+        *,
+        counts_prompt: bool,
+        grant: Grant,
+    ) -> None:
+        self.first = first
+        self.rest = rest
+        self.counts_prompt = counts_prompt  # False for extra choices (n > 1) of one prompt
+        self.grant = grant  # whose fair share the tokens count toward
+        self.latest = first
+        self.charged = 0  # tokens already counted toward the fair share
+        self.advance(first)
 
     def advance(self, chunk: GenerationChunk) -> None:
         """Record ``chunk`` as the latest, and charge its new tokens to the tenant's share."""
         self.latest = chunk
-        if self.grant is not None:
-            served = chunk.completion_tokens + (chunk.prompt_tokens if self.counts_prompt else 0)
-            self.grant.charge(served - self.charged)
-            self.charged = served
+        served = chunk.completion_tokens + (chunk.prompt_tokens if self.counts_prompt else 0)
+        self.grant.charge(served - self.charged)
+        self.charged = served
 
 
-def usage_of(generations: Sequence[Generation]) -> tuple[int, int]:
-    """Prompt and completion tokens of everything read so far (counts are cumulative)."""
-    prompt = completion = 0
-    for g in generations:
-        chunk = g.latest or g.first
-        completion += chunk.completion_tokens
-        if g.counts_prompt:
-            prompt += chunk.prompt_tokens
-    return prompt, completion
-
-
-@dataclass(slots=True)
-class Outcome:
-    text: list[str] = field(default_factory=list)
-    tool_calls: list[ToolCall] = field(default_factory=list)
-    finish_reason: FinishReason = "stop"
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-class Tracker:
-    """Times one HTTP request and records its metrics exactly once."""
+class _Request:
+    """One request's clock, bill and slots; :meth:`finish` is the one place it ends."""
 
     __slots__ = (
-        "_choices",
-        "_dispatched",
         "_done",
-        "_first_seen",
         "_metrics",
+        "choices",
+        "dispatched",
         "endpoint",
+        "first_seen",
         "grant",
         "model",
         "started",
+        "streams",
         "ticket",
+        "usage",
     )
 
-    def __init__(self, metrics: Metrics, model: str, endpoint: str, *, choices: int = 1) -> None:
+    def __init__(self, metrics: Metrics, model: str, endpoint: str, choices: int) -> None:
         self._metrics = metrics
         self.model = model
         self.endpoint = endpoint
-        self._choices = choices
+        self.choices = choices
         self.started = time.perf_counter()
-        self._dispatched: float | None = None
-        self._first_seen: float | None = None
+        self.dispatched: float | None = None
+        self.first_seen: float | None = None
+        self.ticket: Ticket | None = None  # settled by finish()
+        self.grant: Grant | None = None  # released by finish()
+        self.streams: Sequence[_Stream] = ()
+        self.usage: tuple[int, int] | None = None  # set by embeddings, which have no streams
         self._done = False
-        self.ticket: Ticket | None = None  # set once admitted; settled by finish()
-        self.grant: Grant | None = None  # set once scheduled; released by finish()
-
-    def dispatched(self) -> None:
-        self._dispatched = time.perf_counter()
 
     def first_token(self) -> None:
-        if self._first_seen is None:
-            self._first_seen = time.perf_counter()
-            self._metrics.time_to_first_token.labels(self.model).observe(
-                self._first_seen - self.started
-            )
+        self.first_seen = time.perf_counter()
+        self._metrics.time_to_first_token.labels(self.model).observe(self.first_seen - self.started)
 
-    def finish(self, status: int, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+    def produced(self) -> tuple[int, int]:
+        """Prompt and completion tokens so far (chunk counts are cumulative)."""
+        if self.usage is not None:
+            return self.usage
+        prompt = completion = 0
+        for s in self.streams:
+            completion += s.latest.completion_tokens
+            if s.counts_prompt:
+                prompt += s.latest.prompt_tokens
+        return prompt, completion
+
+    def timings(self) -> Timings:
+        now = time.perf_counter()
+        dispatched = self.dispatched or now
+        first = self.first_seen or now
+        return Timings(
+            dispatched - self.started, first - dispatched, now - first, now - self.started
+        )
+
+    def finish(self, status: int) -> None:
         if self._done:
             return
         self._done = True
         if self.grant is not None:
-            self.grant.release()
+            self.grant.release()  # first: the next waiter starts at once
+        prompt_tokens, completion_tokens = self.produced()
         m, now = self._metrics, time.perf_counter()
         if self.ticket is not None:
-            engine = 0.0 if self._dispatched is None else now - self._dispatched
+            engine = 0.0 if self.dispatched is None else now - self.dispatched
             self.ticket.settle(
                 status=status,
                 prompt_tokens=prompt_tokens,
@@ -192,9 +280,9 @@ class Tracker:
         if completion_tokens:
             m.completion_tokens.labels(self.model).inc(completion_tokens)
         # Token gaps are only meaningful for one sequence; n > 1 interleaves several.
-        if self._first_seen is not None and completion_tokens > 1 and self._choices == 1:
+        if self.first_seen is not None and completion_tokens > 1 and self.choices == 1:
             m.time_per_output_token.labels(self.model).observe(
-                (now - self._first_seen) / (completion_tokens - 1)
+                (now - self.first_seen) / (completion_tokens - 1)
             )
 
 
@@ -204,164 +292,152 @@ class InferenceService:
         self.metrics = metrics
         self.admission = admission
 
-    def resolve(self, model: str, *, n: int, principal: Principal) -> ServedModel:
+    # -- reading the catalogue ------------------------------------------------
+
+    def models(self, principal: Principal) -> list[ServedModel]:
+        """The public models this principal may use."""
+        return [m for m in self.registry.names() if principal.tenant.allows(m.name)]
+
+    def model(self, principal: Principal, name: str) -> ServedModel:
+        """The first instance of ``name``, if this principal may use it."""
+        return self._instances(principal, name)[0]
+
+    # -- serving ----------------------------------------------------------------
+
+    async def run(
+        self, principal: Principal, plan: Plan, *, priority: Priority
+    ) -> AsyncGenerator[Event, None]:
+        """Serve ``plan``: see the module docstring for the events and the stages."""
+        instances = self._instances(principal, plan.model)
+        if plan.n > instances[0].max_n:
+            raise InvalidRequest(
+                f"n must be at most {instances[0].max_n} for model '{plan.model}'", param="n"
+            )
+        request = _Request(self.metrics, plan.model, plan.endpoint, len(plan.requests))
+        status = CLIENT_CLOSED  # unless it ends otherwise: the client left, or a shutdown
+        try:
+            request.ticket = await self.admission.admit(
+                principal, plan.model, tokens=plan.tokens, request_id=plan.request_id
+            )
+            served = self._place(instances)
+            request.ticket.backend = served.instance
+            # A request that can never run is refused before it queues; the n choices
+            # of one prompt are alike, so each prompt is checked once.
+            for r in plan.requests[:: plan.n]:
+                served.backend.validate(r)
+            request.grant = grant = await self._queue(served, plan, principal, priority)
+            request.dispatched = time.perf_counter()
+            pending = [served.backend.generate(r) for r in plan.requests]
+            try:
+                firsts = await _first_chunks(pending)
+            except BaseException:  # an early error, or the client left
+                await _close_all(pending)
+                raise
+            request.first_token()
+            streams = [
+                _Stream(first, rest, counts_prompt=i % plan.n == 0, grant=grant)
+                for i, (first, rest) in enumerate(zip(firsts, pending, strict=True))
+            ]
+            request.streams = streams
+            yield Started(
+                plan.request_id,
+                plan.model,
+                served.instance,
+                int(time.time()),
+                {
+                    **request.ticket.headers,
+                    QUEUED_HEADER: f"{grant.queued_seconds * 1000:.0f}",
+                    BACKEND_HEADER: served.instance,
+                },
+            )
+            try:
+                async with contextlib.aclosing(_merge(streams)) as merged:
+                    async for index, chunk in merged:
+                        streams[index].advance(chunk)
+                        yield Delta(index, chunk)
+            except Exception as exc:  # the status line is gone: reported in-band
+                status = status_of(exc)
+                yield Failed(exc)
+                return
+            status = 200
+            yield Finished(*request.produced(), request.timings())
+        except Exception as exc:
+            status = status_of(exc)
+            raise
+        finally:
+            # However it ended: the engines stop work nobody reads, then the slots go.
+            await _close_all([s.rest for s in request.streams])
+            request.finish(status)
+
+    async def embed(self, principal: Principal, plan: EmbedPlan) -> Embedded:
+        """Embed ``plan.texts`` on the model's placed instance; the same finish as run()."""
+        instances = self._instances(principal, plan.model)
+        request = _Request(self.metrics, plan.model, plan.endpoint, 1)
+        status = CLIENT_CLOSED
+        try:
+            request.ticket = ticket = await self.admission.admit(
+                principal, plan.model, tokens=plan.tokens, request_id=plan.request_id
+            )
+            served = self._place(instances)
+            ticket.backend = served.instance
+            request.dispatched = time.perf_counter()
+            result = await served.backend.embed(plan.texts)
+            request.usage = (result.prompt_tokens, 0)
+            status = 200
+            return Embedded(result, plan.model, {**ticket.headers, BACKEND_HEADER: served.instance})
+        except Exception as exc:
+            status = status_of(exc)
+            raise
+        finally:
+            request.finish(status)
+
+    # -- the stages --------------------------------------------------------------
+
+    def _instances(self, principal: Principal, model: str) -> Sequence[ServedModel]:
         if not principal.tenant.allows(model):
             self.metrics.rejected(principal.tenant.id, "forbidden")
             raise Forbidden(f"This key may not use the model '{model}'.", param="model")
-        served = self.registry.get(model)
-        if n > served.max_n:
-            raise InvalidRequest(f"n must be at most {served.max_n} for model '{model}'", param="n")
-        return served
+        return self.registry.instances_of(model)
 
-    async def admit(
-        self, principal: Principal, served: ServedModel, *, tokens: int, request_id: str
-    ) -> Ticket:
-        """Charge the tenant's limits or raise 429/503; the ticket settles at the end."""
-        ticket = await self.admission.admit(
-            principal, served.name, tokens=tokens, request_id=request_id
-        )
-        ticket.backend = served.instance
-        return ticket
+    def _place(self, instances: Sequence[ServedModel]) -> ServedModel:
+        if len(instances) == 1:  # the common case needs no states
+            return instances[0]
+        states = []
+        for m in instances:
+            load = m.scheduler.load(m.pool)
+            states.append(
+                InstanceState(
+                    m.instance,
+                    m.backend.ready,
+                    load.running,
+                    load.capacity,
+                    sum(load.waiting.values()),
+                )
+            )
+        return instances[place(states)]
 
-    async def open(
-        self,
-        served: ServedModel,
-        requests: Sequence[GenerationRequest],
-        *,
-        n: int,
-        tracker: Tracker,
-        request_id: str,
-        tenant: str,
-        weight: float,
-        priority: Priority,
-    ) -> list[Generation]:
-        """Validate, queue for one slot per choice, start every choice; all or nothing."""
-        # A request that can never run is refused before it queues; the n choices of
-        # one prompt are alike, so each prompt is checked once.
-        for r in requests[::n]:
-            served.backend.validate(r)
-        tracker.grant = grant = await self._schedule(
-            served,
-            request_id,
-            tenant=tenant,
-            weight=weight,
-            priority=priority,
-            slots=len(requests),
-        )
-        tracker.dispatched()
-        streams = [served.backend.generate(r) for r in requests]
-        try:
-            firsts = await _first_chunks(streams)
-        except BaseException:  # an early error, or the client left
-            await _close_all(streams)
-            raise
-        tracker.first_token()
-        generations = [
-            Generation(i, first, stream, counts_prompt=i % n == 0, grant=grant)
-            for i, (first, stream) in enumerate(zip(firsts, streams, strict=True))
-        ]
-        for g in generations:
-            g.advance(g.first)
-        return generations
-
-    async def _schedule(
-        self,
-        served: ServedModel,
-        request_id: str,
-        *,
-        tenant: str,
-        weight: float,
-        priority: Priority,
-        slots: int,
+    async def _queue(
+        self, served: ServedModel, plan: Plan, principal: Principal, priority: Priority
     ) -> Grant:
         outcomes = self.metrics.queue_outcomes
         try:
             grant = await served.scheduler.acquire(
                 served.pool,
-                request_id,
-                tenant=tenant,
-                weight=weight,
+                plan.request_id,
+                tenant=principal.tenant.id,
+                weight=principal.tenant.weight,
                 priority=priority,
-                slots=slots,
+                slots=len(plan.requests),
             )
-        except TenantQueueFull:
-            outcomes.labels(served.name, "rejected_tenant").inc()
-            raise
-        except QueueFull:
-            outcomes.labels(served.name, "rejected_full").inc()
-            raise
-        except QueueTimeout:
-            outcomes.labels(served.name, "expired").inc()
-            raise
-        except StateUnavailable:  # a shared queue with Redis unreachable
-            outcomes.labels(served.name, "unavailable").inc()
-            raise
         except asyncio.CancelledError:  # the client left while queued
             outcomes.labels(served.name, "cancelled").inc()
+            raise
+        except Exception as exc:
+            outcomes.labels(served.name, queue_outcome(exc) or "error").inc()
             raise
         outcomes.labels(served.name, "granted").inc()
         self.metrics.queue_wait.labels(served.name).observe(grant.queued_seconds)
         return grant
-
-    async def collect(self, generations: Sequence[Generation]) -> list[Outcome]:
-        """Run every choice to the end, concurrently; one failure stops them all."""
-        try:
-            if len(generations) == 1:  # the common case needs no tasks
-                return [await _drain(generations[0])]
-            return await _all_or_nothing([_drain(g) for g in generations])
-        finally:
-            await _close_all([g.rest for g in generations])
-
-    async def stream(
-        self,
-        generations: Sequence[Generation],
-        encoder: ChunkEncoder,
-        *,
-        chat: bool,
-        include_usage: bool,
-        tracker: Tracker,
-    ) -> AsyncGenerator[bytes, None]:
-        """SSE bytes for every choice, interleaved as tokens arrive.
-
-        One write per chunk produced (its text, tool calls and finish together, the
-        role events with the first), so a client is woken once per token.
-        """
-        by_index = {g.index: g for g in generations}
-        status = CLIENT_CLOSED
-        events = [encoder.role(g.index) for g in generations] if chat else []
-        try:
-            async with contextlib.aclosing(_merge(generations)) as merged:
-                async for index, chunk in merged:
-                    by_index[index].advance(chunk)
-                    if chunk.text:
-                        events.append(encoder.text(index, chunk.text))
-                    if chunk.tool_calls:
-                        events.append(encoder.tool_calls(index, chunk.tool_calls))
-                    if chunk.finish_reason is not None:
-                        events.append(encoder.finish(index, chunk.finish_reason))
-                    if events:
-                        yield b"".join(events)
-                        events = []
-            if include_usage:
-                events.append(encoder.usage(*usage_of(generations)))
-            yield b"".join(events) + ChunkEncoder.DONE
-            status = 200
-        except Exception as exc:  # the status line is gone: report in-band
-            info = describe(exc)
-            status = info.status
-            yield b"".join(events) + info.sse_event() + ChunkEncoder.DONE
-        finally:
-            await _close_all([g.rest for g in generations])
-            # Billed for what was produced, however the stream ended.
-            tracker.finish(status, *usage_of(generations))
-
-    async def abandon(self, generations: Sequence[Generation], tracker: Tracker) -> None:
-        """End a stream whose body may never have started (the client left before it did).
-
-        Once :meth:`stream` has run, this changes nothing: finishing twice is a no-op.
-        """
-        tracker.finish(CLIENT_CLOSED, *usage_of(generations))  # frees the slots first
-        await _close_all([g.rest for g in generations])
 
 
 async def _first_chunks(
@@ -387,43 +463,28 @@ async def _all_or_nothing(work: Sequence[Awaitable[T]]) -> list[T]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _drain(g: Generation) -> Outcome:
-    out = Outcome(text=[g.first.text], tool_calls=list(g.first.tool_calls))
-    chunk = g.first
-    while chunk.finish_reason is None:
-        chunk = await anext(g.rest)
-        g.advance(chunk)
-        out.text.append(chunk.text)
-        out.tool_calls.extend(chunk.tool_calls)
-    out.finish_reason = chunk.finish_reason
-    out.prompt_tokens = chunk.prompt_tokens if g.counts_prompt else 0
-    out.completion_tokens = chunk.completion_tokens
-    return out
-
-
-async def _merge(
-    generations: Sequence[Generation],
-) -> AsyncGenerator[tuple[int, GenerationChunk], None]:
-    if len(generations) == 1:  # the common case needs no tasks
-        g = generations[0]
-        yield g.index, g.first
-        if g.first.finish_reason is None:
-            async for chunk in g.rest:
-                yield g.index, chunk
+async def _merge(streams: Sequence[_Stream]) -> AsyncGenerator[tuple[int, GenerationChunk], None]:
+    """Every choice's chunks, first chunks included, interleaved as they arrive."""
+    if len(streams) == 1:  # the common case needs no tasks
+        s = streams[0]
+        yield 0, s.first
+        if s.first.finish_reason is None:
+            async for chunk in s.rest:
+                yield 0, chunk
         return
     inbox: asyncio.Queue[tuple[int, GenerationChunk] | BaseException | None] = asyncio.Queue()
 
-    async def pump(g: Generation) -> None:
+    async def pump(index: int, s: _Stream) -> None:
         try:
-            await inbox.put((g.index, g.first))
-            if g.first.finish_reason is None:
-                async for chunk in g.rest:
-                    await inbox.put((g.index, chunk))
+            await inbox.put((index, s.first))
+            if s.first.finish_reason is None:
+                async for chunk in s.rest:
+                    await inbox.put((index, chunk))
             await inbox.put(None)
         except Exception as exc:
             await inbox.put(exc)
 
-    tasks = [asyncio.create_task(pump(g)) for g in generations]
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
     try:
         remaining = len(tasks)
         while remaining:

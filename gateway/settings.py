@@ -29,6 +29,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from backends.llama.templates import BuiltinTemplate
 from gateway.tenancy.records import ConfiguredTenant
+from gateway.validation import problems
 
 
 class ConfigError(Exception):
@@ -95,6 +96,22 @@ class RemoteModelSettings(_Strict):
         return self.upstream_model or self.name
 
 
+class FakeModelSettings(_Strict):
+    """A public model name served by the fake backend (``backends/fake.py``), for tests of
+    everything above the engine in a real server: the name's prefix picks the behaviour
+    (``echo``, ``slow``, ``fail_before_first``, ``fail_mid_stream``, ``overloaded``)."""
+
+    name: Annotated[str, Field(min_length=1)]
+    backend: Literal["fake"]
+    delay: Annotated[float, Field(ge=0, le=60)] = 0.05  # per word, for ``slow``
+    capacity: Annotated[int, Field(ge=1, le=4096)] = 8
+    context_length: Annotated[int, Field(ge=2)] = 4096
+    max_n: Annotated[int, Field(ge=1, le=128)] = 1
+
+
+AnyModelSettings = ModelSettings | RemoteModelSettings | FakeModelSettings
+
+
 def _state_dir() -> Path:
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "lockgate"
@@ -152,13 +169,15 @@ def _redis_scheme(url: SecretStr) -> SecretStr:
 
 def _entry_kind(value: Any) -> str:
     backend = value.get("backend", "embedded") if isinstance(value, dict) else value.backend
-    return "embedded" if backend == "embedded" else "remote"
+    return backend if backend in ("embedded", "fake") else "remote"
 
 
 # `backend` may be left out for the embedded engine, hence a callable discriminator.
-_ENTRY_TAGS = ("embedded", "remote")
+_ENTRY_TAGS = ("embedded", "remote", "fake")
 ModelEntry = Annotated[
-    Annotated[ModelSettings, Tag("embedded")] | Annotated[RemoteModelSettings, Tag("remote")],
+    Annotated[ModelSettings, Tag("embedded")]
+    | Annotated[RemoteModelSettings, Tag("remote")]
+    | Annotated[FakeModelSettings, Tag("fake")],
     Discriminator(_entry_kind),
 ]
 
@@ -231,10 +250,9 @@ def load_settings(path: Path | None) -> Settings:
     try:
         return Settings(**data)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors(include_url=False, include_input=False):
-            # The union's tag is an implementation detail: models.0.remote.port → models.0.port
-            loc = [p for p in err["loc"] if p not in _ENTRY_TAGS]
-            key = ".".join(str(p) for p in loc) or "(top level)"
-            lines.append(f"  {key}: {err['msg']}")
+        # The union's tag is an implementation detail: models.0.remote.port → models.0.port
+        lines = [
+            f"  {key or '(top level)'}: {message}"
+            for key, message in problems(exc, drop=_ENTRY_TAGS)
+        ]
         raise ConfigError(f"invalid configuration in {source}:\n" + "\n".join(lines)) from None

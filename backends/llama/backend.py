@@ -22,6 +22,7 @@ from backends.base import (
     GenerationChunk,
     GenerationRequest,
     InvalidRequestError,
+    ModelInfo,
 )
 from backends.llama.engine import EngineConfig, LlamaEngine
 from backends.llama.native import LlamaModel
@@ -52,10 +53,6 @@ class EmbeddedBackend:
         self._engine: LlamaEngine | None = None
         self._template: ChatTemplate | None = None
         self.model_path: Path | None = None
-
-    @property
-    def context_length(self) -> int:
-        return self.config.context_length
 
     @property
     def ready(self) -> bool:
@@ -117,9 +114,18 @@ class EmbeddedBackend:
             decoded_sequences=engine.decoded_sequences,
         )
 
-    @property
-    def template_name(self) -> str | None:
-        return None if self._template is None else self._template.name
+    def describe(self) -> ModelInfo:
+        model, path = self._model, self.model_path
+        if model is None or path is None:
+            return ModelInfo(context_length=self.config.context_length)
+        return ModelInfo(
+            family=model.architecture or None,
+            parameters=model.n_params,
+            quantization=model.file_type,
+            context_length=self.config.context_length,
+            size_bytes=path.stat().st_size,
+            chat_template=model.chat_template is not None,
+        )
 
     def _require(self) -> tuple[LlamaEngine, LlamaModel]:
         if self._engine is None or self._model is None or not self._engine.alive:

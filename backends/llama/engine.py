@@ -313,6 +313,7 @@ class LlamaEngine:
                 seed=p.seed,
                 presence_penalty=p.presence_penalty or 0.0,
                 frequency_penalty=p.frequency_penalty or 0.0,
+                repeat_penalty=p.repeat_penalty or 1.0,
                 logit_bias=p.logit_bias,
             )
             self._running[seq.slot] = seq

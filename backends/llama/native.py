@@ -19,6 +19,12 @@ import numpy as np
 
 _LOG_LOCK = threading.Lock()
 _META_BUF = 4096
+# general.file_type (llama.cpp's llama_ftype) → the name quantized files go by.
+_FILE_TYPES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
+    17: "Q5_K_M", 18: "Q6_K", 32: "BF16",
+}  # fmt: skip
 
 
 def _discard_log(level: int, text: bytes, user_data: Any) -> None:  # pragma: no cover - C callback
@@ -55,6 +61,7 @@ class LlamaModel:
         self.n_vocab: int = C.llama_vocab_n_tokens(self._vocab)
         self.n_embd: int = C.llama_model_n_embd(self._model)
         self.n_ctx_train: int = C.llama_model_n_ctx_train(self._model)
+        self.n_params: int = C.llama_model_n_params(self._model)
         self.bos: int = C.llama_vocab_bos(self._vocab)
         self.architecture = self.metadata("general.architecture") or ""
         self.chat_template = self.metadata("tokenizer.chat_template")
@@ -66,6 +73,12 @@ class LlamaModel:
     @property
     def handle(self) -> Any:
         return self._model
+
+    @property
+    def file_type(self) -> str | None:
+        """The quantization, e.g. ``Q4_K_M`` (``None`` if the file does not say)."""
+        raw = self.metadata("general.file_type")
+        return _FILE_TYPES.get(int(raw)) if raw and raw.isdigit() else None
 
     def metadata(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(_META_BUF)
@@ -229,6 +242,7 @@ class Sampler:
         seed: int | None,
         presence_penalty: float,
         frequency_penalty: float,
+        repeat_penalty: float = 1.0,
         logit_bias: Mapping[int, float],
     ) -> None:
         chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
@@ -240,11 +254,11 @@ class Sampler:
             C.llama_sampler_chain_add(
                 chain, C.llama_sampler_init_logit_bias(model.n_vocab, len(logit_bias), arr)
             )
-        if presence_penalty or frequency_penalty:
+        if presence_penalty or frequency_penalty or repeat_penalty != 1.0:
             C.llama_sampler_chain_add(
                 chain,
                 C.llama_sampler_init_penalties(
-                    model.n_vocab, 256, 1.0, frequency_penalty, presence_penalty
+                    model.n_vocab, 256, repeat_penalty, frequency_penalty, presence_penalty
                 ),
             )
         if temperature <= 0.0:

@@ -25,7 +25,7 @@ from pydantic import Field
 
 from gateway.api.security import Admin
 from gateway.errors import InvalidRequest
-from gateway.protocol import OpenAIBaseModel, parse
+from gateway.protocol.wire import StrictBody, parse
 from gateway.tenancy.admin import TenantAdmin
 from gateway.tenancy.ledger import UsageLedger
 from gateway.tenancy.records import KeyRecord, Tenant
@@ -35,12 +35,12 @@ router = APIRouter(prefix="/admin", dependencies=[Admin])
 MAX_USAGE_RANGE = 400 * 86400
 
 
-class NewKey(OpenAIBaseModel):
+class NewKey(StrictBody):
     name: Annotated[str, Field(max_length=128)] | None = None
     expires_in: Annotated[float, Field(gt=0)] | None = None  # seconds from now
 
 
-class Rotation(OpenAIBaseModel):
+class Rotation(StrictBody):
     grace_seconds: Annotated[float, Field(ge=0, le=30 * 86400)] = 0.0
 
 

@@ -1,7 +1,8 @@
 """The two guards every route declares: an API key (tenants) or the admin key.
 
-They are FastAPI dependencies on each route — not a path-prefix check on a
-rebuilt URL (vLLM GHSA-94f4-hr76-p5j6) — and :func:`gateway.app.create_app`
+Each route declares its own — an :class:`~gateway.api.endpoint.Endpoint`'s
+``guard``, a FastAPI dependency on the others — never a path-prefix check on a
+rebuilt URL (vLLM GHSA-94f4-hr76-p5j6), and :func:`gateway.app.require_guards`
 refuses to start if any route lacks one (default deny); only the paths in
 :data:`PUBLIC` go without.
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Annotated
 
 from fastapi import Depends, Request
 
@@ -44,6 +44,5 @@ async def admin(request: Request) -> None:
         raise Unauthorized("Invalid admin key.")
 
 
-Caller = Annotated[Principal, Depends(authenticated)]
 Admin = Depends(admin)
 GUARDS = (authenticated, admin)

@@ -17,15 +17,15 @@ from gateway.tenancy.auth import Authenticator
 from gateway.tenancy.keys import display_prefix, key_hash, new_key, new_key_id
 from gateway.tenancy.records import ConfiguredTenant, KeyRecord, Tenant
 from gateway.tenancy.store import TenantStore
+from gateway.validation import first_problem
 
 
 def _tenant(data: dict[str, Any]) -> Tenant:
     try:
         return Tenant.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors(include_url=False, include_input=False)[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise InvalidRequest(f"{where}: {err['msg']}", param=where or None) from None
+        where, message = first_problem(exc)
+        raise InvalidRequest(message, param=where) from None
 
 
 class TenantAdmin:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
 
-from gateway.errors import QuotaExceeded, RateLimited, StateUnavailable
+from gateway.errors import QuotaExceeded, RateLimited, StateUnavailable, retry_after_header
 from gateway.metrics import Metrics
 from gateway.tenancy.counters import Check, Counters, MemoryCounters, Verdict, duration, too_big
 from gateway.tenancy.ledger import UsageLedger
@@ -260,10 +260,9 @@ def _too_large(check: Check) -> Exception:
 
 
 def _refusal(check: Check, verdict: Verdict, rate: dict[str, str]) -> Exception:
-    seconds = max(1, math.ceil(verdict.retry_after))
-    headers = {**rate, "Retry-After": str(seconds), "retry-after-ms": str(
-        max(1, math.ceil(verdict.retry_after * 1000))
-    )}  # fmt: skip
+    wait = retry_after_header(verdict.retry_after)
+    seconds = wait["Retry-After"]
+    headers = {**rate, **wait, "retry-after-ms": str(max(1, math.ceil(verdict.retry_after * 1000)))}
     if check.kind == "budget":
         return QuotaExceeded(
             f"The {check.what} token budget of {check.limit} is spent; it resets in"

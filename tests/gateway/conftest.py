@@ -16,8 +16,8 @@ def fakes() -> dict[str, FakeBackend]:
         "echo": FakeBackend("echo", context_length=32),
         "echo-n": FakeBackend("echo", context_length=32),
         "overloaded": FakeBackend("overloaded"),
-        "unavailable": FakeBackend("unavailable"),
-        "fail_midstream": FakeBackend("fail_midstream"),
+        "fail_before_first": FakeBackend("fail_before_first"),
+        "fail_mid_stream": FakeBackend("fail_mid_stream"),
     }
 
 

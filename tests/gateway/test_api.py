@@ -49,7 +49,7 @@ async def test_chat_completion_shape_and_usage(client: httpx.AsyncClient) -> Non
     assert body["choices"] == [
         {
             "index": 0,
-            "message": {"role": "assistant", "content": "one two three"},
+            "message": {"role": "assistant", "content": "one two three", "refusal": None},
             "logprobs": None,
             "finish_reason": "length",
         }
@@ -231,7 +231,7 @@ async def test_overload_is_503_with_retry_after(client: httpx.AsyncClient) -> No
 async def test_failure_after_stream_start_is_an_sse_error_event(client: httpx.AsyncClient) -> None:
     r = await client.post(
         "/v1/chat/completions",
-        json={**chat("a b c d e"), "model": "fail_midstream", "stream": True},
+        json={**chat("a b c d e"), "model": "fail_mid_stream", "stream": True},
     )
     assert r.status_code == 200
     events = sse_events(r.text)
@@ -305,6 +305,7 @@ async def test_tool_calls_non_stream(
     assert choice["message"] == {
         "role": "assistant",
         "content": None,
+        "refusal": None,
         "tool_calls": [
             {
                 "id": "call_0",

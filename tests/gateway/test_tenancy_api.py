@@ -16,12 +16,13 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from fastapi import APIRouter
+from fastapi import APIRouter, FastAPI
+from starlette.routing import BaseRoute, Route
 
 from backends.fake import FakeBackend
 from gateway.api import admin, health, openai
-from gateway.api.routing import Route
-from gateway.app import _require_guards, create_app
+from gateway.api.endpoint import Endpoint
+from gateway.app import create_app, require_guards
 from gateway.settings import ConfigError, ServerSettings, Settings
 from gateway.tenancy.keys import key_hash, new_key
 
@@ -174,18 +175,31 @@ async def test_path_variants_do_not_bypass_auth(client: httpx.AsyncClient, path:
 
 
 def test_a_route_without_a_guard_stops_the_app_from_starting() -> None:
+    def app_with(*extra: BaseRoute) -> FastAPI:
+        app = create_app(Settings(), backends={"echo": FakeBackend()})
+        app.router.routes.extend(extra)
+        return app
+
     loose = APIRouter(prefix="/v1")
 
     @loose.get("/secret")
     async def secret() -> dict[str, str]:
         return {"leak": "yes"}
 
+    app = app_with()
+    app.include_router(loose)
     with pytest.raises(RuntimeError, match="/v1/secret has no auth dependency"):
-        _require_guards([loose], openai.ROUTES)
-    plain = Route("GET", "/v1/plain", openai.list_models, guard=lambda request: None)  # type: ignore[arg-type,return-value]
-    with pytest.raises(RuntimeError, match="/v1/plain has no auth dependency"):
-        _require_guards([admin.router], [*openai.ROUTES, plain])
-    _require_guards([admin.router, health.router], openai.ROUTES)
+        require_guards(app)
+    unguarded = Endpoint(
+        openai.list_models,
+        guard=lambda request: None,  # type: ignore[arg-type,return-value]
+        errors=openai.OPENAI_ERRORS,
+    )
+    with pytest.raises(RuntimeError, match="/v1/plain has no auth guard"):
+        require_guards(app_with(Route("/v1/plain", unguarded)))
+    with pytest.raises(RuntimeError, match="neither"):
+        require_guards(app_with(Route("/v1/bare", openai.list_models)))
+    require_guards(app_with())
 
 
 async def test_models_outside_the_tenants_list_are_403(client: httpx.AsyncClient) -> None:

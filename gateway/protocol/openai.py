@@ -1,78 +1,58 @@
-"""OpenAI wire format: request models, converters, and response builders.
+"""OpenAI's wire format: request models, response bodies, the SSE encoders, the error body.
 
-Requests are validated by pydantic models that all derive from
-:class:`OpenAIBaseModel`, which carries the one compatibility rule: fields we
-do not know are ignored and logged at debug level — accepted, so SDKs that send
-new parameters keep working, but never forwarded to an engine.
-
-Responses are built as plain dicts and serialized once with orjson; the
-streaming path pre-renders the constant part of every chunk (see
-:class:`ChunkEncoder`) so each token costs one small ``orjson.dumps``.
+Responses are built as plain dicts and serialized once with orjson; the stream
+encoders pre-render the constant part of every chunk, so each token costs one
+small ``orjson.dumps`` of its text. Bodies and chunks follow the component schemas
+OpenAI publishes (``CreateChatCompletionResponse``, ``CreateChatCompletionStreamResponse``
+...; tests/conformance checks them against a pinned copy).
 """
 
 from __future__ import annotations
 
-import logging
-import re
-import time
-import uuid
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from backends.base import ChatMessage, FinishReason, SamplingParams, ToolCall
-from gateway.errors import InvalidRequest
+from backends.base import ChatMessage, GenerationChunk, SamplingParams, ToolCall
+from gateway.errors import ErrorInfo, InvalidRequest
+from gateway.protocol.wire import UNSET_MAX_TOKENS_CHARGE, WireModel, estimate_tokens
+from gateway.service import Finished, Result, Started
 
-log = logging.getLogger(__name__)
-
-M = TypeVar("M", bound=BaseModel)
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
 
-class OpenAIBaseModel(BaseModel):
-    model_config = ConfigDict(extra="allow", frozen=True)
-
-    @model_validator(mode="after")
-    def _drop_unknown_fields(self) -> OpenAIBaseModel:
-        extra = self.__pydantic_extra__
-        if extra:
-            log.debug("ignoring unknown fields in %s: %s", type(self).__name__, sorted(extra))
-            extra.clear()
-        return self
-
-
-class TextPart(OpenAIBaseModel):
+class TextPart(WireModel):
     type: Literal["text"]
     text: str
 
 
-class FunctionCallIn(OpenAIBaseModel):
+class FunctionCallIn(WireModel):
     name: str
     arguments: str  # JSON text, as OpenAI sends it
 
 
-class ToolCallIn(OpenAIBaseModel):
+class ToolCallIn(WireModel):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCallIn
 
 
-class FunctionDef(OpenAIBaseModel):
+class FunctionDef(WireModel):
     name: Annotated[str, Field(min_length=1, max_length=64)]
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class ToolDef(OpenAIBaseModel):
+class ToolDef(WireModel):
     type: Literal["function"]
     function: FunctionDef
 
 
-class ChatMessageIn(OpenAIBaseModel):
+class ChatMessageIn(WireModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -100,22 +80,11 @@ class ChatMessageIn(OpenAIBaseModel):
         )
 
 
-# Limits charge prompt + max_tokens before the engine has tokenized anything: prompts are
-# estimated at 4 characters a token, and without max_tokens a choice is charged 256.
-# Both are reconciled with the engine's real counts when the request ends.
-CHARS_PER_TOKEN = 4
-UNSET_MAX_TOKENS_CHARGE = 256
-
-
-def estimate_tokens(text: str) -> int:
-    return len(text) // CHARS_PER_TOKEN + 1
-
-
-class StreamOptions(OpenAIBaseModel):
+class StreamOptions(WireModel):
     include_usage: bool = False
 
 
-class _SamplingFields(OpenAIBaseModel):
+class _SamplingFields(WireModel):
     model: str
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
@@ -132,6 +101,15 @@ class _SamplingFields(OpenAIBaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: bool | int | None = None
+    # Refused (400) until structured outputs exist, rather than silently ignored.
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _no_structured_outputs(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value.get("type", "text") != "text":
+            raise ValueError("structured outputs (json_object, json_schema) are not supported yet")
+        return value
 
     @model_validator(mode="after")
     def _check_combinations(self) -> _SamplingFields:
@@ -220,7 +198,7 @@ class CompletionRequest(_SamplingFields):
         return sum(estimate_tokens(p) + self.n * limit for p in self.prompts())
 
 
-class EmbeddingRequest(OpenAIBaseModel):
+class EmbeddingRequest(WireModel):
     model: str
     input: str | Annotated[list[str], Field(min_length=1, max_length=2048)]
     encoding_format: Literal["float", "base64"] = "float"
@@ -233,32 +211,21 @@ class EmbeddingRequest(OpenAIBaseModel):
         return sum(estimate_tokens(t) for t in self.texts())
 
 
-_UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|.*[\[\(].*)$")
-
-
-def parse(model: type[M], body: bytes) -> M:
-    """Decode and validate a JSON body, raising :class:`InvalidRequest` (400)."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise InvalidRequest("The request body is not valid JSON.") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors(include_url=False, include_input=False)[0]
-        # Union members appear in pydantic's path ("prompt.list[str]"); clients want "prompt".
-        loc = ".".join(str(p) for p in first["loc"] if not _UNION_MEMBER.match(str(p)))
-        message = first["msg"].removeprefix("Value error, ")
-        raise InvalidRequest(f"{loc}: {message}" if loc else message, param=loc or None) from None
-
-
 # -- responses -----------------------------------------------------------------
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+def error_body(info: ErrorInfo) -> bytes:
+    """``{"error": {"message", "type", "param", "code"}}``, OpenAI's error shape."""
+    return orjson.dumps(
+        {
+            "error": {
+                "message": info.message,
+                "type": info.type,
+                "param": info.param,
+                "code": info.code,
+            }
+        }
+    )
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -269,52 +236,48 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def completion(
-    *,
-    chat: bool,
-    rid: str,
-    model: str,
-    created: int,
-    choices: list[tuple[str, FinishReason, tuple[ToolCall, ...]]],
-    prompt_tokens: int,
-    completion_tokens: int,
-) -> dict[str, Any]:
-    """A non-streamed ``chat.completion`` or ``text_completion`` body."""
+def _message(text: str, calls: Sequence[ToolCall]) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+    if calls:
+        # OpenAI sends content null when the turn is only tool calls.
+        message["content"] = text or None
+        message["tool_calls"] = [c.as_openai() for c in calls]
+    return message
+
+
+def _completion(result: Result, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+    started, finished = result.started, result.finished
     return {
-        "id": rid,
-        "object": "chat.completion" if chat else "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": i,
-                **({"message": _message(text, calls)} if chat else {"text": text}),
-                "logprobs": None,
-                "finish_reason": reason,
-            }
-            for i, (text, reason, calls) in enumerate(choices)
-        ],
-        "usage": usage(prompt_tokens, completion_tokens),
+        "id": started.request_id,
+        "object": obj,
+        "created": started.created,
+        "model": started.model,
+        "choices": choices,
+        "usage": usage(finished.prompt_tokens, finished.completion_tokens),
     }
 
 
-def tool_call_dict(call: ToolCall) -> dict[str, Any]:
-    return {
-        "id": call.id,
-        "type": "function",
-        "function": {"name": call.name, "arguments": call.arguments},
-    }
+def chat_completion(result: Result) -> dict[str, Any]:
+    """A non-streamed ``chat.completion`` body."""
+    choices = [
+        {
+            "index": i,
+            "message": _message("".join(c.text), c.tool_calls),
+            "logprobs": None,
+            "finish_reason": c.finish_reason,
+        }
+        for i, c in enumerate(result.choices)
+    ]
+    return _completion(result, "chat.completion", choices)
 
 
-def _message(text: str, calls: tuple[ToolCall, ...]) -> dict[str, Any]:
-    if not calls:
-        return {"role": "assistant", "content": text}
-    # OpenAI sends content null when the turn is only tool calls.
-    return {
-        "role": "assistant",
-        "content": text or None,
-        "tool_calls": [tool_call_dict(c) for c in calls],
-    }
+def text_completion(result: Result) -> dict[str, Any]:
+    """A non-streamed ``text_completion`` body."""
+    choices = [
+        {"index": i, "text": "".join(c.text), "logprobs": None, "finish_reason": c.finish_reason}
+        for i, c in enumerate(result.choices)
+    ]
+    return _completion(result, "text_completion", choices)
 
 
 def embedding_list(*, model: str, vectors: Sequence[object], prompt_tokens: int) -> dict[str, Any]:
@@ -332,67 +295,104 @@ def model_card(name: str, created: int) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": created, "owned_by": "lockgate"}
 
 
-class ChunkEncoder:
-    """Renders SSE events for one streamed response.
+DONE = b"data: [DONE]\n\n"
 
-    The envelope (id, object, created, model) is the same for every chunk, so
-    it is serialized once; a token then costs one ``orjson.dumps`` of its text.
-    """
 
-    def __init__(self, *, rid: str, model: str, chat: bool, include_usage: bool) -> None:
+class _ChunkStream:
+    """SSE events of one streamed completion; the envelope is serialized once per stream."""
+
+    media_type = b"text/event-stream; charset=utf-8"
+    _object = ""
+
+    def __init__(self, *, choices: int, include_usage: bool) -> None:
+        self._choices = choices
+        self._include_usage = include_usage
+        self._usage_tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
+        self._head = b""
+
+    def start(self, started: Started) -> bytes:
         head = orjson.dumps(
             {
-                "id": rid,
-                "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": int(time.time()),
-                "model": model,
+                "id": started.request_id,
+                "object": self._object,
+                "created": started.created,
+                "model": started.model,
             }
         )
         self._head = b"data: " + head[:-1] + b',"choices":['
-        self._chat = chat
-        self._usage_tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
+        return b""
 
     def _choice(self, index: int, body: bytes) -> bytes:
         return self._head + b'{"index":%d,' % index + body + b"}]" + self._usage_tail
 
-    def role(self, index: int) -> bytes:
-        """OpenAI's first chat chunk announces the role with empty content."""
-        return self._choice(
-            index, b'"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null'
-        )
+    def _text(self, index: int, text: str) -> bytes:
+        raise NotImplementedError
 
-    def text(self, index: int, text: str) -> bytes:
-        content = orjson.dumps(text)
-        if self._chat:
-            body = b'"delta":{"content":' + content + b'},"logprobs":null,"finish_reason":null'
-        else:
-            body = b'"text":' + content + b',"logprobs":null,"finish_reason":null'
-        return self._choice(index, body)
+    def _finish(self, index: int, reason: str) -> bytes:
+        raise NotImplementedError
 
-    def tool_calls(self, index: int, calls: tuple[ToolCall, ...]) -> bytes:
-        """Whole tool calls in one delta (OpenAI may split arguments; clients join them)."""
-        deltas = [{"index": i, **tool_call_dict(c)} for i, c in enumerate(calls)]
+    def _tool_calls(self, index: int, calls: Sequence[ToolCall]) -> bytes:
+        return b""
+
+    def delta(self, index: int, chunk: GenerationChunk) -> bytes:
+        """One write per produced chunk: its text, tool calls and finish together."""
+        out = b""
+        if chunk.text:
+            out += self._text(index, chunk.text)
+        if chunk.tool_calls:
+            out += self._tool_calls(index, chunk.tool_calls)
+        if chunk.finish_reason is not None:
+            out += self._finish(index, chunk.finish_reason)
+        return out
+
+    def finish(self, finished: Finished) -> bytes:
+        if not self._include_usage:
+            return DONE
+        body = orjson.dumps(usage(finished.prompt_tokens, finished.completion_tokens))
+        return self._head + b'],"usage":' + body + b"}\n\n" + DONE
+
+    def fail(self, info: ErrorInfo) -> bytes:
+        """The event sent when a stream fails after its status line went out."""
+        return b"data: " + error_body(info) + b"\n\n" + DONE
+
+
+class ChatStream(_ChunkStream):
+    """``chat.completion.chunk`` events: a role chunk per choice first, then deltas."""
+
+    _object = "chat.completion.chunk"
+
+    def start(self, started: Started) -> bytes:
+        super().start(started)
+        role = b'"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null'
+        return b"".join(self._choice(i, role) for i in range(self._choices))
+
+    def _text(self, index: int, text: str) -> bytes:
         body = (
-            b'"delta":{"tool_calls":'
-            + orjson.dumps(deltas)
-            + b'},"logprobs":null,"finish_reason":null'
+            b'"delta":{"content":' + orjson.dumps(text) + b'},"logprobs":null,"finish_reason":null'
         )
         return self._choice(index, body)
 
-    def finish(self, index: int, reason: FinishReason) -> bytes:
-        if self._chat:
-            body = b'"delta":{},"logprobs":null,"finish_reason":"' + reason.encode() + b'"'
-        else:
-            body = b'"text":"","logprobs":null,"finish_reason":"' + reason.encode() + b'"'
-        return self._choice(index, body)
-
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
-        return (
-            self._head
-            + b"],"
-            + b'"usage":'
-            + orjson.dumps(usage(prompt_tokens, completion_tokens))
-            + b"}\n\n"
+    def _tool_calls(self, index: int, calls: Sequence[ToolCall]) -> bytes:
+        """Whole tool calls in one delta (OpenAI may split arguments; clients join them)."""
+        deltas = orjson.dumps([{"index": i, **c.as_openai()} for i, c in enumerate(calls)])
+        return self._choice(
+            index, b'"delta":{"tool_calls":' + deltas + b'},"logprobs":null,"finish_reason":null'
         )
 
-    DONE = b"data: [DONE]\n\n"
+    def _finish(self, index: int, reason: str) -> bytes:
+        body = b'"delta":{},"logprobs":null,"finish_reason":"' + reason.encode() + b'"'
+        return self._choice(index, body)
+
+
+class TextStream(_ChunkStream):
+    """``text_completion`` events of the legacy completions endpoint."""
+
+    _object = "text_completion"
+
+    def _text(self, index: int, text: str) -> bytes:
+        body = b'"text":' + orjson.dumps(text) + b',"logprobs":null,"finish_reason":null'
+        return self._choice(index, body)
+
+    def _finish(self, index: int, reason: str) -> bytes:
+        body = b'"text":"","logprobs":null,"finish_reason":"' + reason.encode() + b'"'
+        return self._choice(index, body)

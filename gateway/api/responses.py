@@ -1,0 +1,56 @@
+"""``/v1/responses``: OpenAI's Responses API, text subset — parse, plan, serve, encode.
+
+See :mod:`gateway.protocol.responses` for what is served and what is refused.
+Errors before a response starts are OpenAI's error shape; after, a
+``response.failed`` event.
+"""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.types import ASGIApp
+
+from backends.base import GenerationRequest
+from gateway.api.endpoint import route
+from gateway.api.openai import OPENAI_ERRORS, read_body
+from gateway.api.serving import serve
+from gateway.protocol.responses import (
+    ResponseEvents,
+    ResponseShape,
+    ResponsesRequest,
+    response_body,
+)
+from gateway.protocol.wire import new_id, parse
+from gateway.service import Plan
+from gateway.tenancy.records import Principal
+
+
+async def create_response(request: Request, principal: Principal) -> ASGIApp:
+    """Create a model response (typed SSE events with ``stream: true``)."""
+    body = parse(ResponsesRequest, await read_body(request, principal))
+    rid = new_id("resp", "_")
+    messages = body.chat_messages()
+    plan = Plan(
+        model=body.model,
+        endpoint="responses",
+        request_id=rid,
+        requests=(
+            GenerationRequest(
+                request_id=rid, sampling=body.sampling(), messages=messages, stream=body.stream
+            ),
+        ),
+        tokens=body.token_charge(messages),
+    )
+    shape = ResponseShape(body)
+    return await serve(
+        request,
+        principal,
+        plan,
+        body=lambda result: response_body(shape, result),
+        stream=ResponseEvents(shape),
+    )
+
+
+ROUTES = (
+    route("/v1/responses", "POST", create_response, errors=OPENAI_ERRORS, body=ResponsesRequest),
+)

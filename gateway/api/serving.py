@@ -1,0 +1,151 @@
+"""How every front door answers a planned request: one body, or a stream of events.
+
+    return await serve(request, principal, plan, body=chat_completion,
+                       stream=ChatStream(choices=n, include_usage=False))
+
+:func:`serve` starts the service's run while watching for the client to hang up,
+then either collects it into one JSON body (``body``) or hands it to an
+:class:`EventStream` that encodes each event with the door's :class:`StreamEncoder`
+(OpenAI SSE, Ollama NDJSON, Responses events). Either way the run is closed when
+the answer ends, which is what finishes the request in the service.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Callable, Mapping
+from typing import Any, Protocol
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from backends.base import GenerationChunk
+from gateway.api.disconnect import ClientDisconnected, hangup_cancels
+from gateway.errors import ErrorInfo, InvalidRequest, describe
+from gateway.service import (
+    Delta,
+    Event,
+    Failed,
+    Finished,
+    InferenceService,
+    Plan,
+    Result,
+    Started,
+    collect,
+)
+from gateway.tenancy.records import Principal, Priority
+
+# A client may lower its own priority (a batch job on an interactive key), never raise it.
+PRIORITY_HEADER = "x-lockgate-priority"
+
+
+class StreamEncoder(Protocol):
+    """One wire format's streamed answer; every method returns the bytes to send."""
+
+    media_type: bytes
+
+    def start(self, started: Started) -> bytes: ...
+    def delta(self, index: int, chunk: GenerationChunk) -> bytes: ...
+    def finish(self, finished: Finished) -> bytes: ...
+    def fail(self, info: ErrorInfo) -> bytes: ...
+
+
+def service_of(request: Request) -> InferenceService:
+    service: InferenceService = request.app.state.service
+    return service
+
+
+def json_response(payload: object, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(payload), media_type="application/json", headers=headers)
+
+
+def priority_of(request: Request, principal: Principal) -> Priority:
+    asked = request.headers.get(PRIORITY_HEADER)
+    if asked is None:
+        return principal.tenant.priority
+    asked = asked.strip().lower()
+    if asked not in ("interactive", "batch"):
+        raise InvalidRequest(
+            f"The {PRIORITY_HEADER} header must be 'interactive' or 'batch'.",
+            param=PRIORITY_HEADER,
+        )
+    return "batch" if "batch" in (asked, principal.tenant.priority) else "interactive"
+
+
+async def serve(
+    request: Request,
+    principal: Principal,
+    plan: Plan,
+    *,
+    body: Callable[[Result], Any],
+    stream: StreamEncoder,
+) -> ASGIApp:
+    """Run ``plan``; answer with ``body(result)`` as JSON, or stream it with ``stream``."""
+    run = service_of(request).run(principal, plan, priority=priority_of(request, principal))
+    handed_over = False
+    try:
+        async with hangup_cancels(request):
+            started = await anext(run)
+            assert isinstance(started, Started)
+            if plan.stream:
+                handed_over = True
+                return EventStream(run, started, stream)
+            result = await collect(run, started, len(plan.requests))
+    finally:
+        if not handed_over:
+            await run.aclose()
+    return json_response(body(result), started.headers)
+
+
+class EventStream:
+    """A run's events as a plain ASGI streamed response.
+
+    Starlette's ``StreamingResponse`` (on uvicorn's ASGI 2.3) runs each stream in an
+    anyio task group with a second task listening for the disconnect: a fifth of the
+    gateway's CPU for a short stream (loadtests/bench_overhead.py). This sends the
+    events from the request's own task, and one :func:`hangup_cancels` watcher stops
+    the run when the client leaves. One write per produced chunk: what ``start``
+    renders rides with the first.
+    """
+
+    def __init__(
+        self, run: AsyncGenerator[Event, None], started: Started, encoder: StreamEncoder
+    ) -> None:
+        self.run = run
+        self.started = started
+        self.encoder = encoder
+        self.headers = [
+            (b"content-type", encoder.media_type),
+            (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"),  # nginx in front: pass each event on at once
+            *(
+                (k.lower().encode("latin-1"), v.encode("latin-1"))
+                for k, v in started.headers.items()
+            ),
+        ]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        encoder = self.encoder
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+            pending = encoder.start(self.started)
+            async with hangup_cancels(Request(scope, receive)):
+                async for event in self.run:
+                    if type(event) is Delta:
+                        data = encoder.delta(event.index, event.chunk)
+                    elif isinstance(event, Finished):
+                        data = encoder.finish(event)
+                    elif isinstance(event, Failed):
+                        data = encoder.fail(describe(event.error))
+                    else:  # pragma: no cover - Started comes once, before the stream
+                        continue
+                    if pending:
+                        data, pending = pending + data, b""
+                    if data:
+                        await send({"type": "http.response.body", "body": data, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except ClientDisconnected:
+            pass  # the run's own finally has billed what it produced
+        finally:
+            await self.run.aclose()  # a no-op once it has run to its end

@@ -1,0 +1,69 @@
+"""What every wire format shares: the base of request models, the body parser, estimates.
+
+Request models derive from :class:`WireModel`, which carries the one compatibility
+rule: fields we do not know are ignored and logged at debug level — accepted, so
+SDKs that send new parameters keep working, but never forwarded to an engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import TypeVar
+
+import orjson
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from gateway.errors import InvalidRequest
+from gateway.validation import first_problem
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+
+# Limits charge prompt + max_tokens before the engine has tokenized anything: prompts are
+# estimated at 4 characters a token, and without max_tokens a choice is charged 256.
+# Both are reconciled with the engine's real counts when the request ends.
+CHARS_PER_TOKEN = 4
+UNSET_MAX_TOKENS_CHARGE = 256
+
+
+def estimate_tokens(text: str) -> int:
+    return len(text) // CHARS_PER_TOKEN + 1
+
+
+def new_id(prefix: str, sep: str = "-") -> str:
+    return f"{prefix}{sep}{uuid.uuid4().hex}"
+
+
+class WireModel(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    @model_validator(mode="after")
+    def _drop_unknown_fields(self) -> WireModel:
+        extra = self.__pydantic_extra__
+        if extra:
+            log.debug("ignoring unknown fields in %s: %s", type(self).__name__, sorted(extra))
+            extra.clear()
+        return self
+
+
+class StrictBody(BaseModel):
+    """A body whose unknown fields are errors (the admin API: a typo must not pass)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse(model: type[M], body: bytes) -> M:
+    """Decode and validate a JSON body, raising :class:`InvalidRequest` (400)."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise InvalidRequest("The request body is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        where, message = first_problem(exc)
+        raise InvalidRequest(message, param=where) from None

@@ -1,0 +1,63 @@
+"""Public model names and the instances that serve them.
+
+    registry = ModelRegistry([ServedModel("gemma", backend, scheduler, max_n=4, created=t)])
+    registry.instances_of("gemma")   # every instance, in configured order
+
+Several configuration entries may share a public name: they are its instances,
+and :func:`gateway.routing.place` picks among them per request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from backends.base import Backend
+from gateway.errors import ModelNotFound
+from gateway.scheduler.base import Scheduler
+
+
+@dataclass(frozen=True, slots=True)
+class ServedModel:
+    """One instance of a public model: a backend and the scheduler that owns its slots."""
+
+    name: str
+    backend: Backend
+    scheduler: Scheduler
+    max_n: int = 1
+    created: int = 0
+    instance: str = "embedded"  # which engine serves it: "embedded", "fake" or an upstream URL
+
+    @property
+    def pool(self) -> str:
+        """The scheduler's name for this instance's slots (the same on every replica)."""
+        return f"{self.name}@{self.instance}"
+
+
+class ModelRegistry:
+    def __init__(self, models: Sequence[ServedModel]) -> None:
+        self._models: dict[str, list[ServedModel]] = {}
+        for m in models:
+            self._models.setdefault(m.name, []).append(m)
+
+    def instances_of(self, name: str) -> Sequence[ServedModel]:
+        """Every instance serving ``name``, in configured order; ModelNotFound if none."""
+        try:
+            return self._models[name]
+        except KeyError:
+            raise ModelNotFound(name) from None
+
+    def names(self) -> list[ServedModel]:
+        """One entry per public name (its first instance)."""
+        return [entries[0] for entries in self._models.values()]
+
+    def instances(self) -> list[ServedModel]:
+        return [m for entries in self._models.values() for m in entries]
+
+    def unready(self) -> list[str]:
+        """Names with no ready instance."""
+        return sorted(
+            name
+            for name, entries in self._models.items()
+            if not any(m.backend.ready for m in entries)
+        )
