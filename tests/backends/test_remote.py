@@ -69,7 +69,7 @@ def reply(status: int = 200, **kwargs: object) -> Handler:
 def chat(**sampling: object) -> GenerationRequest:
     return GenerationRequest(
         request_id="r",
-        model="m",
+       
         messages=(ChatMessage("user", "hi"),),
         sampling=SamplingParams(**sampling),  # type: ignore[arg-type]
     )
@@ -210,7 +210,7 @@ async def test_non_streamed_request_is_one_non_streamed_call() -> None:
     async with upstream({"POST /v1/chat/completions": completions}) as url:
         backend = OpenAICompatBackend(config(url))
         whole = GenerationRequest(
-            request_id="r", model="m", messages=(ChatMessage("user", "hi"),),
+            request_id="r", messages=(ChatMessage("user", "hi"),),
             sampling=SamplingParams(max_tokens=5), stream=False,
         )  # fmt: skip
         chunks = await collect(backend, whole)
@@ -229,7 +229,7 @@ async def test_malformed_whole_answers_are_upstream_failures(body: bytes) -> Non
     async with upstream({"POST /v1/chat/completions": completions}) as url:
         backend = OpenAICompatBackend(config(url))
         whole = GenerationRequest(
-            request_id="r", model="m", messages=(ChatMessage("user", "hi"),),
+            request_id="r", messages=(ChatMessage("user", "hi"),),
             sampling=SamplingParams(), stream=False,
         )  # fmt: skip
         with pytest.raises(BackendUnavailable):
@@ -280,7 +280,7 @@ async def test_upstream_cookies_are_never_sent_back() -> None:
         try:
             for _ in range(2):
                 whole = GenerationRequest(
-                    request_id="r", model="m", messages=(ChatMessage("user", "hi"),),
+                    request_id="r", messages=(ChatMessage("user", "hi"),),
                     sampling=SamplingParams(), stream=False,
                 )  # fmt: skip
                 assert [c.text async for c in backend.generate(whole)] == ["x"]
