@@ -307,7 +307,6 @@ class _ChunkStream:
     def __init__(self, *, choices: int, include_usage: bool) -> None:
         self._choices = choices
         self._include_usage = include_usage
-        self._usage_tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
         self._head = b""
 
     def start(self, started: Started) -> bytes:
@@ -323,7 +322,9 @@ class _ChunkStream:
         return b""
 
     def _choice(self, index: int, body: bytes) -> bytes:
-        return self._head + b'{"index":%d,' % index + body + b"}]" + self._usage_tail
+        # No "usage": null on every chunk (OpenAI sends it, its own schema forbids it):
+        # usage is in the last chunk only, when asked for.
+        return self._head + b'{"index":%d,' % index + body + b"}]}\n\n"
 
     def _text(self, index: int, text: str) -> bytes:
         raise NotImplementedError

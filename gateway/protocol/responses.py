@@ -134,9 +134,7 @@ class ResponsesRequest(StrictBody):
 # -- the Response object ---------------------------------------------------------
 
 
-def _usage(finished: Finished | None) -> dict[str, Any] | None:
-    if finished is None:
-        return None
+def _usage(finished: Finished) -> dict[str, Any]:
     return {
         "input_tokens": finished.prompt_tokens,
         "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
@@ -212,9 +210,9 @@ class ResponseShape:
             "tool_choice": "auto",
             "tools": [],
             "truncation": "disabled",
-            "usage": _usage(finished),
-            "user": b.user,
             "metadata": b.metadata or {},
+            **({"usage": _usage(finished)} if finished is not None else {}),
+            **({"user": b.user} if b.user is not None else {}),
         }
 
 
