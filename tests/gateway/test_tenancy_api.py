@@ -121,6 +121,15 @@ ENDPOINTS = [
     ("POST", "/v1/embeddings", {"model": "echo", "input": "hi"}),
     ("GET", "/v1/models", None),
     ("GET", "/v1/models/echo", None),
+    ("POST", "/v1/responses", {"model": "echo", "input": "hi"}),
+    ("POST", "/api/chat", {**chat(), "stream": False}),
+    ("POST", "/api/generate", {"model": "echo", "prompt": "hi", "stream": False}),
+    ("POST", "/api/embed", {"model": "echo", "input": "hi"}),
+    ("POST", "/api/embeddings", {"model": "echo", "prompt": "hi"}),
+    ("GET", "/api/tags", None),
+    ("POST", "/api/show", {"model": "echo"}),
+    ("GET", "/api/ps", None),
+    ("GET", "/api/version", None),
 ]
 
 
@@ -144,7 +153,11 @@ async def test_every_endpoint_refuses_bad_keys_with_401(
 ) -> None:
     headers = {} if header is None else {"Authorization": header.encode("latin-1")}
     r = await client.request(method, path, json=body, headers=headers)  # type: ignore[arg-type]
-    error(r, 401, "invalid_api_key")
+    if path.startswith("/api/"):  # Ollama's shape: {"error": "..."}
+        assert r.status_code == 401
+        assert set(r.json()) == {"error"} and "API key" in r.json()["error"]
+    else:
+        error(r, 401, "invalid_api_key")
     assert "data" not in r.json()
 
 
