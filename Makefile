@@ -43,14 +43,15 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip
 
 # llama-cpp-python compiles llama.cpp (~8 min on 2 cores): build the wheel once, reuse it.
-# The stamp names the build, so a venv holding another build (other flags) is reinstalled.
+# No pip cache: it would hand back a wheel built with other flags. The stamp names the
+# build, so a venv holding another build (other flags) is reinstalled.
 LLAMA_INSTALLED := $(VENV)/.llama-cpp-$(BUILD_TAG)
 $(LLAMA_INSTALLED): | $(BIN)/python
 	@ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl >/dev/null 2>&1 || { \
 	  echo "building llama-cpp-python $(LLAMA_CPP_PYTHON) once; cached in $(WHEELS)"; \
 	  mkdir -p $(WHEELS) && \
 	  CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
-	    $(BIN)/pip wheel --quiet --no-deps "llama-cpp-python==$(LLAMA_CPP_PYTHON)" -w $(WHEELS); }
+	    $(BIN)/pip wheel --quiet --no-cache-dir --no-deps "llama-cpp-python==$(LLAMA_CPP_PYTHON)" -w $(WHEELS); }
 	$(BIN)/pip install --quiet --force-reinstall --no-deps $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl
 	@rm -f $(VENV)/.llama-cpp-* && touch $@
 

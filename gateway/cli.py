@@ -112,3 +112,14 @@ def serve(
 def fetch_model(config: ConfigOption = None) -> None:
     """Assemble and verify the configured model files (no network)."""
     _prepare_models(_settings(config))
+
+
+@app.command()
+def openapi(config: ConfigOption = None) -> None:
+    """Print the OpenAPI document of every route (JSON); nothing is started."""
+    import orjson
+
+    from gateway.app import create_app
+
+    document = create_app(_settings(config)).openapi()
+    typer.echo(orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode())

@@ -7,6 +7,10 @@ Arms, all against one loadtests/mock_upstream.py, served at once and loaded one 
     lockgate        no tenants (auth off), model ``mock`` on the openai backend
     lockgate-auth   one tenant and key, all limits set too high to refuse; in-process counters
     lockgate-redis  the same with ``redis_url``: store and counters in a private redis-server
+    lockgate-prev   lockgate-auth's setup on another revision (``--baseline REV``, a git
+                    worktree): the cost of a change, measured side by side
+    lockgate-ollama     lockgate-auth's server through its Ollama door (``/api/chat``)
+    lockgate-responses  ... and through its Responses door (``/v1/responses``)
     litellm         LiteLLM proxy, one worker, callbacks off, master key, no database
 
 A non-streamed point is a closed loop of ``c`` aiohttp clients for 1 s (discarded)
@@ -22,6 +26,7 @@ Tools come from ``bash loadtests/overhead_setup.sh``; an arm whose tool is missi
 is skipped and named in the JSON.
 
     python loadtests/bench_overhead.py --rounds 5 --seconds 4 --concurrency 1,4,16,64,256
+    python loadtests/bench_overhead.py --baseline origin/main~1   # + lockgate-prev
 """
 
 from __future__ import annotations
@@ -87,14 +92,37 @@ JSON = {"Content-Type": "application/json"}
 WARMUP_S = 1.0
 
 
-def body(*, stream: bool, max_tokens: int) -> bytes:
-    request = {
-        "model": "mock-stream" if stream else "mock",
-        "messages": [{"role": "user", "content": "hi"}],
-        "max_tokens": max_tokens,
-        "stream": stream,
-    }
+OLLAMA_CHAT = "/api/chat"
+RESPONSES = "/v1/responses"
+
+
+def body(*, stream: bool, max_tokens: int, door: str = "openai") -> bytes:
+    """The same chat in each front door's wire format."""
+    model = "mock-stream" if stream else "mock"
+    messages = [{"role": "user", "content": "hi"}]
+    request: dict[str, object]
+    if door == "ollama":
+        options = {"num_predict": max_tokens}
+        request = {"model": model, "messages": messages, "options": options, "stream": stream}
+    elif door == "responses":
+        request = {"model": model, "input": "hi", "max_output_tokens": max_tokens, "stream": stream}
+    else:
+        request = {"model": model, "messages": messages, "max_tokens": max_tokens, "stream": stream}
     return json.dumps(request).encode()
+
+
+def content_chunk(line: bytes, door: str) -> bool:
+    """Whether one line of a streamed answer carries generated text, in ``door``'s format."""
+    if door == "ollama":  # NDJSON: a message per line until the done line
+        event = json.loads(line)
+        return not event.get("done") and bool(event.get("message", {}).get("content"))
+    if not line.startswith(b"data: ") or line == b"data: [DONE]":
+        return False
+    event = json.loads(line[6:])
+    if door == "responses":
+        return event.get("type") == "response.output_text.delta"
+    choices = event.get("choices") or []
+    return bool(choices and choices[0].get("delta", {}).get("content"))
 
 
 @dataclass(frozen=True)
@@ -104,6 +132,7 @@ class Arm:
     headers: dict[str, str]
     proxy_pid: int | None  # root of the proxy's process tree; None for direct
     extra_pids: dict[str, int] = field(default_factory=dict)  # e.g. redis-server
+    door: str = "openai"  # the wire format of url and stream_url
 
 
 async def drive(
@@ -112,7 +141,7 @@ async def drive(
     """Latencies (s) of ``concurrency`` closed-loop clients; any non-200 ends the run."""
     stop = time.perf_counter() + seconds
     latencies: list[float] = []
-    data = body(stream=False, max_tokens=16)
+    data = body(stream=False, max_tokens=16, door=arm.door)
 
     async def client() -> None:
         while time.perf_counter() < stop:
@@ -156,18 +185,15 @@ async def measure(arm: Arm, concurrency: int, seconds: float) -> Sample:
 
 async def one_stream(session: aiohttp.ClientSession, arm: Arm) -> tuple[float, list[float]]:
     """Start time and the arrival time of every content chunk of one stream."""
-    data = body(stream=True, max_tokens=STREAM_CHUNKS)
+    data = body(stream=True, max_tokens=STREAM_CHUNKS, door=arm.door)
     arrivals: list[float] = []
     started = time.perf_counter()
     async with session.post(arm.stream_url, data=data, headers=arm.headers) as response:
         if response.status != 200:
             raise SystemExit(f"{arm.url}: status {response.status} on a stream")
-        async for raw in response.content:  # one SSE line at a time
+        async for raw in response.content:  # one line at a time
             line = raw.strip()
-            if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                continue
-            choices = json.loads(line[6:]).get("choices") or []
-            if choices and choices[0].get("delta", {}).get("content"):
+            if line and content_chunk(line, arm.door):
                 arrivals.append(time.perf_counter())
     return started, arrivals
 
@@ -292,8 +318,27 @@ class Servers:
     versions: dict[str, str]
 
 
+def baseline_tree(stack: contextlib.ExitStack, root: Path, revision: str) -> Path:
+    """A git worktree of ``revision``, removed when the run ends."""
+    tree = root / "baseline"
+    repo = HERE.parent
+    subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", "-q", str(tree),
+                    revision], check=True)  # fmt: skip
+    stack.callback(
+        subprocess.run, ["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)],
+        check=False,
+    )  # fmt: skip
+    return tree
+
+
 def start_all(
-    stack: contextlib.ExitStack, root: Path, pin: Pinning, *, concurrency: int, only: list[str]
+    stack: contextlib.ExitStack,
+    root: Path,
+    pin: Pinning,
+    *,
+    concurrency: int,
+    only: list[str],
+    baseline: str | None,
 ) -> Servers:
     """Every server once, kept up across rounds (as in bench_auth: the idle arms sleep)."""
     # Two mocks: Lockgate streams from its upstream even for a non-streamed request, so
@@ -324,7 +369,15 @@ def start_all(
     elif "nginx" in only:
         servers.skipped["nginx"] = "nginx not installed: run loadtests/overhead_setup.sh"
 
-    lockgates = {"lockgate": False, "lockgate-auth": False, "lockgate-redis": True}
+    lockgates = {
+        "lockgate": False,
+        "lockgate-auth": False,
+        "lockgate-redis": True,
+        "lockgate-prev": False,
+    }
+    if baseline is None and "lockgate-prev" in only:
+        servers.skipped["lockgate-prev"] = "no --baseline revision given"
+        only = [a for a in only if a != "lockgate-prev"]
     if "lockgate-redis" in only:
         redis = ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"]
         redis_pid = stack.enter_context(spawned([*pin.helpers, *redis], root / "redis.log")).pid
@@ -344,11 +397,24 @@ def start_all(
             redis=f"redis://127.0.0.1:{redis_port}/0" if with_redis else None,
         )
         cmd = [*pin.gateway, sys.executable, "-m", "gateway", "serve", "--config", str(config)]
-        proc = stack.enter_context(spawned(cmd, workdir / "lockgate.log", gateway_env(workdir)))
+        env = gateway_env(workdir)
+        cwd = None
+        if name == "lockgate-prev":  # the baseline's code, imported ahead of the editable install
+            assert baseline is not None
+            cwd = baseline_tree(stack, root, baseline)
+            env["PYTHONPATH"] = str(cwd)
+            servers.versions["lockgate-prev"] = _version(["git", "-C", str(cwd), "log", "-1",
+                                                          "--format=%h %s"])  # fmt: skip
+        proc = stack.enter_context(spawned(cmd, workdir / "lockgate.log", env, cwd=cwd))
         headers = JSON | ({"Authorization": f"Bearer {key}"} if secured else {})
         extra = mock_pids | ({"redis": redis_pid} if with_redis else {})
         servers.arms[name] = Arm(*_urls(port, port), headers, proc.pid, extra)
         ready.append((f"http://127.0.0.1:{port}/health/ready", proc))
+        if name == "lockgate-auth":  # the same server through its other front doors
+            for door, path in (("ollama", OLLAMA_CHAT), ("responses", RESPONSES)):
+                if f"lockgate-{door}" in only:
+                    url = f"http://127.0.0.1:{port}{path}"
+                    servers.arms[f"lockgate-{door}"] = Arm(url, url, headers, proc.pid, extra, door)
 
     litellm = LITELLM_VENV / "bin" / "litellm"
     if "litellm" in only and litellm.exists():
@@ -428,6 +494,7 @@ def main() -> None:
     parser.add_argument("--stream-concurrency", type=int, default=8, help="0: no stream run")
     parser.add_argument("--stream-waves", type=int, default=3, help="streams per client")
     parser.add_argument("--arms", default=",".join(ARMS), help="a subset; direct always runs")
+    parser.add_argument("--baseline", help="a git revision to run as the lockgate-prev arm")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "bench_overhead.json")
     args = parser.parse_args()
     levels = [int(x) for x in args.concurrency.split(",")]
@@ -436,7 +503,9 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         root = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
         concurrency = max([*levels, args.stream_concurrency]) * 2
-        servers = start_all(stack, root, pin, concurrency=concurrency, only=only)
+        servers = start_all(
+            stack, root, pin, concurrency=concurrency, only=only, baseline=args.baseline
+        )
         for name, why in servers.skipped.items():
             print(f"skipping {name}: {why}")
         if pin.client_cpus is not None:
@@ -464,6 +533,7 @@ def main() -> None:
             "streams_per_client": args.stream_waves,
         },
         "arms": list(servers.arms),
+        "baseline": args.baseline,
         "skipped": servers.skipped,
         "versions": servers.versions,
         "request": json.loads(body(stream=False, max_tokens=16)),

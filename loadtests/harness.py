@@ -78,11 +78,11 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 180) -> 
 
 @contextlib.contextmanager
 def spawned(
-    cmd: list[str], log: Path, env: dict[str, str] | None = None
+    cmd: list[str], log: Path, env: dict[str, str] | None = None, *, cwd: Path | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``cmd`` for the duration of the block, its output in ``log``."""
+    """Run ``cmd`` (in ``cwd``) for the duration of the block, its output in ``log``."""
     with log.open("wb") as sink:
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=cwd)
     try:
         yield proc
     finally:

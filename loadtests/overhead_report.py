@@ -12,7 +12,17 @@ STREAM_CHUNKS = 64
 STREAM_GAP_MS = 20.0
 # A gap this short between chunks the mock spaced STREAM_GAP_MS apart means they were bunched.
 BUNCHED_MS = 2.0
-ARMS = ["direct", "nginx", "lockgate", "lockgate-auth", "lockgate-redis", "litellm"]
+ARMS = [
+    "direct",
+    "nginx",
+    "lockgate",
+    "lockgate-auth",
+    "lockgate-prev",
+    "lockgate-ollama",
+    "lockgate-responses",
+    "lockgate-redis",
+    "litellm",
+]
 # Within this fraction of the mock's own rate, an arm may be limited by the mock, not itself.
 CEILING = 0.9
 # A level where direct p99 passes this multiple of its one-client floor measures the load

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from gateway.errors import QueueFull, QueueTimeout, TenantQueueFull
+from gateway.tenancy.records import Priority
 
-Priority = Literal["interactive", "batch"]
 Policy = Literal["fair", "fcfs"]
 
 

@@ -26,7 +26,8 @@ import itertools
 from collections import deque
 from dataclasses import dataclass
 
-from gateway.scheduler.base import Policy, Priority
+from gateway.scheduler.base import Policy
+from gateway.tenancy.records import Priority
 
 _RANK: dict[str, int] = {"interactive": 0, "batch": 1}
 

@@ -18,8 +18,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gateway.scheduler.base import Grant, Policy, PoolLimits, PoolLoad, Priority
+from gateway.scheduler.base import Grant, Policy, PoolLimits, PoolLoad
 from gateway.scheduler.fairness import Entry, FairQueue
+from gateway.tenancy.records import Priority
 
 
 @dataclass(slots=True)

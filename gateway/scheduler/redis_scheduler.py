@@ -52,8 +52,9 @@ from typing import Any
 import orjson
 
 from gateway.errors import StateUnavailable
-from gateway.scheduler.base import Grant, Policy, PoolLimits, PoolLoad, Priority
+from gateway.scheduler.base import Grant, Policy, PoolLimits, PoolLoad
 from gateway.scheduler.memory import DrainRate
+from gateway.tenancy.records import Priority
 from gateway.tenancy.redis_link import RedisDown, RedisLink
 from gateway.tenancy.resp import Script
 

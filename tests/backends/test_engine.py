@@ -40,7 +40,6 @@ async def engine() -> AsyncIterator[EmbeddedBackend]:
 def request(prompt: str = PROMPT, **sampling: object) -> GenerationRequest:
     return GenerationRequest(
         request_id="t",
-       
         prompt=prompt,
         sampling=SamplingParams(**sampling),  # type: ignore[arg-type]
     )
@@ -186,9 +185,7 @@ async def test_a_full_waiting_queue_rejects_at_once() -> None:
 
 async def test_tools_are_refused_by_the_embedded_engine(engine: EmbeddedBackend) -> None:
     tool = {"type": "function", "function": {"name": "f"}}
-    req = GenerationRequest(
-        request_id="t", prompt="x", sampling=SamplingParams(), tools=(tool,)
-    )
+    req = GenerationRequest(request_id="t", prompt="x", sampling=SamplingParams(), tools=(tool,))
     with pytest.raises(InvalidRequestError, match="tools"):
         await run(engine, req)
 
@@ -226,9 +223,7 @@ async def test_an_engine_failure_answers_every_request(monkeypatch: pytest.Monke
 
 
 def chat_request(*messages: ChatMessage) -> GenerationRequest:
-    return GenerationRequest(
-        request_id="t", sampling=SamplingParams(), messages=tuple(messages)
-    )
+    return GenerationRequest(request_id="t", sampling=SamplingParams(), messages=tuple(messages))
 
 
 async def test_message_text_cannot_forge_turns(engine: EmbeddedBackend) -> None:

@@ -69,7 +69,6 @@ def reply(status: int = 200, **kwargs: object) -> Handler:
 def chat(**sampling: object) -> GenerationRequest:
     return GenerationRequest(
         request_id="r",
-       
         messages=(ChatMessage("user", "hi"),),
         sampling=SamplingParams(**sampling),  # type: ignore[arg-type]
     )

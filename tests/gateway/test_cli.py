@@ -32,3 +32,14 @@ def test_fetch_model_prints_the_assembled_path() -> None:
     result = lockgate("fetch-model")
     assert result.returncode == 0, result.stderr
     assert "gemma-3-270m-q4_k_m.gguf" in result.stderr
+
+
+def test_openapi_prints_every_front_door(tmp_path: Path) -> None:
+    import json
+
+    config = tmp_path / "c.yaml"
+    config.write_text("models:\n  - name: echo\n    backend: fake\n")
+    result = lockgate("openapi", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    paths = json.loads(result.stdout)["paths"]
+    assert {"/v1/chat/completions", "/v1/responses", "/api/chat", "/admin/tenants"} <= set(paths)

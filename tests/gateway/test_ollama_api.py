@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import httpx
 import ollama
 import pytest
@@ -12,9 +10,9 @@ from backends.fake import FakeBackend
 
 
 @pytest.fixture
-async def ol(client: httpx.AsyncClient) -> AsyncIterator[ollama.AsyncClient]:
+def ol(client: httpx.AsyncClient) -> ollama.AsyncClient:
     transport = client._transport  # the app's ASGI transport
-    yield ollama.AsyncClient(host="http://test", transport=transport)
+    return ollama.AsyncClient(host="http://test", transport=transport)
 
 
 async def test_chat_whole_answer_with_measured_durations(ol: ollama.AsyncClient) -> None:
@@ -149,9 +147,13 @@ async def test_an_error_after_streaming_began_is_an_error_line(ol: ollama.AsyncC
         model="fail_mid_stream", messages=[{"role": "user", "content": "a b c d"}], stream=True
     )
     seen = []
-    with pytest.raises(ollama.ResponseError, match="mid-stream"):
+
+    async def read() -> None:
         async for part in stream:
             seen.append(part.message.content)
+
+    with pytest.raises(ollama.ResponseError, match="mid-stream"):
+        await read()
     assert seen == ["a", " b"]
 
 

@@ -20,7 +20,7 @@ from fastapi import APIRouter, FastAPI
 from starlette.routing import BaseRoute, Route
 
 from backends.fake import FakeBackend
-from gateway.api import admin, health, openai
+from gateway.api import openai
 from gateway.api.endpoint import Endpoint
 from gateway.app import create_app, require_guards
 from gateway.settings import ConfigError, ServerSettings, Settings

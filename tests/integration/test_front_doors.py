@@ -17,8 +17,7 @@ from tests.integration.conftest import Server, lockgate, stop
 pytestmark = pytest.mark.integration
 
 KEY = new_key()
-CONFIG = (
-    """
+CONFIG = """
 server:
   host: 127.0.0.1
   port: {port}
@@ -35,10 +34,8 @@ tenants:
   - id: doors
     keys:
       - id: doors-key
-        hash: "%s"
-"""
-    % key_hash(KEY)
-)
+        hash: "HASH"
+""".replace("HASH", key_hash(KEY))
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +76,9 @@ def test_ollama_chat_whole_and_streamed(ol: ollama.Client) -> None:
     assert whole.eval_duration and whole.prompt_eval_duration and whole.total_duration
     assert whole.total_duration > whole.eval_duration
     parts = list(
-        ol.chat(model="gemma", messages=messages, stream=True, options={"num_predict": 8, "seed": 1})
+        ol.chat(
+            model="gemma", messages=messages, stream=True, options={"num_predict": 8, "seed": 1}
+        )
     )
     assert parts[-1].done and not any(p.done for p in parts[:-1])
     assert parts[-1].eval_count and 0 < parts[-1].eval_count <= 8

@@ -7,7 +7,8 @@ import asyncio
 import pytest
 
 from gateway.errors import QueueFull, QueueTimeout, TenantQueueFull
-from gateway.scheduler.base import Grant, Priority, Scheduler
+from gateway.scheduler.base import Grant, Scheduler
+from gateway.tenancy.records import Priority
 from tests.gateway.scheduler.conftest import MakeScheduler
 
 
