@@ -19,8 +19,7 @@ from starlette.types import ASGIApp
 from backends.base import GenerationRequest
 from gateway.api.disconnect import hangup_cancels
 from gateway.api.endpoint import ErrorFormat, Handler, route
-from gateway.api.openai import read_body
-from gateway.api.serving import json_response, serve, service_of
+from gateway.api.serving import json_response, read_body, serve, service_of
 from gateway.protocol.ollama import (
     VERSION,
     ChatLines,

@@ -9,7 +9,6 @@ the application's router (:data:`ROUTES`), each with its key guard.
 from __future__ import annotations
 
 import base64
-import logging
 import struct
 
 from pydantic import BaseModel
@@ -21,7 +20,7 @@ from starlette.types import ASGIApp
 from backends.base import GenerationRequest
 from gateway.api.disconnect import hangup_cancels
 from gateway.api.endpoint import ErrorFormat, Handler, route
-from gateway.api.serving import json_response, serve, service_of
+from gateway.api.serving import json_response, read_body, serve, service_of
 from gateway.protocol.openai import (
     ChatCompletionRequest,
     ChatStream,
@@ -38,17 +37,7 @@ from gateway.protocol.wire import new_id, parse
 from gateway.service import EmbedPlan, Plan
 from gateway.tenancy.records import Principal
 
-# Request bodies, at debug level, and only for tenants whose `log_requests` allows it.
-body_log = logging.getLogger("lockgate.requests")
-
 OPENAI_ERRORS = ErrorFormat("openai", error_body)
-
-
-async def read_body(request: Request, principal: Principal) -> bytes:
-    raw = await request.body()
-    if principal.tenant.log_requests and body_log.isEnabledFor(logging.DEBUG):
-        body_log.debug("tenant %s: %s", principal.tenant.id, raw.decode(errors="replace"))
-    return raw
 
 
 async def chat_completions(request: Request, principal: Principal) -> ASGIApp:

@@ -12,8 +12,8 @@ from starlette.types import ASGIApp
 
 from backends.base import GenerationRequest
 from gateway.api.endpoint import route
-from gateway.api.openai import OPENAI_ERRORS, read_body
-from gateway.api.serving import serve
+from gateway.api.openai import OPENAI_ERRORS
+from gateway.api.serving import read_body, serve
 from gateway.protocol.responses import (
     ResponseEvents,
     ResponseShape,

@@ -12,6 +12,7 @@ the answer ends, which is what finishes the request in the service.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any, Protocol
 
@@ -36,6 +37,8 @@ from gateway.service import (
 )
 from gateway.tenancy.records import Principal, Priority
 
+# Request bodies, at debug level, and only for tenants whose `log_requests` allows it.
+body_log = logging.getLogger("lockgate.requests")
 # A client may lower its own priority (a batch job on an interactive key), never raise it.
 PRIORITY_HEADER = "x-lockgate-priority"
 
@@ -49,6 +52,13 @@ class StreamEncoder(Protocol):
     def delta(self, index: int, chunk: GenerationChunk) -> bytes: ...
     def finish(self, finished: Finished) -> bytes: ...
     def fail(self, info: ErrorInfo) -> bytes: ...
+
+
+async def read_body(request: Request, principal: Principal) -> bytes:
+    raw = await request.body()
+    if principal.tenant.log_requests and body_log.isEnabledFor(logging.DEBUG):
+        body_log.debug("tenant %s: %s", principal.tenant.id, raw.decode(errors="replace"))
+    return raw
 
 
 def service_of(request: Request) -> InferenceService:

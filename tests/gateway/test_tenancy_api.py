@@ -413,6 +413,22 @@ async def test_admin_api_manages_tenants_and_keys(client: httpx.AsyncClient) -> 
     assert "new" not in {t["id"] for t in tenants_now}
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "body", "param"),
+    [
+        ("POST", "/admin/tenants", {"id": "typo", "limts": {}}, "limts"),
+        ("PATCH", "/admin/tenants/team-a", {"limits": {"rpm": 5}}, "limits.rpm"),
+        ("POST", "/admin/tenants/team-a/keys", {"nmae": "ci"}, "nmae"),
+        ("POST", "/admin/keys/team-a-key/rotate", {"grace": 60}, "grace"),
+    ],
+)
+async def test_admin_bodies_refuse_unknown_fields(
+    client: httpx.AsyncClient, method: str, path: str, body: dict[str, Any], param: str
+) -> None:
+    r = await client.request(method, path, json=body, headers=auth(ADMIN))
+    assert error(r, 400, None)["param"] == param
+
+
 async def test_expiring_keys(client: httpx.AsyncClient) -> None:
     made = (
         await client.post(
