@@ -32,6 +32,7 @@ from gateway.protocol.ollama import (
     chat_response,
     error_body,
     generate_response,
+    loaded,
     model_entry,
     running_entry,
     show_response,
@@ -54,6 +55,9 @@ MODEL_MANAGEMENT = (
 async def chat(request: Request, principal: Principal) -> ASGIApp:
     """Chat with a model (NDJSON stream unless ``stream: false``)."""
     body = parse(ChatRequest, await read_body(request, principal))
+    if not body.messages:
+        served = service_of(request).model(principal, body.model)
+        return json_response(loaded(served.name, chat=True, keep_alive=body.keep_alive))
     rid = new_id("ollama-chat")
     messages = body.chat_messages()
     plan = Plan(
@@ -77,6 +81,9 @@ async def chat(request: Request, principal: Principal) -> ASGIApp:
 async def generate(request: Request, principal: Principal) -> ASGIApp:
     """Generate a completion of a prompt (NDJSON stream unless ``stream: false``)."""
     body = parse(GenerateRequest, await read_body(request, principal))
+    if not body.prompt and not body.system:
+        served = service_of(request).model(principal, body.model)
+        return json_response(loaded(served.name, chat=False, keep_alive=body.keep_alive))
     rid = new_id("ollama-gen")
     messages = body.chat_messages()
     plan = Plan(
@@ -147,7 +154,7 @@ async def ps(request: Request, principal: Principal) -> Response:
 async def show(request: Request, principal: Principal) -> Response:
     """Describe one model: family, size, quantization, context."""
     body = parse(ShowRequest, await read_body(request, principal))
-    served = service_of(request).model(principal, body.model)
+    served = service_of(request).model(principal, body.model_name)
     return json_response(show_response(served.created, served.backend.describe()))
 
 

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from backends.base import ChatMessage, GenerationChunk, ModelInfo, SamplingParams, ToolCall
 from gateway.errors import ErrorInfo
@@ -129,7 +129,8 @@ class MessageIn(WireModel):
 
 
 class ChatRequest(_Generating):
-    messages: Annotated[list[MessageIn], Field(min_length=1)]
+    # No messages: Ollama's way to load (or, with keep_alive 0, unload) a model.
+    messages: Annotated[list[MessageIn], Field(max_length=100_000)] = Field(default_factory=list)
     tools: Annotated[list[dict[str, Any]], Field(max_length=128)] | None = None
 
     def chat_messages(self) -> tuple[ChatMessage, ...]:
@@ -197,8 +198,19 @@ class EmbeddingsRequest(WireModel):
 
 
 class ShowRequest(WireModel):
-    model: Annotated[str, Field(min_length=1)]
+    model: str = ""
+    name: str = ""  # the older clients' name for it
     verbose: bool = False
+
+    @model_validator(mode="after")
+    def _named(self) -> ShowRequest:
+        if not (self.model or self.name):
+            raise ValueError("model is required")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        return self.model or self.name
 
 
 # -- responses -----------------------------------------------------------------
@@ -235,6 +247,20 @@ def _tool_calls(calls: Sequence[ToolCall]) -> list[dict[str, Any]]:
 
 def _reason(reason: str) -> str:
     return "stop" if reason == "tool_calls" else reason  # Ollama says "stop" for tool calls
+
+
+def loaded(model: str, *, chat: bool, keep_alive: float | str | None) -> dict[str, Any]:
+    """The answer to a request with nothing to generate: Ollama's load (or unload) call.
+    Here every configured model stays loaded, so it is done at once."""
+    unload = keep_alive in (0, "0", "0s", "0m")
+    text = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
+    return {
+        "model": model,
+        "created_at": _now(),
+        **text,
+        "done": True,
+        "done_reason": "unload" if unload else "load",
+    }
 
 
 def chat_response(result: Result) -> dict[str, Any]:

@@ -122,7 +122,7 @@ async def test_errors_are_ollama_shaped(ol: ollama.AsyncClient, client: httpx.As
         await ol.chat(model="nope", messages=[{"role": "user", "content": "x"}], stream=False)
     assert unknown.value.status_code == 404
     assert "nope" in unknown.value.error
-    for body in ({"model": "echo"}, {"model": "echo", "messages": [], "stream": False}):
+    for body in ({"messages": []}, {"model": "echo", "messages": [{"role": "x"}]}):
         r = await client.post("/api/chat", json=body)
         assert r.status_code == 400
         assert set(r.json()) == {"error"}
@@ -130,6 +130,19 @@ async def test_errors_are_ollama_shaped(ol: ollama.AsyncClient, client: httpx.As
     assert r.status_code == 400 and set(r.json()) == {"error"}
     r = await client.get("/api/chat")
     assert r.status_code == 405 and set(r.json()) == {"error"}
+
+
+async def test_nothing_to_generate_is_ollamas_load_and_unload(
+    ol: ollama.AsyncClient, client: httpx.AsyncClient
+) -> None:
+    loaded = await ol.generate(model="echo")
+    assert loaded.done and loaded.done_reason == "load"
+    r = await client.post("/api/chat", json={"model": "echo", "messages": [], "keep_alive": 0})
+    assert r.json()["done_reason"] == "unload"
+    r = await client.post("/api/generate", json={"model": "nope"})
+    assert r.status_code == 404
+    r = await client.post("/api/show", json={"name": "echo"})  # the older clients' field
+    assert r.json()["details"]["family"] == "fake"
 
 
 @pytest.mark.parametrize("fmt", ["json", {"type": "object"}])
