@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import httpx
 import ollama
 import pytest
@@ -10,9 +12,10 @@ from backends.fake import FakeBackend
 
 
 @pytest.fixture
-def ol(client: httpx.AsyncClient) -> ollama.AsyncClient:
+async def ol(client: httpx.AsyncClient) -> AsyncIterator[ollama.AsyncClient]:
     transport = client._transport  # the app's ASGI transport
-    return ollama.AsyncClient(host="http://test", transport=transport)
+    async with ollama.AsyncClient(host="http://test", transport=transport) as c:
+        yield c
 
 
 async def test_chat_whole_answer_with_measured_durations(ol: ollama.AsyncClient) -> None:
