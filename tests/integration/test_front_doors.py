@@ -30,6 +30,8 @@ models:
     backend: fake
   - name: fail_mid_stream
     backend: fake
+auth:
+  database: DATABASE  # its own: the session's shared one would turn auth on for the others
 tenants:
   - id: doors
     keys:
@@ -40,7 +42,8 @@ tenants:
 
 @pytest.fixture(scope="module")
 def doors(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = lockgate(CONFIG, tmp_path_factory.mktemp("doors"))
+    root = tmp_path_factory.mktemp("doors")
+    server = lockgate(CONFIG.replace("DATABASE", str(root / "doors.db")), root)
     yield server
     stop(server)
 
