@@ -34,7 +34,7 @@ from backends.fake import FakeBackend
 from backends.llama.backend import EmbeddedBackend, EmbeddedConfig
 from gateway.api import admin, health, ollama, openai, responses
 from gateway.api.disconnect import ClientDisconnected
-from gateway.api.endpoint import Endpoint, ErrorFormat
+from gateway.api.endpoint import Endpoint, ErrorFormat, FastDispatch
 from gateway.api.openapi import openapi_document
 from gateway.api.security import GUARDS, PUBLIC
 from gateway.errors import ErrorInfo, GatewayError, InvalidRequest, MethodNotAllowed, NotFound
@@ -80,6 +80,21 @@ def _instance(model: AnyModelSettings) -> str:
     if isinstance(model, ModelSettings | FakeModelSettings):
         return model.backend
     return model.base_url
+
+
+def _public_ids(models: Sequence[AnyModelSettings]) -> list[str]:
+    """What clients are told served them: the backend kind, numbered among a name's
+    remote instances (``llamacpp-0``), never the upstream's URL."""
+    seen: dict[str, int] = {}
+    ids: list[str] = []
+    for m in models:
+        if isinstance(m, ModelSettings | FakeModelSettings):
+            ids.append(m.backend)
+            continue
+        n = seen.get(m.name, 0)
+        seen[m.name] = n + 1
+        ids.append(f"{m.backend}-{n}")
+    return ids
 
 
 async def _start_all(backends: Sequence[tuple[str, Backend]]) -> None:
@@ -191,8 +206,9 @@ def create_app(settings: Settings, *, backends: Mapping[str, Backend] | None = N
                 max_n=m.max_n,
                 created=created,
                 instance=_instance(m),
+                public_id=public_id,
             )
-            for m in settings.models
+            for m, public_id in zip(settings.models, _public_ids(settings.models), strict=True)
         ]
     else:
         limits = {m.name: m.max_n for m in settings.models}
@@ -265,6 +281,9 @@ def create_app(settings: Settings, *, backends: Mapping[str, Backend] | None = N
         app.add_exception_handler(expected, _on_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(Exception, _on_error)
-    # The size guard sees a request before anything reads its body.
+    # Middleware, innermost first (each added one wraps the ones before): the front doors'
+    # fixed paths dispatched ahead of FastAPI's own layers, inside the size guard, which
+    # sees a request before anything reads its body. Middleware users add wraps them all.
+    app.add_middleware(FastDispatch, routes=app.router.routes)
     app.add_middleware(BodySizeLimit, max_bytes=settings.server.max_body_bytes, body=_error_body)
     return app

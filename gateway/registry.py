@@ -27,6 +27,8 @@ class ServedModel:
     max_n: int = 1
     created: int = 0
     instance: str = "embedded"  # which engine serves it: "embedded", "fake" or an upstream URL
+    # What clients are told served them (x-lockgate-backend): never an internal URL.
+    public_id: str = "embedded"
 
     @property
     def pool(self) -> str:

@@ -18,18 +18,29 @@ from pydantic import ValidationError
 _UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|.*[\[\(].*)$")
 
 
+def _location(loc: tuple[int | str, ...], drop: Collection[str]) -> str:
+    return ".".join(str(p) for p in loc if str(p) not in drop and not _UNION_MEMBER.match(str(p)))
+
+
 def problems(exc: ValidationError, *, drop: Collection[str] = ()) -> list[tuple[str, str]]:
     """Each error as (location, message); ``drop`` names more path parts to leave out."""
-    found = []
-    for err in exc.errors(include_url=False, include_input=False):
-        parts = [
-            str(p) for p in err["loc"] if str(p) not in drop and not _UNION_MEMBER.match(str(p))
-        ]
-        found.append((".".join(parts), err["msg"].removeprefix("Value error, ")))
-    return found
+    return [
+        (_location(err["loc"], drop), err["msg"].removeprefix("Value error, "))
+        for err in exc.errors(include_url=False, include_input=False)
+    ]
 
 
 def first_problem(exc: ValidationError) -> tuple[str | None, str]:
-    """The first error as (location or None, "location: message") — a client's 400."""
-    where, message = problems(exc)[0]
+    """The most specific error as (location or None, "location: message") — a client's 400.
+
+    Of a union's failed members the client meant the one that got furthest: the error
+    that lies deepest, and at equal depth one that is not merely "not of this type"
+    (``input: []`` is a list that is too short, not "not a valid string").
+    """
+    errors = exc.errors(include_url=False, include_input=False)
+    best = max(
+        errors, key=lambda e: (len(_location(e["loc"], ())), not e["type"].endswith("_type"))
+    )
+    where = _location(best["loc"], ())
+    message = best["msg"].removeprefix("Value error, ")
     return where or None, f"{where}: {message}" if where else message

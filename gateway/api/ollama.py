@@ -67,7 +67,7 @@ async def chat(request: Request, principal: Principal) -> ASGIApp:
         requests=(
             GenerationRequest(
                 request_id=rid,
-                sampling=body.options.sampling(),
+                sampling=body.sampling(),
                 messages=messages,
                 tools=body.tool_definitions(),
                 stream=body.stream,
@@ -93,7 +93,7 @@ async def generate(request: Request, principal: Principal) -> ASGIApp:
         requests=(
             GenerationRequest(
                 request_id=rid,
-                sampling=body.options.sampling(),
+                sampling=body.sampling(),
                 prompt=body.prompt if messages is None else None,
                 messages=messages,
                 stream=body.stream,

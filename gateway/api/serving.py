@@ -99,8 +99,9 @@ async def serve(
             started = await anext(run)
             assert isinstance(started, Started)
             if plan.stream:
-                handed_over = True
-                return EventStream(run, started, stream)
+                response = EventStream(run, started, stream)
+                handed_over = True  # the stream closes the run from here on
+                return response
             result = await collect(run, started, len(plan.requests))
     finally:
         if not handed_over:

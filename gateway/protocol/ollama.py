@@ -20,7 +20,13 @@ from pydantic import Field, field_validator, model_validator
 
 from backends.base import ChatMessage, GenerationChunk, ModelInfo, SamplingParams, ToolCall
 from gateway.errors import ErrorInfo
-from gateway.protocol.wire import UNSET_MAX_TOKENS_CHARGE, WireModel, estimate_tokens
+from gateway.protocol.wire import (
+    UNSET_MAX_TOKENS_CHARGE,
+    ToolDef,
+    WireModel,
+    estimate_tokens,
+    tool_definitions,
+)
 from gateway.service import Finished, Result, Started, Timings
 
 VERSION = "0.12.0"  # the Ollama API version this door follows, for clients that check
@@ -68,7 +74,7 @@ class Options(WireModel):
 class _Generating(WireModel):
     model: Annotated[str, Field(min_length=1)]
     stream: bool = True
-    options: Options = Options()
+    options: Options | None = None  # null is "none", as Ollama reads it
     format: str | dict[str, Any] | None = None
     keep_alive: float | str | None = None  # the gateway keeps its models loaded
     think: bool | str | None = None
@@ -87,8 +93,11 @@ class _Generating(WireModel):
             raise ValueError("thinking is not supported by this server")
         return value
 
+    def sampling(self) -> SamplingParams:
+        return (self.options or Options()).sampling()
+
     def max_tokens_charge(self) -> int:
-        return self.options.sampling().max_tokens or UNSET_MAX_TOKENS_CHARGE
+        return self.sampling().max_tokens or UNSET_MAX_TOKENS_CHARGE
 
 
 class ToolFunctionIn(WireModel):
@@ -102,7 +111,7 @@ class ToolCallIn(WireModel):
 
 class MessageIn(WireModel):
     role: Literal["system", "user", "assistant", "tool"]
-    content: str = ""
+    content: str | None = None  # null is "none", as Ollama reads it
     images: list[str] | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_name: str | None = None  # a tool turn: which tool answered
@@ -114,31 +123,48 @@ class MessageIn(WireModel):
             raise ValueError("images are not supported by this server")
         return value
 
-    def flatten(self, index: int) -> ChatMessage:
-        calls = tuple(
-            ToolCall(
-                f"call_{index}_{i}",
-                c.function.name,
-                c.function.arguments
-                if isinstance(c.function.arguments, str)
-                else json.dumps(c.function.arguments),
-            )
-            for i, c in enumerate(self.tool_calls or ())
-        )
-        return ChatMessage(self.role, self.content, tool_calls=calls, name=self.tool_name)
+
+def _arguments(value: dict[str, Any] | str) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 class ChatRequest(_Generating):
     # No messages: Ollama's way to load (or, with keep_alive 0, unload) a model.
     messages: Annotated[list[MessageIn], Field(max_length=100_000)] = Field(default_factory=list)
-    tools: Annotated[list[dict[str, Any]], Field(max_length=128)] | None = None
+    tools: Annotated[list[ToolDef], Field(max_length=128)] | None = None
 
     def chat_messages(self) -> tuple[ChatMessage, ...]:
-        return tuple(m.flatten(i) for i, m in enumerate(self.messages))
+        """The turns as engines take them. Ollama names a tool's answer by the tool, not by
+        the call: each gets the id of the pending call to that tool (else the next pending
+        one), so that OpenAI-style upstreams can pair them."""
+        out: list[ChatMessage] = []
+        pending: list[ToolCall] = []
+        for i, m in enumerate(self.messages):
+            calls = tuple(
+                ToolCall(f"call_{i}_{j}", c.function.name, _arguments(c.function.arguments))
+                for j, c in enumerate(m.tool_calls or ())
+            )
+            if calls:
+                pending = list(calls)
+            answered = None
+            if m.role == "tool" and pending:
+                match = next((c for c in pending if c.name == m.tool_name), pending[0])
+                pending.remove(match)
+                answered = match.id
+            out.append(
+                ChatMessage(
+                    m.role,
+                    m.content or "",
+                    tool_calls=calls,
+                    tool_call_id=answered,
+                    name=m.tool_name,
+                )
+            )
+        return tuple(out)
 
     def tool_definitions(self) -> tuple[dict[str, Any], ...]:
-        """Ollama's tools are OpenAI's function tools already."""
-        return tuple(self.tools or ())
+        """Ollama's tools are OpenAI's function tools, checked the same way."""
+        return tool_definitions(self.tools)
 
     def token_charge(self, messages: Sequence[ChatMessage]) -> int:
         return sum(estimate_tokens(m.content) + 4 for m in messages) + self.max_tokens_charge()

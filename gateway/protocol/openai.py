@@ -17,7 +17,13 @@ from pydantic import Field, field_validator, model_validator
 
 from backends.base import ChatMessage, GenerationChunk, SamplingParams, ToolCall
 from gateway.errors import ErrorInfo, InvalidRequest
-from gateway.protocol.wire import UNSET_MAX_TOKENS_CHARGE, WireModel, estimate_tokens
+from gateway.protocol.wire import (
+    UNSET_MAX_TOKENS_CHARGE,
+    ToolDef,
+    WireModel,
+    estimate_tokens,
+    tool_definitions,
+)
 from gateway.service import Finished, Result, Started
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -38,18 +44,6 @@ class ToolCallIn(WireModel):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCallIn
-
-
-class FunctionDef(WireModel):
-    name: Annotated[str, Field(min_length=1, max_length=64)]
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
-
-
-class ToolDef(WireModel):
-    type: Literal["function"]
-    function: FunctionDef
 
 
 class ChatMessageIn(WireModel):
@@ -160,7 +154,7 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
 
     def tool_definitions(self) -> tuple[dict[str, Any], ...]:
-        return tuple(t.model_dump(exclude_none=True) for t in self.tools or ())
+        return tool_definitions(self.tools)
 
     def _completion_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

@@ -47,7 +47,9 @@ UNSUPPORTED = (
 class ContentIn(StrictBody):
     type: Literal["input_text", "output_text", "text"]
     text: str
+    # What an earlier response's output carries, fed back as input (store: false chats).
     annotations: list[Any] | None = None
+    logprobs: list[Any] | None = None
 
 
 class MessageIn(StrictBody):
@@ -56,6 +58,7 @@ class MessageIn(StrictBody):
     content: str | list[ContentIn]
     id: str | None = None
     status: str | None = None
+    phase: str | None = None
 
     def flatten(self) -> ChatMessage:
         text = (

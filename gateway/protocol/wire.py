@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gateway.errors import InvalidRequest
 from gateway.validation import first_problem
@@ -46,6 +46,25 @@ class WireModel(BaseModel):
             log.debug("ignoring unknown fields in %s: %s", type(self).__name__, sorted(extra))
             extra.clear()
         return self
+
+
+class FunctionDef(WireModel):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(WireModel):
+    """A function tool, as OpenAI and Ollama both declare it."""
+
+    type: Literal["function"]
+    function: FunctionDef
+
+
+def tool_definitions(tools: list[ToolDef] | None) -> tuple[dict[str, Any], ...]:
+    """The declared tools as the engines take them: validated, unknown fields gone."""
+    return tuple(t.model_dump(exclude_none=True) for t in tools or ())
 
 
 class StrictBody(BaseModel):

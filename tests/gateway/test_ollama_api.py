@@ -103,6 +103,38 @@ async def test_tool_calls_come_back_as_ollama_sends_them(ol: ollama.AsyncClient)
     assert call.function.arguments == {"echo": "find"}
 
 
+async def test_a_tool_answer_is_paired_with_its_call(
+    ol: ollama.AsyncClient, fakes: dict[str, FakeBackend]
+) -> None:
+    call = {"function": {"name": "lookup", "arguments": {"q": "x"}}}
+    await ol.chat(
+        model="echo",
+        messages=[
+            {"role": "user", "content": "find x"},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "content": "found", "tool_name": "lookup"},
+        ],
+        stream=False,
+    )
+    messages = fakes["echo"].seen[-1].messages
+    assert messages is not None
+    assert messages[1].tool_calls[0].arguments == '{"q": "x"}'
+    assert messages[2].tool_call_id == messages[1].tool_calls[0].id
+
+
+@pytest.mark.parametrize("tools", [[{"type": "function"}], [{}], [{"type": "web", "function": {}}]])
+async def test_malformed_tools_are_400(client: httpx.AsyncClient, tools: object) -> None:
+    body = {"model": "echo", "messages": [{"role": "user", "content": "x"}], "tools": tools}
+    r = await client.post("/api/chat", json={**body, "stream": False})
+    assert r.status_code == 400 and "tools" in r.json()["error"]
+
+
+async def test_nulls_mean_unset_as_ollama_reads_them(client: httpx.AsyncClient) -> None:
+    body = {"model": "echo", "messages": [{"role": "user", "content": None}], "options": None}
+    r = await client.post("/api/chat", json={**body, "stream": False})
+    assert r.status_code == 200, r.text
+
+
 async def test_embed_and_the_legacy_embeddings(ol: ollama.AsyncClient) -> None:
     r = await ol.embed(model="echo", input=["a b", "c"])
     assert [list(v) for v in r.embeddings] == [[3.0, 2.0, 1.0], [1.0, 1.0, 1.0]]

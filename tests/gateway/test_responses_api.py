@@ -50,6 +50,23 @@ async def test_a_message_list_and_max_output_tokens(sdk: openai.AsyncOpenAI) -> 
     assert r.incomplete_details is not None and r.incomplete_details.reason == "max_output_tokens"
 
 
+async def test_an_earlier_output_fed_back_as_input_continues_the_chat(
+    sdk: openai.AsyncOpenAI, fakes: dict[str, FakeBackend]
+) -> None:
+    first = await sdk.responses.create(model="echo", input="one two")
+    r = await sdk.responses.create(
+        model="echo",
+        input=[*first.output, {"role": "user", "content": "three four"}],  # type: ignore[list-item]
+    )
+    assert r.output_text == "three four"
+    messages = fakes["echo"].seen[-1].messages
+    assert messages is not None
+    assert [(m.role, m.content) for m in messages] == [
+        ("assistant", "one two"),
+        ("user", "three four"),
+    ]
+
+
 async def test_streamed_events_in_order(sdk: openai.AsyncOpenAI) -> None:
     stream = await sdk.responses.create(model="echo", input="a b c", stream=True)
     kinds, deltas = [], []

@@ -82,7 +82,7 @@ async def world() -> World:
     served = []
     for name, backend in backends.items():
         await backend.start()
-        m = ServedModel(name, backend, scheduler, max_n=2, instance="fake")
+        m = ServedModel(name, backend, scheduler, max_n=2, instance="fake", public_id="fake-0")
         scheduler.add_pool(m.pool, PoolLimits(capacity=backend.capacity, max_wait=5))
         served.append(m)
     admission = Admission(MemoryCounters(), ledger, metrics)  # type: ignore[arg-type]
@@ -117,7 +117,7 @@ def run(w: World, p: Plan, principal: Principal = ANONYMOUS) -> AsyncGenerator[E
 async def test_a_finished_request_is_billed_once_and_frees_its_slot(world: World) -> None:
     got = await events(run(world, plan("echo")))
     assert isinstance(got[0], Started)
-    assert got[0].backend_id == "fake"
+    assert got[0].backend_id == "fake-0"
     assert "".join(e.chunk.text for e in got if isinstance(e, Delta)) == "one two three four five"
     assert isinstance(got[-1], Finished)
     assert (got[-1].prompt_tokens, got[-1].completion_tokens) == (5, 5)
@@ -248,3 +248,39 @@ async def test_results_keep_their_order() -> None:
         return v
 
     assert await _all_or_nothing([value(1, 0.02), value(2, 0.0)]) == [1, 2]
+
+
+class SlowToClose(FakeBackend):
+    """Its streams take a while to close, as an upstream connection's teardown may."""
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Any, None]:
+        try:
+            async for chunk in super().generate(request):
+                yield chunk
+        finally:
+            await asyncio.sleep(0.2)
+
+
+async def test_finish_runs_even_when_closing_a_stream_is_cancelled(world: World) -> None:
+    backend = SlowToClose("slow", delay=0.01, capacity=1)
+    await backend.start()
+    served = ServedModel("closing", backend, world.scheduler, instance="fake")
+    world.scheduler.add_pool(served.pool, PoolLimits(capacity=1))
+    world.service.registry = ModelRegistry([served])
+    async def slow_client() -> None:
+        r = run(world, plan("closing"))
+        try:
+            async for _ in r:
+                await asyncio.sleep(10)  # its writes block: the run waits at a yield
+        finally:
+            await r.aclose()
+
+    reading = asyncio.create_task(slow_client())
+    await asyncio.sleep(0.05)
+    reading.cancel()  # the client is gone: the run closes its stream...
+    await asyncio.sleep(0.05)
+    reading.cancel()  # ...and a shutdown interrupts that
+    with pytest.raises(asyncio.CancelledError):
+        await reading
+    assert [r["status"] for r in world.ledger.rows] == [499]
+    assert world.scheduler.load(served.pool).running == 0
