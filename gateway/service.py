@@ -59,7 +59,11 @@ QUEUED_HEADER = "x-lockgate-queued-ms"  # time spent waiting for an engine slot
 BACKEND_HEADER = "x-lockgate-backend"  # the instance that served the request
 
 
-@dataclass(frozen=True, slots=True)
+# The per-request records below are not frozen: a frozen dataclass's __init__ costs about
+# 2.4x a plain one's, and five of them are built for every request. Nothing mutates them.
+
+
+@dataclass(slots=True)
 class Plan:
     """A generation request in no wire format: what a front door asks the service for."""
 
@@ -84,7 +88,7 @@ class EmbedPlan:
     tokens: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Timings:
     """Where the time went, in seconds; the Ollama door reports them in nanoseconds."""
 
@@ -94,7 +98,7 @@ class Timings:
     total: float  # arrival → end
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Started:
     """The request holds its slots and every choice has produced its first chunk."""
 
@@ -113,11 +117,13 @@ class Delta:
     chunk: GenerationChunk
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Finished:
     prompt_tokens: int
     completion_tokens: int
     timings: Timings
+    # A non-streamed plan gets no Delta events: its whole choices come here.
+    choices: list[Choice] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,14 +138,22 @@ Event = Started | Delta | Finished | Failed
 
 @dataclass(slots=True)
 class Choice:
-    """One choice's whole output, as :func:`collect` gathers it."""
+    """One choice's whole output (a non-streamed answer)."""
 
     text: list[str] = field(default_factory=list)
     tool_calls: list[ToolCall] = field(default_factory=list)
     finish_reason: FinishReason = "stop"
 
+    def add(self, chunk: GenerationChunk) -> None:
+        if chunk.text:
+            self.text.append(chunk.text)
+        if chunk.tool_calls:
+            self.tool_calls.extend(chunk.tool_calls)
+        if chunk.finish_reason is not None:
+            self.finish_reason = chunk.finish_reason
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(slots=True)
 class Result:
     """A whole non-streamed answer."""
 
@@ -155,22 +169,21 @@ class Embedded:
     headers: Mapping[str, str]
 
 
-async def collect(run: AsyncIterator[Event], started: Started, choices: int) -> Result:
-    """Read the rest of ``run`` into whole choices; a :class:`Failed` event is raised."""
-    out = [Choice() for _ in range(choices)]
+async def collect(run: AsyncIterator[Event], started: Started) -> Result:
+    """The rest of a non-streamed ``run``: its whole answer; a :class:`Failed` is raised.
+
+    It reads to the run's end rather than stopping at :class:`Finished`, so the run
+    finishes by returning, not by being closed (an exception thrown into it).
+    """
+    finished = None
     async for event in run:
-        if isinstance(event, Delta):
-            choice, chunk = out[event.index], event.chunk
-            if chunk.text:
-                choice.text.append(chunk.text)
-            choice.tool_calls.extend(chunk.tool_calls)
-            if chunk.finish_reason is not None:
-                choice.finish_reason = chunk.finish_reason
-        elif isinstance(event, Finished):
-            return Result(started, out, event)
+        if type(event) is Finished:
+            finished = event
         elif isinstance(event, Failed):
             raise event.error
-    raise RuntimeError("the run ended without finishing")  # pragma: no cover - a service bug
+    if finished is None or finished.choices is None:  # pragma: no cover - a service bug
+        raise RuntimeError("the run ended without a whole answer")
+    return Result(started, finished.choices, finished)
 
 
 class _Stream:
@@ -334,41 +347,45 @@ class InferenceService:
                 await _close_all(pending)
                 raise
             request.first_token()
-            streams = [
+            request.streams = streams = [
                 _Stream(first, rest, counts_prompt=i % plan.n == 0, grant=grant)
                 for i, (first, rest) in enumerate(zip(firsts, pending, strict=True))
             ]
-            request.streams = streams
-            yield Started(
-                plan.request_id,
-                plan.model,
-                served.public_id,
-                int(time.time()),
-                {
-                    **request.ticket.headers,
-                    QUEUED_HEADER: f"{grant.queued_seconds * 1000:.0f}",
-                    BACKEND_HEADER: served.public_id,
-                },
-            )
+            headers = request.ticket.headers  # this request's own: no copy needed
+            headers[QUEUED_HEADER] = f"{grant.queued_seconds * 1000:.0f}"
+            headers[BACKEND_HEADER] = served.public_id
+            yield Started(plan.request_id, plan.model, served.public_id, int(time.time()), headers)
+            # A non-streamed answer is gathered here and sent whole: nobody reads its pieces.
+            whole = None if plan.stream else [Choice() for _ in streams]
             try:
-                if len(streams) == 1:  # the common case: no merging, one generator less
+                if len(streams) == 1:  # the common case: no merging
                     only = streams[0]
-                    yield Delta(0, only.first)
-                    if only.first.finish_reason is None:
-                        async for chunk in only.rest:
-                            only.advance(chunk)
+                    if whole is None:
+                        yield Delta(0, only.first)
+                    else:
+                        whole[0].add(only.first)
+                    chunk = only.first
+                    while chunk.finish_reason is None:  # then closed, not read to its end
+                        chunk = await anext(only.rest)
+                        only.advance(chunk)
+                        if whole is None:
                             yield Delta(0, chunk)
+                        else:
+                            whole[0].add(chunk)
                 else:
                     async with contextlib.aclosing(_merge(streams)) as merged:
                         async for index, chunk in merged:
                             streams[index].advance(chunk)
-                            yield Delta(index, chunk)
-            except Exception as exc:  # the status line is gone: reported in-band
+                            if whole is None:
+                                yield Delta(index, chunk)
+                            else:
+                                whole[index].add(chunk)
+            except Exception as exc:  # reported in-band: a stream's status line is gone
                 status = status_of(exc)
                 yield Failed(exc)
                 return
             status = 200
-            yield Finished(*request.produced(), request.timings())
+            yield Finished(*request.produced(), request.timings(), whole)
         except Exception as exc:
             status = status_of(exc)
             raise

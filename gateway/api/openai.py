@@ -51,15 +51,17 @@ async def chat_completions(request: Request, principal: Principal) -> ASGIApp:
         endpoint="chat",
         request_id=rid,
         requests=tuple(
-            GenerationRequest(
-                request_id=f"{rid}-{i}",
-                sampling=body.sampling(choice=i),
-                messages=messages,
-                tools=tools,
-                tool_choice=body.tool_choice,
-                stream=body.stream,
-            )
-            for i in range(body.n)
+            [
+                GenerationRequest(
+                    request_id=f"{rid}-{i}",
+                    sampling=body.sampling(choice=i),
+                    messages=messages,
+                    tools=tools,
+                    tool_choice=body.tool_choice,
+                    stream=body.stream,
+                )
+                for i in range(body.n)
+            ]
         ),
         tokens=body.token_charge(messages),
         n=body.n,

@@ -96,13 +96,13 @@ async def serve(
     handed_over = False
     try:
         async with hangup_cancels(request):
-            started = await anext(run)
-            assert isinstance(started, Started)
+            started = await run.__anext__()
+            assert type(started) is Started
             if plan.stream:
                 response = EventStream(run, started, stream)
                 handed_over = True  # the stream closes the run from here on
                 return response
-            result = await collect(run, started, len(plan.requests))
+            result = await collect(run, started)
     finally:
         if not handed_over:
             await run.aclose()

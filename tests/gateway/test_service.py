@@ -90,9 +90,11 @@ async def world() -> World:
     return World(service, scheduler, ledger, metrics, backends)
 
 
-def plan(model: str, text: str = "one two three four five", *, n: int = 1, **kw: Any) -> Plan:
+def plan(
+    model: str, text: str = "one two three four five", *, n: int = 1, stream: bool = True, **kw: Any
+) -> Plan:
     requests = tuple(
-        GenerationRequest(f"r-{i}", SamplingParams(**kw), prompt=text, stream=True)
+        GenerationRequest(f"r-{i}", SamplingParams(**kw), prompt=text, stream=stream)
         for i in range(n)
     )
     return Plan(model, "test", "r", requests, tokens=10, n=n)
@@ -129,10 +131,10 @@ async def test_a_finished_request_is_billed_once_and_frees_its_slot(world: World
 
 
 async def test_collect_gathers_whole_choices(world: World) -> None:
-    r = run(world, plan("echo", n=2, max_tokens=2))
+    r = run(world, plan("echo", n=2, max_tokens=2, stream=False))
     started = await anext(r)
     assert isinstance(started, Started)
-    result = await collect(r, started, 2)
+    result = await collect(r, started)
     await r.aclose()
     assert ["".join(c.text) for c in result.choices] == ["one two", "one two"]
     assert [c.finish_reason for c in result.choices] == ["length", "length"]
@@ -267,6 +269,7 @@ async def test_finish_runs_even_when_closing_a_stream_is_cancelled(world: World)
     served = ServedModel("closing", backend, world.scheduler, instance="fake")
     world.scheduler.add_pool(served.pool, PoolLimits(capacity=1))
     world.service.registry = ModelRegistry([served])
+
     async def slow_client() -> None:
         r = run(world, plan("closing"))
         try:
