@@ -105,9 +105,10 @@ bench: llama-server
 
 # What a gateway costs a client: Lockgate vs LiteLLM proxy vs nginx vs direct, against a mock
 # upstream (~20 min). Debian's nginx and LiteLLM (its own virtualenv) are installed on first use.
+# BASELINE=REV adds that revision's Lockgate as an arm (lockgate-prev): a change's cost, side by side.
 bench-overhead: setup
 	bash loadtests/overhead_setup.sh
-	$(BIN)/python loadtests/bench_overhead.py
+	$(BIN)/python loadtests/bench_overhead.py $(if $(BASELINE),--baseline $(BASELINE))
 
 # Locust in a virtualenv of its own (its gevent stack stays out of the gateway's), run
 # headless for 60 s against a running gateway: `make serve` in another shell first.
