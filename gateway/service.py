@@ -78,6 +78,11 @@ class Plan:
     def stream(self) -> bool:
         return self.requests[0].stream
 
+    @classmethod
+    def single(cls, model: str, endpoint: str, request: GenerationRequest, *, tokens: int) -> Plan:
+        """One choice of one prompt: the plan of every door but OpenAI's ``n`` and lists."""
+        return cls(model, endpoint, request.request_id, (request,), tokens)
+
 
 @dataclass(frozen=True, slots=True)
 class EmbedPlan:

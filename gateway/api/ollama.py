@@ -58,23 +58,15 @@ async def chat(request: Request, principal: Principal) -> ASGIApp:
     if not body.messages:
         served = service_of(request).model(principal, body.model)
         return json_response(loaded(served.name, chat=True, keep_alive=body.keep_alive))
-    rid = new_id("ollama-chat")
     messages = body.chat_messages()
-    plan = Plan(
-        model=body.model,
-        endpoint="ollama_chat",
-        request_id=rid,
-        requests=(
-            GenerationRequest(
-                request_id=rid,
-                sampling=body.sampling(),
-                messages=messages,
-                tools=body.tool_definitions(),
-                stream=body.stream,
-            ),
-        ),
-        tokens=body.token_charge(messages),
+    generation = GenerationRequest(
+        request_id=new_id("ollama-chat"),
+        sampling=body.sampling(),
+        messages=messages,
+        tools=body.tool_definitions(),
+        stream=body.stream,
     )
+    plan = Plan.single(body.model, "ollama_chat", generation, tokens=body.token_charge(messages))
     return await serve(request, principal, plan, body=chat_response, stream=ChatLines())
 
 
@@ -84,23 +76,15 @@ async def generate(request: Request, principal: Principal) -> ASGIApp:
     if not body.prompt and not body.system:
         served = service_of(request).model(principal, body.model)
         return json_response(loaded(served.name, chat=False, keep_alive=body.keep_alive))
-    rid = new_id("ollama-gen")
     messages = body.chat_messages()
-    plan = Plan(
-        model=body.model,
-        endpoint="ollama_generate",
-        request_id=rid,
-        requests=(
-            GenerationRequest(
-                request_id=rid,
-                sampling=body.sampling(),
-                prompt=body.prompt if messages is None else None,
-                messages=messages,
-                stream=body.stream,
-            ),
-        ),
-        tokens=body.token_charge(),
+    generation = GenerationRequest(
+        request_id=new_id("ollama-gen"),
+        sampling=body.sampling(),
+        prompt=body.prompt if messages is None else None,
+        messages=messages,
+        stream=body.stream,
     )
+    plan = Plan.single(body.model, "ollama_generate", generation, tokens=body.token_charge())
     return await serve(request, principal, plan, body=generate_response, stream=GenerateLines())
 
 

@@ -28,19 +28,14 @@ from gateway.tenancy.records import Principal
 async def create_response(request: Request, principal: Principal) -> ASGIApp:
     """Create a model response (typed SSE events with ``stream: true``)."""
     body = parse(ResponsesRequest, await read_body(request, principal))
-    rid = new_id("resp", "_")
     messages = body.chat_messages()
-    plan = Plan(
-        model=body.model,
-        endpoint="responses",
-        request_id=rid,
-        requests=(
-            GenerationRequest(
-                request_id=rid, sampling=body.sampling(), messages=messages, stream=body.stream
-            ),
-        ),
-        tokens=body.token_charge(messages),
+    generation = GenerationRequest(
+        request_id=new_id("resp", "_"),
+        sampling=body.sampling(),
+        messages=messages,
+        stream=body.stream,
     )
+    plan = Plan.single(body.model, "responses", generation, tokens=body.token_charge(messages))
     shape = ResponseShape(body)
     return await serve(
         request,

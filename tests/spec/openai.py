@@ -23,27 +23,23 @@ def _document() -> dict[str, Any]:
     return data
 
 
-def _type(
-    validator: Any, types: Any, instance: Any, schema: dict[str, Any]
-) -> Iterator[jsonschema.ValidationError]:
-    # A few of OpenAI's schemas still say OpenAPI 3.0's `nullable: true` (not JSON Schema).
-    if instance is None and schema.get("nullable") is True:
-        return
-    yield from _draft_type(validator, types, instance, schema)
+def _nullable(keyword: str) -> Any:
+    """``keyword``'s draft check, passing null where the schema still says OpenAPI 3.0's
+    ``nullable: true`` (a few of OpenAI's schemas do; JSON Schema has no such keyword)."""
+    check = jsonschema.Draft202012Validator.VALIDATORS[keyword]
+
+    def validate(
+        validator: Any, value: Any, instance: Any, schema: dict[str, Any]
+    ) -> Iterator[jsonschema.ValidationError]:
+        if instance is None and schema.get("nullable") is True:
+            return
+        yield from check(validator, value, instance, schema)
+
+    return validate
 
 
-def _enum(
-    validator: Any, enums: Any, instance: Any, schema: dict[str, Any]
-) -> Iterator[jsonschema.ValidationError]:
-    if instance is None and schema.get("nullable") is True:
-        return
-    yield from _draft_enum(validator, enums, instance, schema)
-
-
-_draft_type = jsonschema.Draft202012Validator.VALIDATORS["type"]
-_draft_enum = jsonschema.Draft202012Validator.VALIDATORS["enum"]
 _OpenAIValidator = jsonschema.validators.extend(
-    jsonschema.Draft202012Validator, {"type": _type, "enum": _enum}
+    jsonschema.Draft202012Validator, {"type": _nullable("type"), "enum": _nullable("enum")}
 )
 
 
