@@ -65,12 +65,20 @@ class ContextLengthExceeded(InvalidRequestError):
     """Prompt tokens plus the requested completion exceed the context window."""
 
     def __init__(
-        self, *, prompt_tokens: int, max_tokens: int, context_length: int, param: str = "messages"
+        self,
+        *,
+        prompt_tokens: int,
+        max_tokens: int,
+        context_length: int,
+        param: str = "messages",
+        at_least: bool = False,
     ) -> None:
+        # at_least: the prompt was refused by its size alone, before it was tokenized.
+        bound = "at least " if at_least else ""
         super().__init__(
             f"This model's maximum context length is {context_length} tokens. However, you "
-            f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, "
-            f"{max_tokens} for the completion). Please reduce the prompt or max_tokens.",
+            f"requested {bound}{prompt_tokens + max_tokens} tokens ({bound}{prompt_tokens} in the "
+            f"prompt, {max_tokens} for the completion). Please reduce the prompt or max_tokens.",
             param=param,
         )
         self.prompt_tokens = prompt_tokens
@@ -228,9 +236,10 @@ class Backend(Protocol):
         """Abort in-flight work and release every resource."""
         ...
 
-    def validate(self, request: GenerationRequest) -> None:
+    async def validate(self, request: GenerationRequest) -> None:
         """Raise :class:`InvalidRequestError` (e.g. context too long) for a request that
-        can never run, without running it, so it is refused before it queues."""
+        can never run, without running it, so it is refused before it queues. Work that
+        grows with the input (tokenizing) must not hold the event loop."""
         ...
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:

@@ -81,7 +81,10 @@ class FakeBackend:
     def describe(self) -> ModelInfo:
         return ModelInfo(family="fake", context_length=self.context_length)
 
-    def validate(self, request: GenerationRequest) -> None:
+    async def validate(self, request: GenerationRequest) -> None:
+        self._check(request)
+
+    def _check(self, request: GenerationRequest) -> None:
         words = _source(request).split()
         limit = request.sampling.max_tokens
         if len(words) + (limit or 1) > self.context_length:
@@ -97,7 +100,7 @@ class FakeBackend:
             raise BackendOverloaded("fake backend is full", retry_after=2.5)
         if self.behaviour == "fail_before_first":
             raise BackendUnavailable("fake backend failed before the first token")
-        self.validate(request)
+        self._check(request)
         source = _source(request)
         words = source.split()
         limit = request.sampling.max_tokens

@@ -295,7 +295,7 @@ class RemoteBackend:
             for line in complete:
                 yield line.decode("utf-8", errors="replace").rstrip("\r")
 
-    def validate(self, request: GenerationRequest) -> None:
+    async def validate(self, request: GenerationRequest) -> None:
         """Nothing to check locally: without the upstream's tokenizer, it enforces context."""
 
     def load(self) -> BackendLoad:

@@ -342,7 +342,7 @@ class InferenceService:
             # A request that can never run is refused before it queues; the n choices
             # of one prompt are alike, so each prompt is checked once.
             for r in plan.requests[:: plan.n]:
-                served.backend.validate(r)
+                await served.backend.validate(r)
             request.grant = grant = await self._queue(served, plan, principal, priority)
             request.dispatched = time.perf_counter()
             pending = [served.backend.generate(r) for r in plan.requests]

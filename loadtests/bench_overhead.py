@@ -53,6 +53,7 @@ import uvloop
 from harness import (
     LIMITS,
     Pinning,
+    baseline_tree,
     busy_seconds,
     cpu_seconds,
     free_port,
@@ -316,19 +317,6 @@ class Servers:
     arms: dict[str, Arm]
     skipped: dict[str, str]
     versions: dict[str, str]
-
-
-def baseline_tree(stack: contextlib.ExitStack, root: Path, revision: str) -> Path:
-    """A git worktree of ``revision``, removed when the run ends."""
-    tree = root / "baseline"
-    repo = HERE.parent
-    subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", "-q", str(tree),
-                    revision], check=True)  # fmt: skip
-    stack.callback(
-        subprocess.run, ["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)],
-        check=False,
-    )  # fmt: skip
-    return tree
 
 
 def start_all(

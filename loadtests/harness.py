@@ -213,6 +213,19 @@ def gateway_env(workdir: Path) -> dict[str, str]:
     return env | {"XDG_STATE_HOME": str(workdir / "state")}
 
 
+def baseline_tree(stack: contextlib.ExitStack, root: Path, revision: str) -> Path:
+    """A git worktree of ``revision``, removed when the run ends."""
+    tree = root / "baseline"
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", "-q", str(tree),
+                    revision], check=True)  # fmt: skip
+    stack.callback(
+        subprocess.run, ["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)],
+        check=False,
+    )  # fmt: skip
+    return tree
+
+
 def git_revision() -> str:
     """The commit the gateways ran, with ``+dirty`` if gateway/ or backends/ had edits."""
 

@@ -44,6 +44,21 @@ class EmbeddedConfig:
     default_top_k: int = 40
 
 
+# Past this many characters a prompt is tokenized (its template rendered too) in a worker
+# thread: llama.cpp's tokenizer releases the GIL, so the event loop serves others meanwhile.
+OFF_LOOP_CHARS = 16 * 1024
+
+
+def text_chars(request: GenerationRequest) -> int:
+    """The characters the prompt is made of (the template's own text aside)."""
+    if request.messages is None:
+        return len(request.prompt or "")
+    return sum(
+        len(m.content) + sum(len(c.arguments) + len(c.name) for c in m.tool_calls)
+        for m in request.messages
+    )
+
+
 class EmbeddedBackend:
     """Runs a GGUF in-process with continuous batching."""
 
@@ -52,6 +67,7 @@ class EmbeddedBackend:
         self._model: LlamaModel | None = None
         self._engine: LlamaEngine | None = None
         self._template: ChatTemplate | None = None
+        self._longest_token = 1  # bytes; set at start
         self.model_path: Path | None = None
 
     @property
@@ -69,6 +85,7 @@ class EmbeddedBackend:
                 f"({model.n_ctx_train})"
             )
         self._model = model
+        self._longest_token = await asyncio.to_thread(model.longest_token)
         self._template = ChatTemplate.select(
             configured=cfg.template,
             embedded=model.chat_template,
@@ -147,11 +164,16 @@ class EmbeddedBackend:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         return tokens
 
-    def validate(self, request: GenerationRequest) -> None:
-        self._prepare(request)
+    async def validate(self, request: GenerationRequest) -> None:
+        await self._prepare(request)
 
-    def _prepare(self, request: GenerationRequest) -> list[int]:
-        """The prompt's tokens, once every check that needs no engine time has passed."""
+    async def _prepare(self, request: GenerationRequest) -> list[int]:
+        """The prompt's tokens, once every check that needs no engine time has passed.
+
+        What can be refused by arithmetic is refused before anything grows with the
+        input (a 10 MB prompt is not tokenized to learn that it cannot fit); a large
+        prompt that may fit is tokenized off the event loop.
+        """
         _, model = self._require()
         if request.tools and request.tool_choice != "none":
             raise InvalidRequestError(
@@ -163,22 +185,34 @@ class EmbeddedBackend:
                 f"logit_bias token ids must be in [0, {model.n_vocab}); got {bad[0]}",
                 param="logit_bias",
             )
-        prompt = self.prompt_tokens(request)
-        requested = request.sampling.max_tokens
-        if len(prompt) + (requested or 1) > self.config.context_length:
+        chars = text_chars(request)
+        least = -(-chars // self._longest_token)  # no token stands for more characters
+        self._within_context(request, least, at_least=True)
+        if chars > OFF_LOOP_CHARS:
+            prompt = await asyncio.to_thread(self.prompt_tokens, request)
+        else:
+            prompt = self.prompt_tokens(request)
+        self._within_context(request, len(prompt))
+        return prompt
+
+    def _within_context(
+        self, request: GenerationRequest, prompt: int, *, at_least: bool = False
+    ) -> None:
+        requested = request.sampling.max_tokens or 1
+        if prompt + requested > self.config.context_length:
             raise ContextLengthExceeded(
-                prompt_tokens=len(prompt),
-                max_tokens=requested or 1,
+                prompt_tokens=prompt,
+                max_tokens=requested,
                 context_length=self.config.context_length,
                 param="messages" if request.messages is not None else "prompt",
+                at_least=at_least,
             )
-        return prompt
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         engine, _ = self._require()
-        # validate() ran this already; tokenizing again costs microseconds and keeps no
-        # per-request state for requests that never reach the engine.
-        prompt = self._prepare(request)
+        # validate() ran this already; tokenizing again costs microseconds (or runs in a
+        # thread) and keeps no per-request state for requests that never reach the engine.
+        prompt = await self._prepare(request)
         n_ctx = self.config.context_length
         requested = request.sampling.max_tokens
         max_tokens = requested if requested is not None else n_ctx - len(prompt)
@@ -203,7 +237,22 @@ class EmbeddedBackend:
 
     async def embed(self, texts: Sequence[str]) -> EmbeddingResult:
         engine, model = self._require()
-        token_lists = [model.tokenize(t, special=True) for t in texts]
+        n_ctx = self.config.context_length
+        for i, text in enumerate(texts):  # refused by size alone, before tokenizing
+            least = -(-len(text) // self._longest_token)
+            if least > n_ctx:
+                raise InvalidRequestError(
+                    f"input[{i}] has at least {least} tokens; the maximum is {n_ctx}",
+                    param="input",
+                )
+
+        def tokenize() -> list[list[int]]:
+            return [model.tokenize(t, special=True) for t in texts]
+
+        if sum(map(len, texts)) > OFF_LOOP_CHARS:
+            token_lists = await asyncio.to_thread(tokenize)
+        else:
+            token_lists = tokenize()
         for i, tokens in enumerate(token_lists):
             if len(tokens) > self.config.context_length:
                 raise InvalidRequestError(

@@ -116,6 +116,16 @@ class LlamaModel:
         n = C.llama_token_to_piece(self._vocab, token, self._piece_buf, 256, 0, False)
         return self._piece_buf.raw[:n] if n > 0 else b""
 
+    def longest_token(self) -> int:
+        """The most bytes any token stands for, control tokens' text included: a text of
+        N bytes (so of at most N characters) is at least N / this many tokens long."""
+        buf = ctypes.create_string_buffer(256)
+        longest = 1
+        for token in range(self.n_vocab):
+            n = C.llama_token_to_piece(self._vocab, token, buf, 256, 0, True)
+            longest = max(longest, abs(n))  # -n: the piece needs n bytes (> 256)
+        return longest
+
     def token_text(self, token: int) -> str:
         buf = ctypes.create_string_buffer(256)
         n = C.llama_token_to_piece(self._vocab, token, buf, 256, 0, True)

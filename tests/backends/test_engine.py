@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import time
 from collections.abc import AsyncIterator
 
@@ -20,6 +21,7 @@ from backends.base import (
     InvalidRequestError,
     SamplingParams,
 )
+from backends.llama import backend as backend_module
 from backends.llama.backend import EmbeddedBackend, EmbeddedConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
@@ -128,6 +130,41 @@ async def test_context_length_is_checked_before_any_work(engine: EmbeddedBackend
     assert info.value.context_length == 256
     with pytest.raises(ContextLengthExceeded):
         await run(engine, request(max_tokens=250))
+
+
+async def test_a_prompt_too_large_to_ever_fit_is_refused_by_its_size_alone(
+    engine: EmbeddedBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 1 MB prompt is refused by arithmetic: no token stands for more than the longest
+    token's bytes, so it is never tokenized (the 10 MB prompt that froze the loop 7.8 s)."""
+
+    def tokenized(request: GenerationRequest) -> list[int]:
+        raise AssertionError("tokenized")
+
+    monkeypatch.setattr(engine, "prompt_tokens", tokenized)
+    with pytest.raises(ContextLengthExceeded, match="at least") as info:
+        await engine.validate(request("x" * 1_000_000, max_tokens=8))
+    assert info.value.prompt_tokens >= 1_000_000 // 64
+    with pytest.raises(InvalidRequestError, match="at least"):
+        await engine.embed(["y" * 1_000_000])
+
+
+async def test_a_large_prompt_that_may_fit_is_tokenized_off_the_event_loop(
+    engine: EmbeddedBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads: list[threading.Thread] = []
+    tokenize = engine.prompt_tokens
+
+    def recorded(request: GenerationRequest) -> list[int]:
+        threads.append(threading.current_thread())
+        return tokenize(request)
+
+    monkeypatch.setattr(backend_module, "OFF_LOOP_CHARS", 20)
+    monkeypatch.setattr(engine, "prompt_tokens", recorded)
+    await engine.validate(request(PROMPT))  # 39 characters: past the (lowered) threshold
+    await engine.validate(request("short"))
+    assert threads[0] is not threading.main_thread()
+    assert threads[1] is threading.main_thread()
 
 
 async def test_embeddings_are_unit_length_and_order_preserving(engine: EmbeddedBackend) -> None:

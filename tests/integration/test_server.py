@@ -239,3 +239,15 @@ def test_a_client_leaving_mid_upload_is_not_a_server_error(server: Server) -> No
 
 def test_server_log_has_no_tracebacks(server: Server) -> None:
     assert "Traceback" not in server.log.read_text()
+
+
+def test_a_prompt_far_beyond_the_context_is_refused_without_tokenizing(server: Server) -> None:
+    """10 MB of text: refused by its size (no token is longer than the longest token), so in
+    milliseconds, not after tokenizing 950k tokens on the event loop (loadtests/bench_stall.py)."""
+    body = {"model": "gemma", "messages": [{"role": "user", "content": "lighthouse " * 950_000}]}
+    r = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["code"] == "context_length_exceeded"
+    assert "at least" in error["message"]
+    assert httpx.get(f"{server.base_url}/health/live").status_code == 200
