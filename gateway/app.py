@@ -257,6 +257,8 @@ def create_app(settings: Settings, *, backends: Mapping[str, Backend] | None = N
         redoc_url=None,
         openapi_url=None,  # not served (no unauthenticated surface beyond PUBLIC): app.openapi()
     )
+    # /admin/tenants/ is not /admin/tenants: no redirect is answered before authentication.
+    app.router.redirect_slashes = False
     app.state.metrics = metrics
     app.state.service = InferenceService(registry, metrics, tenancy.admission)
     app.state.auth = tenancy.auth

@@ -79,7 +79,7 @@ class TextOptions(StrictBody):
 class ResponsesRequest(StrictBody):
     """Unknown fields are errors here (``extra: forbid``), named in the 400."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     model: Annotated[str, Field(min_length=1)]
     input: str | Annotated[list[MessageIn], Field(min_length=1)]

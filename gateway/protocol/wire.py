@@ -37,7 +37,9 @@ def new_id(prefix: str, sep: str = "-") -> str:
 
 
 class WireModel(BaseModel):
-    model_config = ConfigDict(extra="allow", frozen=True)
+    # strict: no "5" for 5, no 1 for true — OpenAI refuses those, and a proxy in front that
+    # reads the JSON as typed must not disagree with what the engine is asked to do.
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
 
     @model_validator(mode="after")
     def _drop_unknown_fields(self) -> WireModel:
@@ -70,7 +72,7 @@ def tool_definitions(tools: list[ToolDef] | None) -> tuple[dict[str, Any], ...]:
 class StrictBody(BaseModel):
     """A body whose unknown fields are errors (the admin API: a typo must not pass)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 def parse(model: type[M], body: bytes) -> M:

@@ -554,3 +554,46 @@ async def test_config_keys_stay_revoked_across_restarts_and_leave_with_the_file(
     assert await models(settings(tmp_path), Keys.team_a) == 200
     fewer = [t for t in tenants() if t["id"] != "team-a"]
     assert await models(settings(tmp_path, tenants=fewer), Keys.team_a) == 401  # left the file
+
+
+@pytest.mark.parametrize(("method", "path", "body"), ENDPOINTS[:3] + ENDPOINTS[6:8])
+async def test_two_authorization_headers_are_a_400(
+    client: httpx.AsyncClient, method: str, path: str, body: Any
+) -> None:
+    headers = [("Authorization", f"Bearer {Keys.team_a}"), ("Authorization", "Bearer lg-other")]
+    r = await client.request(method, path, json=body, headers=headers)
+    assert r.status_code == 400, r.text
+    assert "one Authorization header" in r.text
+
+
+async def test_two_admin_authorization_headers_are_a_400(client: httpx.AsyncClient) -> None:
+    headers = [("Authorization", f"Bearer {ADMIN}"), ("Authorization", f"Bearer {ADMIN}")]
+    r = await client.get("/admin/tenants", headers=headers)
+    assert r.status_code == 400
+
+
+async def test_no_redirect_is_answered_before_authentication(client: httpx.AsyncClient) -> None:
+    r = await client.get("/admin/tenants/")
+    assert r.status_code in (401, 404)
+    assert "location" not in r.headers
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {**chat(), "max_tokens": "5"}),
+        ("/v1/chat/completions", {**chat(), "stream": "yes"}),
+        ("/v1/chat/completions", {**chat(), "n": "1"}),
+        ("/v1/chat/completions", {**chat(), "temperature": "0.5"}),
+        ("/v1/chat/completions", {**chat(), "stream": 1}),
+        ("/v1/completions", {"model": "echo", "prompt": 5}),
+        ("/v1/responses", {"model": "echo", "input": "x", "max_output_tokens": "5"}),
+        ("/api/chat", {**chat(), "options": {"temperature": "0.5"}}),
+        ("/api/generate", {"model": "echo", "prompt": "x", "stream": "false"}),
+    ],
+)
+async def test_no_string_or_number_coercion(
+    client: httpx.AsyncClient, path: str, body: dict[str, Any]
+) -> None:
+    r = await client.post(path, json=body, headers=auth(Keys.team_a))
+    assert r.status_code == 400, r.text
