@@ -45,6 +45,14 @@ class ServerSettings(_Strict):
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     max_body_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024 * 1024
+    # Wire limits (gateway/http_server.py): past them 431, 414, 408 or 503, then closed.
+    max_header_bytes: Annotated[int, Field(ge=1024, le=1 << 20)] = 32 * 1024
+    max_headers: Annotated[int, Field(ge=8, le=1000)] = 100
+    max_request_line: Annotated[int, Field(ge=256, le=1 << 20)] = 8 * 1024
+    header_timeout: Annotated[float, Field(gt=0, le=600)] = 10.0  # the whole head
+    body_timeout: Annotated[float, Field(gt=0, le=3600)] = 30.0  # between body reads
+    keep_alive_timeout: Annotated[int, Field(ge=1, le=3600)] = 5  # s idle between requests
+    max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 2048
 
 
 class ModelSettings(_Strict):
