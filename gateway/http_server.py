@@ -65,7 +65,6 @@ class _LimitedProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._in_head = True  # reading a request's head (not yet its body)
         self._head_bytes = 0
-        self._header_count = 0
         self._tail = b""  # the last bytes read, to find a head's end split across reads
         self._timer: asyncio.TimerHandle | None = None
         self._refused = False
@@ -89,11 +88,16 @@ class _LimitedProtocol(HttpToolsProtocol):
         if self._in_head:
             # Raw head bytes, counted as they come: a header line that never ends is
             # refused as soon as it passes the limit, however slowly it is sent.
-            seen = self._tail + data
-            end = seen.find(_END_OF_HEAD)
-            counted = len(data) if end < 0 else max(0, end + 4 - len(self._tail))
+            if self._tail:
+                seen = self._tail + data
+                end = seen.find(_END_OF_HEAD)
+                counted = len(data) if end < 0 else max(0, end + 4 - len(self._tail))
+            else:
+                end = data.find(_END_OF_HEAD)
+                counted = len(data) if end < 0 else end + 4
             self._head_bytes += counted
-            self._tail = seen[-3:]
+            if end < 0:
+                self._tail = data[-3:]
             if self._head_bytes > self.limits.max_header_bytes:
                 self._refuse(431, f"The request head is over {self.limits.max_header_bytes} bytes.")
                 return
@@ -101,34 +105,23 @@ class _LimitedProtocol(HttpToolsProtocol):
         if self._refused or self.parser is None:
             return
         # Still waiting for the rest of a head or a body: a timer bounds the wait.
-        if self._in_head and self._head_bytes:
-            if self._timer is None:
+        if self._in_head:
+            if self._head_bytes and self._timer is None:
                 self._arm(self.limits.header_timeout, 408, "The request head took too long.")
-        elif self.cycle is not None and self.cycle.more_body and not self._in_head:
+        elif self.cycle is not None and self.cycle.more_body:
             self._arm(self.limits.body_timeout, 408, "The request body stopped arriving.")
 
-    # -- parser callbacks --------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._header_count = 0
-
-    def on_url(self, url: bytes) -> None:
-        super().on_url(url)
-        if len(self.url) > self.limits.max_request_line:
-            self._refuse(414, f"The request target is over {self.limits.max_request_line} bytes.")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_count += 1
-        if self._header_count > self.limits.max_headers:
-            self._refuse(431, f"More than {self.limits.max_headers} header fields.")
-            return
-        super().on_header(name, value)
+    # -- parser callbacks (the fewest overridden: each costs a call per request) --------
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._disarm()
-        if not self._refused:
+        # Both bounded already by the head's bytes; checked once the head is whole.
+        if len(self.url) > self.limits.max_request_line:
+            self._refuse(414, f"The request target is over {self.limits.max_request_line} bytes.")
+        elif len(self.headers) > self.limits.max_headers:
+            self._refuse(431, f"More than {self.limits.max_headers} header fields.")
+        else:
             super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
