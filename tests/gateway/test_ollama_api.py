@@ -217,10 +217,12 @@ async def test_an_error_after_streaming_began_is_an_error_line(ol: ollama.AsyncC
         ("HEAD", "/api/blobs/sha256:abc"),
     ],
 )
-async def test_model_management_is_not_there(
+async def test_ollama_cve_2024_37032_and_cve_2026_7482_no_model_management(
     client: httpx.AsyncClient, method: str, path: str
 ) -> None:
-    r = await client.request(method, path, json={"model": "echo", "name": "x"})
+    """Nothing a client sends makes the gateway fetch, write or copy a model file."""
+    body = {"model": "../../etc/passwd", "name": "x", "source": "echo", "destination": "y"}
+    r = await client.request(method, path, json=body)
     assert r.status_code == 404
     if method != "HEAD":
         assert "does not pull, push, create, copy or delete models" in r.json()["error"]
