@@ -60,6 +60,8 @@ class RedisLink:
         self.fast = FastRedis(url, timeout=timeout)
         self.degraded = False
         self._probe: asyncio.Task[None] | None = None
+        # Run each time Redis answers again: it may have restarted empty.
+        self.on_recovery: list[Callable[[], Awaitable[None]]] = []
 
     async def call(self, work: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
         """Admin-side work on redis-py, within ``admin_timeout``.
@@ -113,6 +115,11 @@ class RedisLink:
                 continue
             log.warning("redis is back")
             self.degraded = False
+            for restore in self.on_recovery:
+                try:
+                    await restore()
+                except Exception:
+                    log.exception("restoring state after redis came back failed")
             return
 
     async def close(self) -> None:

@@ -60,6 +60,9 @@ class Tenancy:
             counters = RedisCounters(self.link, lease=auth.concurrency_lease)
             link = self.link
             metrics.redis_degraded.set_function(lambda: float(link.degraded))
+            # A Redis that restarted without persistence lost the configured tenants and
+            # keys: every key would be a 401 once the auth cache expired. Write them again.
+            link.on_recovery.append(self._reapply_config)
         else:
             self.store = SQLiteStore(auth.database)
             counters = MemoryCounters()
@@ -101,6 +104,13 @@ class Tenancy:
                 raise ConfigError(no_auth_message(host))
             log.warning("no tenants and no admin key: serving on %s without API keys", host)
         self._ledger_task = asyncio.create_task(self.ledger.run())
+
+    async def _reapply_config(self) -> None:
+        try:
+            await self.admin.apply_config(self.settings.tenants)
+        except StoreUnavailable:
+            log.warning("redis is back but refused the configured tenants; retrying")
+            self._config_task = asyncio.create_task(self._apply_config_when_up())
 
     async def _apply_config_when_up(self) -> None:
         while True:

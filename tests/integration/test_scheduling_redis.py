@@ -60,7 +60,7 @@ def upstream(tmp_path: Path) -> Iterator[Server]:
     stop(server)
 
 
-def config(redis_url: str, upstream: str, root: Path) -> str:
+def config(redis_url: str, upstream: str, root: Path, *, max_wait: float = 60) -> str:
     return f"""
 server:
   host: 127.0.0.1
@@ -77,7 +77,7 @@ models:
 scheduler:
   max_queue: 5000
   max_queue_per_tenant: 5000
-  max_wait: 60
+  max_wait: {max_wait}
   lease_ttl: {LEASE}
 tenants:
   - id: heavy
@@ -255,3 +255,46 @@ async def test_with_redis_down_a_shared_queue_answers_503_and_recovers(
 
 async def _ok(send: Callable[[], Awaitable[httpx.Response]]) -> bool:
     return (await send()).status_code == 200
+
+
+async def test_a_redis_restart_under_load_hangs_no_request_past_its_timeout(
+    own_redis: RedisServer, upstream: Server, tmp_path: Path
+) -> None:
+    """8 clients in closed loops on 3 shared slots (so 5 queued at any time) while Redis
+    stops for 1.5 s and comes back empty (no persistence): each request ends within its
+    queue timeout, and once Redis is back the configured keys are written again and every
+    request is served."""
+    max_wait = 4.0
+    gateway = lockgate(
+        config(own_redis.url, upstream.base_url, tmp_path, max_wait=max_wait), tmp_path
+    )
+    outcomes: list[tuple[float, float, int]] = []  # (start, seconds, status)
+    try:
+        async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60) as http:
+            started = time.monotonic()
+
+            async def client(i: int) -> None:
+                while time.monotonic() - started < 10:
+                    t0 = time.monotonic()
+                    r = await http.post(
+                        "/v1/chat/completions", json=body(f"c{i}"), headers=auth(LIGHT)
+                    )
+                    outcomes.append((t0 - started, time.monotonic() - t0, r.status_code))
+
+            async def outage() -> None:
+                await asyncio.sleep(2)
+                own_redis.stop()
+                await asyncio.sleep(1.5)
+                own_redis.start()
+
+            await asyncio.gather(outage(), *(client(i) for i in range(8)))
+            text = (await http.get("/metrics")).text
+    finally:
+        stop(gateway)
+    # 401 only while Redis is empty again and the configured keys are being written back.
+    assert {status for _, _, status in outcomes} <= {200, 401, 503}
+    assert max(seconds for _, seconds, _ in outcomes) < max_wait + 3
+    assert any(status == 503 for _, _, status in outcomes)  # the outage was seen
+    late = [status for start, _, status in outcomes if start > 8]
+    assert late and set(late) == {200}  # and it recovered
+    assert 'lockgate_slots_used{instance="' in text
