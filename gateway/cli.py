@@ -78,7 +78,7 @@ def serve(
     import uvicorn
 
     from gateway.app import create_app
-    from gateway.http_server import WireLimits, limited_protocol
+    from gateway.http_server import limited_protocol
 
     settings = _settings(config)
     server = settings.server.model_copy(
@@ -97,20 +97,12 @@ def serve(
     # 2.0-2.2k to 2.4-2.8k requests/s (loadtests/bench_overhead.py, auth on).
     gc.freeze()
     gc.set_threshold(10_000, 50, 100)
-    limits = WireLimits(
-        max_header_bytes=server.max_header_bytes,
-        max_headers=server.max_headers,
-        max_request_line=server.max_request_line,
-        header_timeout=server.header_timeout,
-        body_timeout=server.body_timeout,
-        max_connections=server.max_connections,
-    )
     uvicorn.run(
         app,
         host=server.host,
         port=server.port,
         loop="uvloop",
-        http=limited_protocol(limits),  # httptools, with wire limits
+        http=limited_protocol(server),  # httptools, with wire limits
         timeout_keep_alive=server.keep_alive_timeout,
         log_level=server.log_level,
         access_log=False,

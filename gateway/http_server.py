@@ -16,17 +16,18 @@ protocol (httptools keeps parsing; nothing else changes on the hot path) that re
 each with a JSON error body in the door's shape. Timers are armed only while a head or a
 body is incomplete after a read, so a request that arrives whole costs none.
 
-    uvicorn.run(app, http=limited_protocol(WireLimits(...)), ...)
+    uvicorn.run(app, http=limited_protocol(settings.server), ...)
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from gateway.settings import ServerSettings
 
 _REASONS = {
     400: b"Bad Request",
@@ -36,16 +37,6 @@ _REASONS = {
     503: b"Service Unavailable",
 }
 _END_OF_HEAD = b"\r\n\r\n"
-
-
-@dataclass(frozen=True, slots=True)
-class WireLimits:
-    max_header_bytes: int = 32 * 1024
-    max_headers: int = 100
-    max_request_line: int = 8 * 1024
-    header_timeout: float = 10.0
-    body_timeout: float = 30.0
-    max_connections: int = 2048
 
 
 def error_body(status: int, message: str, *, ollama: bool) -> bytes:
@@ -59,7 +50,7 @@ def error_body(status: int, message: str, *, ollama: bool) -> bytes:
 
 
 class _LimitedProtocol(HttpToolsProtocol):
-    limits: WireLimits = WireLimits()
+    limits: ServerSettings = ServerSettings()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -178,6 +169,6 @@ class _LimitedProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
-def limited_protocol(limits: WireLimits) -> type[HttpToolsProtocol]:
-    """uvicorn's httptools protocol class, bound to ``limits``."""
+def limited_protocol(limits: ServerSettings) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol class, bound to the server settings' limits."""
     return type("LimitedHttpToolsProtocol", (_LimitedProtocol,), {"limits": limits})

@@ -20,6 +20,7 @@ from backends.base import GenerationRequest
 from gateway.api.disconnect import hangup_cancels
 from gateway.api.endpoint import ErrorFormat, Handler, route
 from gateway.api.serving import json_response, read_body, serve, service_of
+from gateway.events import Embedded, EmbedPlan, Plan
 from gateway.protocol.ollama import (
     VERSION,
     ChatLines,
@@ -38,7 +39,6 @@ from gateway.protocol.ollama import (
     show_response,
 )
 from gateway.protocol.wire import estimate_tokens, new_id, parse
-from gateway.service import Embedded, EmbedPlan, Plan
 from gateway.tenancy.records import Principal
 
 OLLAMA_ERRORS = ErrorFormat("ollama", error_body)

@@ -21,6 +21,7 @@ from backends.base import GenerationRequest
 from gateway.api.disconnect import hangup_cancels
 from gateway.api.endpoint import ErrorFormat, Handler, route
 from gateway.api.serving import json_response, read_body, serve, service_of
+from gateway.events import EmbedPlan, Plan
 from gateway.protocol.openai import (
     ChatCompletionRequest,
     ChatStream,
@@ -34,7 +35,6 @@ from gateway.protocol.openai import (
     text_completion,
 )
 from gateway.protocol.wire import new_id, parse
-from gateway.service import EmbedPlan, Plan
 from gateway.tenancy.records import Principal
 
 OPENAI_ERRORS = ErrorFormat("openai", error_body)

@@ -14,6 +14,7 @@ from backends.base import GenerationRequest
 from gateway.api.endpoint import route
 from gateway.api.openai import OPENAI_ERRORS
 from gateway.api.serving import read_body, serve
+from gateway.events import Plan
 from gateway.protocol.responses import (
     ResponseEvents,
     ResponseShape,
@@ -21,7 +22,6 @@ from gateway.protocol.responses import (
     response_body,
 )
 from gateway.protocol.wire import new_id, parse
-from gateway.service import Plan
 from gateway.tenancy.records import Principal
 
 

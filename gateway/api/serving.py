@@ -24,17 +24,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from backends.base import GenerationChunk
 from gateway.api.disconnect import ClientDisconnected, hangup_cancels
 from gateway.errors import ErrorInfo, InvalidRequest, describe
-from gateway.service import (
-    Delta,
-    Event,
-    Failed,
-    Finished,
-    InferenceService,
-    Plan,
-    Result,
-    Started,
-    collect,
-)
+from gateway.events import Delta, Event, Failed, Finished, Plan, Result, Started, collect
+from gateway.service import InferenceService
 from gateway.tenancy.records import Principal, Priority
 
 # Request bodies, at debug level, and only for tenants whose `log_requests` allows it.

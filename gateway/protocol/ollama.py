@@ -20,6 +20,7 @@ from pydantic import Field, field_validator, model_validator
 
 from backends.base import ChatMessage, GenerationChunk, ModelInfo, SamplingParams, ToolCall
 from gateway.errors import ErrorInfo
+from gateway.events import Finished, Result, Started, Timings
 from gateway.protocol.wire import (
     UNSET_MAX_TOKENS_CHARGE,
     ToolDef,
@@ -27,7 +28,6 @@ from gateway.protocol.wire import (
     estimate_tokens,
     tool_definitions,
 )
-from gateway.service import Finished, Result, Started, Timings
 
 VERSION = "0.12.0"  # the Ollama API version this door follows, for clients that check
 

@@ -17,6 +17,7 @@ from pydantic import Field, field_validator, model_validator
 
 from backends.base import ChatMessage, GenerationChunk, SamplingParams, ToolCall
 from gateway.errors import ErrorInfo, InvalidRequest
+from gateway.events import Finished, Result, Started
 from gateway.protocol.wire import (
     UNSET_MAX_TOKENS_CHARGE,
     ToolDef,
@@ -24,7 +25,6 @@ from gateway.protocol.wire import (
     estimate_tokens,
     tool_definitions,
 )
-from gateway.service import Finished, Result, Started
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]

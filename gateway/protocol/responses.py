@@ -23,8 +23,8 @@ from pydantic import ConfigDict, Field, field_validator
 
 from backends.base import ChatMessage, GenerationChunk, SamplingParams
 from gateway.errors import ErrorInfo
+from gateway.events import Finished, Result, Started
 from gateway.protocol.wire import UNSET_MAX_TOKENS_CHARGE, StrictBody, estimate_tokens, new_id
-from gateway.service import Finished, Result, Started
 
 # Accepted by OpenAI, refused here by name: the text subset does not do them.
 UNSUPPORTED = (

@@ -19,21 +19,12 @@ from backends.base import (
 )
 from backends.fake import FakeBackend
 from gateway.errors import RateLimited
+from gateway.events import Delta, Event, Failed, Finished, Plan, Started, collect
 from gateway.metrics import Metrics
 from gateway.registry import ModelRegistry, ServedModel
 from gateway.scheduler.base import PoolLimits
 from gateway.scheduler.memory import MemoryScheduler
-from gateway.service import (
-    Delta,
-    Event,
-    Failed,
-    Finished,
-    InferenceService,
-    Plan,
-    Started,
-    _all_or_nothing,
-    collect,
-)
+from gateway.service import InferenceService, _all_or_nothing
 from gateway.tenancy.admission import Admission
 from gateway.tenancy.counters import MemoryCounters
 from gateway.tenancy.records import ANONYMOUS, Limits, Principal, Tenant
