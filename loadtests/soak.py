@@ -100,6 +100,18 @@ def slope(samples: list[dict[str, float]], key: str) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var else 0.0
 
 
+def per_thousand(samples: list[dict[str, float]], key: str) -> float:
+    """Growth per 1,000 requests over the second half (a leak grows with requests, not time)."""
+    half = samples[len(samples) // 2 :]
+    served = half[-1]["requests"] - half[0]["requests"]
+    return 1000 * (half[-1][key] - half[0][key]) / served if served else 0.0
+
+
+def spread(samples: list[dict[str, float]], key: str) -> float:
+    half = samples[len(samples) // 2 :]
+    return max(s[key] for s in half) - min(s[key] for s in half)
+
+
 def plot(samples: list[dict[str, float]], out: Path) -> None:
     import matplotlib
 
@@ -141,12 +153,19 @@ def main() -> None:
     growth = {
         "rss_mb_per_minute": slope(samples, "rss_mb"),
         "fds_per_minute": slope(samples, "fds"),
+        "rss_mb_per_1000_requests": per_thousand(samples, "rss_mb"),
+        "rss_mb_range_second_half": spread(samples, "rss_mb"),
+        "fds_range_second_half": spread(samples, "fds"),
     }
     first, last = samples[0], samples[-1]
-    print("\n| | start | end | growth per minute, second half |\n|---|---:|---:|---:|")
-    rss_growth = growth["rss_mb_per_minute"]
-    print(f"| RSS | {first['rss_mb']:.1f} MB | {last['rss_mb']:.1f} MB | {rss_growth:+.2f} MB |")
-    print(f"| open fds | {first['fds']} | {last['fds']} | {growth['fds_per_minute']:+.2f} |")
+    print("\n| | start | end | second half: per minute | per 1,000 requests | range |")
+    print("|---|---:|---:|---:|---:|---:|")
+    g = growth
+    print(f"| RSS, MB | {first['rss_mb']:.1f} | {last['rss_mb']:.1f} | "
+          f"{g['rss_mb_per_minute']:+.2f} | {g['rss_mb_per_1000_requests']:+.3f} | "
+          f"{g['rss_mb_range_second_half']:.2f} |")  # fmt: skip
+    print(f"| open fds | {first['fds']} | {last['fds']} | {g['fds_per_minute']:+.2f} | "
+          f"{per_thousand(samples, 'fds'):+.3f} | {g['fds_range_second_half']:.0f} |")  # fmt: skip
     print(f"requests: {counts}")
     report = {
         "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -66,6 +66,10 @@ _CHATML = (
     "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif -%}"
 )
 
+# Where a message's content goes while the template renders: a per-call nonce and the
+# message's index (one compiled pattern; the nonce is compared, not compiled in).
+_PLACEHOLDER = re.compile("\ue000([0-9a-f]{12}):(\\d+)\ue001")
+
 _BUILTINS: dict[str, str] = {"gemma": _GEMMA, "llama3": _LLAMA3, "chatml": _CHATML}
 
 # general.architecture → built-in family, for GGUFs without their own template.
@@ -150,10 +154,12 @@ class ChatTemplate:
         text = self.render(placeholders, add_generation_prompt=add_generation_prompt)
         parts: list[tuple[str, bool]] = []
         pos = 0
-        for match in re.finditer(f"\ue000{nonce}:(\\d+)\ue001", text):
+        for match in _PLACEHOLDER.finditer(text):
+            if match.group(1) != nonce:
+                continue
             if match.start() > pos:
                 parts.append((text[pos : match.start()], False))
-            content = messages[int(match.group(1))].content
+            content = messages[int(match.group(2))].content
             parts.append((content.strip() if self._trims else content, True))
             pos = match.end()
         if pos < len(text):
