@@ -1,15 +1,19 @@
 """Configuration: a YAML file plus ``LOCKGATE_*`` environment overrides.
 
-Environment variables win over the file; nested keys use ``__``
-(``LOCKGATE_SERVER__PORT=9000``). Unknown keys are errors, and every error
-names the key it is about::
+Environment variables win over the file; nested keys use ``__`` and list entries
+their index (``LOCKGATE_SERVER__PORT=9000``, ``LOCKGATE_MODELS__0__MAX_SEQUENCES=4``
+changes that key of the first model and keeps the rest of its entry; a JSON value
+replaces a whole list or mapping). Unknown keys are errors, and every error names
+the key it is about, and the variable when one set it::
 
     settings = load_settings(Path("configs/default.yaml"))
 """
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -25,7 +29,6 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from backends.llama.templates import BuiltinTemplate
 from gateway.tenancy.records import ConfiguredTenant
@@ -72,6 +75,10 @@ class ModelSettings(_Strict):
     default_top_k: Annotated[int, Field(ge=0)] = 40
 
 
+RemoteBackend = Literal["openai", "vllm", "llamacpp", "ollama"]
+REMOTE_BACKENDS: tuple[str, ...] = RemoteBackend.__args__
+
+
 class RemoteModelSettings(_Strict):
     """A public model name served by an upstream server.
 
@@ -80,7 +87,7 @@ class RemoteModelSettings(_Strict):
     """
 
     name: Annotated[str, Field(min_length=1)]
-    backend: Literal["openai", "vllm", "llamacpp", "ollama"]
+    backend: RemoteBackend
     base_url: Annotated[str, Field(pattern=r"^https?://")]
     upstream_model: str | None = None  # the upstream's name for it; default: `name`
     # The *name* of an environment variable holding the upstream key, so that
@@ -175,25 +182,29 @@ def _redis_scheme(url: SecretStr) -> SecretStr:
     return url
 
 
-def _entry_kind(value: Any) -> str:
+def _entry_kind(value: Any) -> str | None:
     backend = value.get("backend", "embedded") if isinstance(value, dict) else value.backend
-    return backend if backend in ("embedded", "fake") else "remote"
+    if backend in ("embedded", "fake"):
+        return str(backend)
+    return "remote" if backend in REMOTE_BACKENDS else None
 
 
 # `backend` may be left out for the embedded engine, hence a callable discriminator.
 _ENTRY_TAGS = ("embedded", "remote", "fake")
+BACKENDS = ("embedded", *REMOTE_BACKENDS, "fake")
 ModelEntry = Annotated[
     Annotated[ModelSettings, Tag("embedded")]
     | Annotated[RemoteModelSettings, Tag("remote")]
     | Annotated[FakeModelSettings, Tag("fake")],
-    Discriminator(_entry_kind),
+    Discriminator(
+        _entry_kind,
+        custom_error_type="invalid_backend",
+        custom_error_message=f"backend must be one of: {', '.join(BACKENDS)}",
+    ),
 ]
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="LOCKGATE_", env_nested_delimiter="__", extra="forbid", frozen=True
-    )
+class Settings(_Strict):
 
     server: ServerSettings = ServerSettings()
     # The same as configs/default.yaml, so `lockgate serve` without --config matches it.
@@ -229,38 +240,112 @@ class Settings(BaseSettings):
                 )
         return self
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The YAML arrives as init kwargs; the environment overrides it.
-        return (env_settings, init_settings)
+def environment_overrides(
+    data: dict[str, Any], environ: Mapping[str, str]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """``data`` with every ``LOCKGATE_<FIELD>__...`` variable applied, and which variable
+    set which dotted key. Variables that name no top-level field (``LOCKGATE_URL``, for
+    the admin CLI) are not configuration and are left alone."""
+    out: dict[str, Any] = json.loads(json.dumps(data, default=str))  # a deep copy
+    origins: dict[str, str] = {}
+    for name in sorted(environ):
+        if not name.startswith(_ENV_PREFIX):
+            continue
+        path = name[len(_ENV_PREFIX) :].lower().split("__")
+        if path[0] not in Settings.model_fields or "" in path:
+            continue
+        raw = environ[name]
+        value: Any = raw
+        if raw.lstrip().startswith(("[", "{")):  # a whole list or mapping, as JSON
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{name} is not valid JSON: {exc.msg} at {exc.pos}") from None
+        _put(out, path, value, name)
+        origins[".".join(path)] = name
+    return out, origins
 
 
-def load_settings(path: Path | None) -> Settings:
+def _put(data: dict[str, Any], path: list[str], value: Any, name: str) -> None:
+    node: Any = data
+    for depth, part in enumerate(path[:-1]):
+        following = path[depth + 1]
+        if isinstance(node, list):
+            node = node[_index(node, part, name, path[:depth])]
+            continue
+        child = node.get(part)
+        if child is None and following.isdigit():
+            child = node[part] = _default_list(path[: depth + 1])
+        elif not isinstance(child, dict | list):
+            child = node[part] = {}
+        node = child
+    last = path[-1]
+    if isinstance(node, list):
+        node[_index(node, last, name, path[:-1])] = value
+    else:
+        node[last] = value
+
+
+def _index(entries: list[Any], part: str, name: str, where: list[str]) -> int:
+    key = ".".join(where)
+    if not part.isdigit():
+        raise ConfigError(f"{name}: {key} is a list; use an index ({key.upper()}__0__...)")
+    if int(part) >= len(entries):
+        raise ConfigError(f"{name}: {key} has no entry {part} (it has {len(entries)})")
+    return int(part)
+
+
+def _default_list(path: list[str]) -> list[Any]:
+    """The built-in value of a top-level list, as plain data, for an indexed override."""
+    if len(path) != 1:
+        return []
+    default = Settings.model_fields[path[0]].default
+    if not isinstance(default, list):
+        return []
+    return [d.model_dump(exclude_unset=True) if isinstance(d, BaseModel) else d for d in default]
+
+
+_ENV_PREFIX = "LOCKGATE_"
+
+
+def load_settings(path: Path | None, environ: Mapping[str, str] | None = None) -> Settings:
     """Read ``path`` (if any), apply the environment, validate everything."""
     data: Any = {}
-    source = str(path) if path else "the environment"
+    source = str(path) if path else "the built-in defaults"
     if path is not None:
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            text = path.read_text()
         except OSError as exc:
             raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        try:
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+            what = getattr(exc, "problem", None) or str(exc)
+            raise ConfigError(f"{where}: not valid YAML: {what}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
+    data, origins = environment_overrides(data, os.environ if environ is None else environ)
     try:
         return Settings(**data)
     except ValidationError as exc:
         # The union's tag is an implementation detail: models.0.remote.port → models.0.port
-        lines = [
-            f"  {key or '(top level)'}: {message}"
-            for key, message in problems(exc, drop=_ENTRY_TAGS)
-        ]
+        lines = []
+        for key, message in problems(exc, drop=_ENTRY_TAGS):
+            variable = _origin(key, origins)
+            where = f"{key} (from {variable})" if variable else key or "(top level)"
+            lines.append(f"  {where}: {message}")
+        if origins:
+            source += " and the environment"
         raise ConfigError(f"invalid configuration in {source}:\n" + "\n".join(lines)) from None
+
+
+def _origin(key: str, origins: Mapping[str, str]) -> str | None:
+    """The variable that set ``key`` or a key above it."""
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):
+        found = origins.get(".".join(parts[:n]))
+        if found:
+            return found
+    return None

@@ -123,3 +123,60 @@ def test_tenancy_config_errors_name_the_key(tmp_path: Path, yaml_text: str, mess
     with pytest.raises(ConfigError, match=re.escape(message)) as caught:
         load_settings(config)
     assert "hunter2" not in str(caught.value)
+
+
+def test_indexed_override_changes_one_key_of_a_list_entry(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("models:\n  - {name: a, n_ctx: 512}\n  - {name: b, max_sequences: 2}\n")
+    env = {"LOCKGATE_MODELS__0__MAX_SEQUENCES": "4", "LOCKGATE_MODELS__1__N_CTX": "1024"}
+    first, second = load_settings(config, env).models
+    assert (first.name, first.n_ctx, first.max_sequences) == ("a", 512, 4)
+    assert (second.name, second.n_ctx, second.max_sequences) == ("b", 1024, 2)
+
+
+def test_indexed_override_of_the_built_in_model() -> None:
+    (model,) = load_settings(None, {"LOCKGATE_MODELS__0__MAX_SEQUENCES": "4"}).models
+    assert (model.name, model.max_sequences, model.max_n) == ("gemma-3-270m", 4, 4)
+
+
+def test_a_json_value_replaces_a_whole_list_and_other_variables_are_ignored() -> None:
+    env = {"LOCKGATE_MODELS": '[{"name": "x", "n_ctx": 256}]', "LOCKGATE_URL": "http://h"}
+    (model,) = load_settings(None, env).models
+    assert (model.name, model.n_ctx) == ("x", 256)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"LOCKGATE_SERVER__PROT": "1"}, r"server\.prot \(from LOCKGATE_SERVER__PROT\)"),
+        ({"LOCKGATE_MODELS__0__N_CTX": "x"}, r"models\.0\.n_ctx \(from LOCKGATE_MODELS__0__N_CTX"),
+        ({"LOCKGATE_MODELS__3__NAME": "x"}, r"LOCKGATE_MODELS__3__NAME: models has no entry 3"),
+        ({"LOCKGATE_MODELS__NAME": "x"}, r"LOCKGATE_MODELS__NAME: models is a list"),
+        ({"LOCKGATE_TENANTS": "[{"}, r"LOCKGATE_TENANTS is not valid JSON"),
+    ],
+)
+def test_an_error_from_the_environment_names_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        load_settings(REPO / "configs" / "default.yaml", env)
+    if "from " in message:
+        assert "and the environment" in str(info.value)
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("server:\n  port: 8000\n  host: [unclosed\nmodels: []\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(bad)
+    assert str(info.value).startswith(f"{bad}:4:")
+    assert "<unicode string>" not in str(info.value)
+
+
+def test_a_misspelled_backend_gets_one_message_listing_every_backend(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("models:\n  - {name: a, backend: vlm, base_url: 'http://x'}\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(config)
+    lines = str(info.value).splitlines()[1:]
+    assert lines == [
+        "  models.0: backend must be one of: embedded, openai, vllm, llamacpp, ollama, fake"
+    ]
