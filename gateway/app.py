@@ -32,6 +32,7 @@ from starlette.routing import BaseRoute, Route
 from backends.base import Backend, BackendError
 from backends.fake import FakeBackend
 from backends.llama.backend import EmbeddedBackend, EmbeddedConfig
+from gateway.access import AccessLog
 from gateway.api import admin, health, ollama, openai, responses
 from gateway.api.disconnect import ClientDisconnected
 from gateway.api.endpoint import Endpoint, ErrorFormat, FastDispatch
@@ -288,4 +289,7 @@ def create_app(settings: Settings, *, backends: Mapping[str, Backend] | None = N
     # sees a request before anything reads its body. Middleware users add wraps them all.
     app.add_middleware(FastDispatch, routes=app.router.routes)
     app.add_middleware(BodySizeLimit, max_bytes=settings.server.max_body_bytes, body=_error_body)
+    app.add_middleware(
+        AccessLog, metrics=metrics, routes=app.router.routes, format=settings.server.access_log
+    )
     return app

@@ -201,14 +201,17 @@ class InferenceService:
         self, principal: Principal, plan: Plan, *, priority: Priority
     ) -> AsyncGenerator[Event, None]:
         """Serve ``plan``: see the module docstring for the events and the stages."""
-        instances = self._instances(principal, plan.model)
-        if plan.n > instances[0].max_n:
-            raise InvalidRequest(
-                f"n must be at most {instances[0].max_n} for model '{plan.model}'", param="n"
-            )
-        request = _Request(self.metrics, plan.model, plan.endpoint, len(plan.requests))
+        # Counted under model "-" until the name is known to be served and allowed: a
+        # client-chosen name never becomes a label value.
+        request = _Request(self.metrics, "-", plan.endpoint, len(plan.requests))
         status = CLIENT_CLOSED  # unless it ends otherwise: the client left, or a shutdown
         try:
+            instances = self._instances(principal, plan.model)
+            request.model = plan.model
+            if plan.n > instances[0].max_n:
+                raise InvalidRequest(
+                    f"n must be at most {instances[0].max_n} for model '{plan.model}'", param="n"
+                )
             request.ticket = await self.admission.admit(
                 principal, plan.model, tokens=plan.tokens, request_id=plan.request_id
             )
@@ -279,10 +282,11 @@ class InferenceService:
 
     async def embed(self, principal: Principal, plan: EmbedPlan) -> Embedded:
         """Embed ``plan.texts`` on the model's placed instance; the same finish as run()."""
-        instances = self._instances(principal, plan.model)
-        request = _Request(self.metrics, plan.model, plan.endpoint, 1)
+        request = _Request(self.metrics, "-", plan.endpoint, 1)
         status = CLIENT_CLOSED
         try:
+            instances = self._instances(principal, plan.model)
+            request.model = plan.model
             request.ticket = ticket = await self.admission.admit(
                 principal, plan.model, tokens=plan.tokens, request_id=plan.request_id
             )

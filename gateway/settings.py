@@ -15,7 +15,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -47,6 +47,8 @@ class ServerSettings(_Strict):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # One line per request on the `lockgate.access` logger (gateway/access.py), at info.
+    access_log: Literal["text", "json", "off"] = "text"
     max_body_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024 * 1024
     # Wire limits (gateway/http_server.py): past them 431, 414, 408 or 503, then closed.
     max_header_bytes: Annotated[int, Field(ge=1024, le=1 << 20)] = 32 * 1024
@@ -76,7 +78,7 @@ class ModelSettings(_Strict):
 
 
 RemoteBackend = Literal["openai", "vllm", "llamacpp", "ollama"]
-REMOTE_BACKENDS: tuple[str, ...] = RemoteBackend.__args__
+REMOTE_BACKENDS: tuple[str, ...] = get_args(RemoteBackend)
 
 
 class RemoteModelSettings(_Strict):
@@ -205,7 +207,6 @@ ModelEntry = Annotated[
 
 
 class Settings(_Strict):
-
     server: ServerSettings = ServerSettings()
     # The same as configs/default.yaml, so `lockgate serve` without --config matches it.
     # Several entries may share a name: requests go to the first healthy one.
@@ -239,6 +240,7 @@ class Settings(_Strict):
                     f"model '{m.name}': environment variable {key_env} (api_key_env) is not set"
                 )
         return self
+
 
 def environment_overrides(
     data: dict[str, Any], environ: Mapping[str, str]

@@ -8,7 +8,8 @@ path patterns, 404/405, middleware and the OpenAPI document work as usual — bu
 as an :class:`Endpoint`: a guard that cannot be left out, the handler, and errors
 rendered in the door's own wire format.
 
-    route("/v1/chat/completions", "POST", chat, errors=OPENAI_ERRORS, body=ChatCompletionRequest)
+    route("/v1/chat/completions", "POST", chat, name="chat", errors=OPENAI_ERRORS,
+          body=ChatCompletionRequest)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gateway.access import access_of
 from gateway.api.disconnect import ClientDisconnected
 from gateway.api.security import authenticated
 from gateway.errors import CLIENT_CLOSED, ErrorInfo, describe
@@ -55,20 +57,23 @@ class ErrorFormat:
 class Endpoint:
     """Guard, then handler; any error is rendered by ``errors``.
 
-    ``body`` (the request model) and ``summary`` describe the route in the
-    OpenAPI document (:mod:`gateway.api.openapi`).
+    ``name`` is its ``endpoint`` label in metrics and the access log; ``body`` (the
+    request model) and ``summary`` describe the route in the OpenAPI document
+    (:mod:`gateway.api.openapi`).
     """
 
     def __init__(
         self,
         handler: Handler,
         *,
+        name: str,
         guard: Guard,
         errors: ErrorFormat,
         body: type[BaseModel] | None = None,
         summary: str = "",
     ) -> None:
         self.handler = handler
+        self.name = name
         self.guard = guard
         self.errors = errors
         self.body = body
@@ -76,6 +81,7 @@ class Endpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
+        access_of(scope).endpoint = self.name
         response: ASGIApp
         try:
             response = await self.handler(request, await self.guard(request))
@@ -89,12 +95,13 @@ def route(
     method: str,
     handler: Handler,
     *,
+    name: str,
     errors: ErrorFormat,
     body: type[BaseModel] | None = None,
     guard: Guard | None = None,
 ) -> Route:
     """A Starlette route to an :class:`Endpoint`; the guard is the tenant key unless given."""
-    endpoint = Endpoint(handler, guard=guard or authenticated, errors=errors, body=body)
+    endpoint = Endpoint(handler, name=name, guard=guard or authenticated, errors=errors, body=body)
     return Route(path, endpoint, methods=[method])
 
 

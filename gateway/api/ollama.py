@@ -17,8 +17,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from backends.base import GenerationRequest
-from gateway.api.disconnect import hangup_cancels
 from gateway.api.endpoint import ErrorFormat, Handler, route
+from gateway.api.serving import embed as embed_plan
 from gateway.api.serving import json_response, read_body, serve, service_of
 from gateway.events import Embedded, EmbedPlan, Plan
 from gateway.protocol.ollama import (
@@ -96,8 +96,7 @@ async def _embed(request: Request, principal: Principal, model: str, texts: list
         texts=tuple(texts),
         tokens=sum(estimate_tokens(t) for t in texts),
     )
-    async with hangup_cancels(request):
-        return await service_of(request).embed(principal, plan)
+    return await embed_plan(request, principal, plan)
 
 
 async def embed(request: Request, principal: Principal) -> Response:
@@ -147,17 +146,19 @@ async def version(request: Request, principal: Principal) -> Response:
     return json_response({"version": VERSION})
 
 
-def _route(path: str, method: str, handler: Handler, body: type[BaseModel] | None = None) -> Route:
-    return route(path, method, handler, errors=OLLAMA_ERRORS, body=body)
+def _route(
+    path: str, method: str, handler: Handler, name: str, body: type[BaseModel] | None = None
+) -> Route:
+    return route(path, method, handler, name=name, errors=OLLAMA_ERRORS, body=body)
 
 
 ROUTES = (
-    _route("/api/chat", "POST", chat, ChatRequest),
-    _route("/api/generate", "POST", generate, GenerateRequest),
-    _route("/api/embed", "POST", embed, EmbedRequest),
-    _route("/api/embeddings", "POST", embeddings, EmbeddingsRequest),
-    _route("/api/tags", "GET", tags),
-    _route("/api/show", "POST", show, ShowRequest),
-    _route("/api/ps", "GET", ps),
-    _route("/api/version", "GET", version),
+    _route("/api/chat", "POST", chat, "ollama_chat", ChatRequest),
+    _route("/api/generate", "POST", generate, "ollama_generate", GenerateRequest),
+    _route("/api/embed", "POST", embed, "ollama_embed", EmbedRequest),
+    _route("/api/embeddings", "POST", embeddings, "ollama_embed", EmbeddingsRequest),
+    _route("/api/tags", "GET", tags, "ollama_models"),
+    _route("/api/show", "POST", show, "ollama_models", ShowRequest),
+    _route("/api/ps", "GET", ps, "ollama_models"),
+    _route("/api/version", "GET", version, "ollama_version"),
 )

@@ -18,9 +18,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from backends.base import GenerationRequest
-from gateway.api.disconnect import hangup_cancels
 from gateway.api.endpoint import ErrorFormat, Handler, route
-from gateway.api.serving import json_response, read_body, serve, service_of
+from gateway.api.serving import embed, json_response, read_body, serve, service_of
 from gateway.events import EmbedPlan, Plan
 from gateway.protocol.openai import (
     ChatCompletionRequest,
@@ -106,8 +105,7 @@ async def embeddings(request: Request, principal: Principal) -> Response:
         texts=tuple(body.texts()),
         tokens=body.token_charge(),
     )
-    async with hangup_cancels(request):
-        done = await service_of(request).embed(principal, plan)
+    done = await embed(request, principal, plan)
     vectors: list[list[float]] | list[str] = done.result.vectors
     if body.encoding_format == "base64":
         # OpenAI's base64 format: little-endian float32 bytes.
@@ -132,14 +130,16 @@ async def get_model(request: Request, principal: Principal) -> Response:
     return json_response(model_card(served.name, served.created))
 
 
-def _route(path: str, method: str, handler: Handler, body: type[BaseModel] | None = None) -> Route:
-    return route(path, method, handler, errors=OPENAI_ERRORS, body=body)
+def _route(
+    path: str, method: str, handler: Handler, name: str, body: type[BaseModel] | None = None
+) -> Route:
+    return route(path, method, handler, name=name, errors=OPENAI_ERRORS, body=body)
 
 
 ROUTES = (
-    _route("/v1/chat/completions", "POST", chat_completions, body=ChatCompletionRequest),
-    _route("/v1/completions", "POST", completions, body=CompletionRequest),
-    _route("/v1/embeddings", "POST", embeddings, body=EmbeddingRequest),
-    _route("/v1/models", "GET", list_models),
-    _route("/v1/models/{model_id:path}", "GET", get_model),
+    _route("/v1/chat/completions", "POST", chat_completions, "chat", ChatCompletionRequest),
+    _route("/v1/completions", "POST", completions, "completions", CompletionRequest),
+    _route("/v1/embeddings", "POST", embeddings, "embeddings", EmbeddingRequest),
+    _route("/v1/models", "GET", list_models, "models"),
+    _route("/v1/models/{model_id:path}", "GET", get_model, "models"),
 )

@@ -47,5 +47,12 @@ async def create_response(request: Request, principal: Principal) -> ASGIApp:
 
 
 ROUTES = (
-    route("/v1/responses", "POST", create_response, errors=OPENAI_ERRORS, body=ResponsesRequest),
+    route(
+        "/v1/responses",
+        "POST",
+        create_response,
+        name="responses",
+        errors=OPENAI_ERRORS,
+        body=ResponsesRequest,
+    ),
 )

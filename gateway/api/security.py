@@ -14,6 +14,7 @@ import hmac
 
 from fastapi import Depends, Request
 
+from gateway.access import access_of
 from gateway.errors import Forbidden, InvalidRequest, Unauthorized
 from gateway.metrics import Metrics
 from gateway.tenancy.auth import Authenticator
@@ -35,11 +36,13 @@ def authorization(request: Request) -> str | None:
 async def authenticated(request: Request) -> Principal:
     auth: Authenticator = request.app.state.auth
     try:
-        return await auth.authenticate(authorization(request))
+        principal = await auth.authenticate(authorization(request))
     except Unauthorized:
         metrics: Metrics = request.app.state.metrics
         metrics.rejected("-", "unauthenticated")
         raise
+    access_of(request.scope).tenant = principal.tenant.id
+    return principal
 
 
 async def admin(request: Request) -> None:
@@ -51,6 +54,7 @@ async def admin(request: Request) -> None:
     presented = hashlib.sha256(token.encode()).digest()
     if not hmac.compare_digest(presented, hashlib.sha256(expected.encode()).digest()):
         raise Unauthorized("Invalid admin key.")
+    access_of(request.scope).tenant = "admin"
 
 
 Admin = Depends(admin)

@@ -22,9 +22,21 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from backends.base import GenerationChunk
+from gateway.access import access_of
 from gateway.api.disconnect import ClientDisconnected, hangup_cancels
-from gateway.errors import ErrorInfo, InvalidRequest, describe
-from gateway.events import Delta, Event, Failed, Finished, Plan, Result, Started, collect
+from gateway.errors import CLIENT_CLOSED, ErrorInfo, InvalidRequest, describe
+from gateway.events import (
+    Delta,
+    Embedded,
+    EmbedPlan,
+    Event,
+    Failed,
+    Finished,
+    Plan,
+    Result,
+    Started,
+    collect,
+)
 from gateway.service import InferenceService
 from gateway.tenancy.records import Principal, Priority
 
@@ -83,7 +95,9 @@ async def serve(
     stream: StreamEncoder,
 ) -> ASGIApp:
     """Run ``plan``; answer with ``body(result)`` as JSON, or stream it with ``stream``."""
-    run = service_of(request).run(principal, plan, priority=priority_of(request, principal))
+    priority = priority_of(request, principal)
+    _handed_to_service(request, plan)
+    run = service_of(request).run(principal, plan, priority=priority)
     handed_over = False
     try:
         async with hangup_cancels(request):
@@ -98,6 +112,19 @@ async def serve(
         if not handed_over:
             await run.aclose()
     return json_response(body(result), started.headers)
+
+
+async def embed(request: Request, principal: Principal, plan: EmbedPlan) -> Embedded:
+    """Run an embedding ``plan`` while watching for the client to hang up."""
+    _handed_to_service(request, plan)
+    async with hangup_cancels(request):
+        return await service_of(request).embed(principal, plan)
+
+
+def _handed_to_service(request: Request, plan: Plan | EmbedPlan) -> None:
+    """From here on the service counts the request (gateway/access.py counts the rest)."""
+    record = access_of(request.scope)
+    record.model, record.request_id, record.counted = plan.model, plan.request_id, True
 
 
 class EventStream:
@@ -129,6 +156,7 @@ class EventStream:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         encoder = self.encoder
+        record = access_of(scope)
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.headers})
             pending = encoder.start(self.started)
@@ -139,7 +167,9 @@ class EventStream:
                     elif isinstance(event, Finished):
                         data = encoder.finish(event)
                     elif isinstance(event, Failed):
-                        data = encoder.fail(describe(event.error))
+                        info = describe(event.error)
+                        record.outcome = info.status
+                        data = encoder.fail(info)
                     else:  # pragma: no cover - Started comes once, before the stream
                         continue
                     if pending:
@@ -148,6 +178,6 @@ class EventStream:
                         await send({"type": "http.response.body", "body": data, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except ClientDisconnected:
-            pass  # the run's own finally has billed what it produced
+            record.outcome = CLIENT_CLOSED  # the run's own finally billed what it produced
         finally:
             await self.run.aclose()  # a no-op once it has run to its end

@@ -155,7 +155,9 @@ def test_a_json_value_replaces_a_whole_list_and_other_variables_are_ignored() ->
         ({"LOCKGATE_TENANTS": "[{"}, r"LOCKGATE_TENANTS is not valid JSON"),
     ],
 )
-def test_an_error_from_the_environment_names_the_variable(env: dict[str, str], message: str) -> None:
+def test_an_error_from_the_environment_names_the_variable(
+    env: dict[str, str], message: str
+) -> None:
     with pytest.raises(ConfigError, match=message) as info:
         load_settings(REPO / "configs" / "default.yaml", env)
     if "from " in message:

@@ -187,6 +187,7 @@ def test_a_route_without_a_guard_stops_the_app_from_starting() -> None:
         require_guards(app)
     unguarded = Endpoint(
         openai.list_models,
+        name="models",
         guard=lambda request: None,  # type: ignore[arg-type,return-value]
         errors=openai.OPENAI_ERRORS,
     )
