@@ -135,7 +135,7 @@ async def test_a_stream_the_client_left_is_logged_with_its_outcome(tmp_path: Pat
     await fakes["slow"].start()
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
+    handler.emit = records.append  # type: ignore[method-assign,assignment]
     access = logging.getLogger("lockgate.access")
     access.addHandler(handler)
     access.setLevel(logging.INFO)
