@@ -193,15 +193,18 @@ class EmbeddingResult:
 
 @dataclass(frozen=True, slots=True)
 class BackendLoad:
-    """A point-in-time view of how busy a backend is."""
+    """A point-in-time view of how busy a backend is.
+
+    ``None`` is "this engine does not say": it is exported as no series, not as 0.
+    """
 
     running: int
-    waiting: int
     capacity: int
-    last_batch_size: int = 0  # sequences in the most recent decode step
-    decode_steps: int = 0  # cumulative
-    decoded_sequences: int = 0  # cumulative sum of batch sizes
-    kv_cache_usage: float | None = None  # 0..1, where the engine reports it
+    waiting: int | None = None  # queued inside the engine (not in the gateway's queue)
+    last_batch_size: int | None = None  # sequences in the most recent decode step
+    decode_steps: int | None = None  # cumulative
+    decoded_sequences: int | None = None  # cumulative sum of batch sizes
+    kv_cache_usage: float | None = None  # 0..1
 
 
 @dataclass(frozen=True, slots=True)

@@ -79,7 +79,7 @@ class FakeBackend:
         self.closed = True
 
     def load(self) -> BackendLoad:
-        return BackendLoad(running=self.running, waiting=0, capacity=self.capacity)
+        return BackendLoad(running=self.running, capacity=self.capacity)
 
     def describe(self) -> ModelInfo:
         return ModelInfo(family="fake", context_length=self.context_length)

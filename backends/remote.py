@@ -299,7 +299,7 @@ class RemoteBackend:
         """Nothing to check locally: without the upstream's tokenizer, it enforces context."""
 
     def load(self) -> BackendLoad:
-        return BackendLoad(running=self.in_flight, waiting=0, capacity=self.config.concurrency)
+        return BackendLoad(running=self.in_flight, capacity=self.config.concurrency)
 
     def describe(self) -> ModelInfo:
         return ModelInfo()  # the upstream's model; what it is, it does not say

@@ -215,7 +215,13 @@ def create_app(settings: Settings, *, backends: Mapping[str, Backend] | None = N
         limits = {m.name: m.max_n for m in settings.models}
         served = [
             ServedModel(
-                name, b, local, max_n=limits.get(name, 1), created=created, instance="injected"
+                name,
+                b,
+                local,
+                max_n=limits.get(name, 1),
+                created=created,
+                instance="injected",
+                public_id="injected",
             )
             for name, b in backends.items()
         ]
@@ -223,8 +229,8 @@ def create_app(settings: Settings, *, backends: Mapping[str, Backend] | None = N
     for m in served:
         m.scheduler.add_pool(m.pool, _pool_limits(settings, m.backend))
     metrics.watch(
-        lambda: [(m.name, m.instance, m.backend) for m in registry.instances()],
-        lambda: [(m.name, m.instance, m.scheduler.load(m.pool)) for m in registry.instances()],
+        lambda: [(m.name, m.public_id, m.backend) for m in registry.instances()],
+        lambda: [(m.name, m.public_id, m.scheduler.load(m.pool)) for m in registry.instances()],
     )
     pairs = [(m.name, m.backend) for m in served]
 

@@ -58,56 +58,61 @@ class _Histogram(_RememberChildren, Histogram):
 
 
 class EngineCollector(Collector):
-    """Per-backend load gauges, read from ``Backend.load()`` on each scrape.
+    """Per-backend state, read from ``Backend.load()`` and ``ready`` on each scrape.
 
-    Labelled by public model name and instance (``embedded`` or the upstream URL),
-    since several backends may serve one name.
+    Labelled by public model name and ``backend_id`` (``embedded``, ``llamacpp-0``...:
+    the id clients see in ``x-lockgate-backend``, never an upstream URL; not
+    ``instance``, which Prometheus sets on every scraped series). A figure a backend
+    does not report (``None``) is no series, not a 0: the decode counters exist for
+    the embedded engine only, engine-side waiting and KV use where the upstream says.
     """
+
+    _GAUGES = (
+        ("running", "lockgate_engine_running_sequences", "Sequences in the engine's batch"),
+        ("waiting", "lockgate_engine_waiting_sequences", "Sequences queued inside the engine"),
+        ("capacity", "lockgate_engine_capacity_sequences", "Sequence slots"),
+        ("last_batch_size", "lockgate_engine_batch_size", "Sequences in the last decode step"),
+        ("kv_cache_usage", "lockgate_engine_kv_cache_usage", "KV cache in use, 0 to 1"),
+    )
+    _COUNTERS = (
+        ("decode_steps", "lockgate_engine_decode_steps", "Decode steps run"),
+        (
+            "decoded_sequences",
+            "lockgate_engine_decoded_sequences",
+            "Sum of batch sizes over all decode steps (÷ steps = mean batch size)",
+        ),
+    )
 
     def __init__(self, backends: Callable[[], Iterable[tuple[str, str, Backend]]]) -> None:
         self._backends = backends
 
     def collect(self) -> Iterable[Metric]:
-        running = GaugeMetricFamily(
-            "lockgate_engine_running_sequences",
-            "Sequences in the decode batch",
-            labels=["model", "instance"],
-        )
-        waiting = GaugeMetricFamily(
-            "lockgate_engine_waiting_sequences",
-            "Sequences waiting for a slot",
-            labels=["model", "instance"],
-        )
-        capacity = GaugeMetricFamily(
-            "lockgate_engine_capacity_sequences", "Sequence slots", labels=["model", "instance"]
-        )
-        batch = GaugeMetricFamily(
-            "lockgate_engine_batch_size",
-            "Sequences in the last decode step",
-            labels=["model", "instance"],
-        )
-        steps = CounterMetricFamily(
-            "lockgate_engine_decode_steps", "Decode steps run", labels=["model", "instance"]
-        )
-        decoded = CounterMetricFamily(
-            "lockgate_engine_decoded_sequences",
-            "Sum of batch sizes over all decode steps (÷ steps = mean batch size)",
-            labels=["model", "instance"],
-        )
-        for name, instance, backend in self._backends():
+        labels = ["model", "backend_id"]
+        up = GaugeMetricFamily(
+            "lockgate_backend_up", "1 while the backend can serve (loaded, or its probe passes)",
+            labels=labels,
+        )  # fmt: skip
+        families: list[tuple[str, GaugeMetricFamily | CounterMetricFamily]] = [
+            (field, GaugeMetricFamily(name, doc, labels=labels))
+            for field, name, doc in self._GAUGES
+        ]
+        families += [
+            (field, CounterMetricFamily(name, doc, labels=labels))
+            for field, name, doc in self._COUNTERS
+        ]
+        for model, backend_id, backend in self._backends():
+            values = [model, backend_id]
+            up.add_metric(values, 1 if backend.ready else 0)
             load = backend.load()
-            labels = [name, instance]
-            running.add_metric(labels, load.running)
-            waiting.add_metric(labels, load.waiting)
-            capacity.add_metric(labels, load.capacity)
-            batch.add_metric(labels, load.last_batch_size)
-            steps.add_metric(labels, load.decode_steps)
-            decoded.add_metric(labels, load.decoded_sequences)
-        return [running, waiting, capacity, batch, steps, decoded]
+            for field, family in families:
+                value = getattr(load, field)
+                if value is not None:
+                    family.add_metric(values, value)
+        return [up, *(family for _, family in families)]
 
 
 class SchedulerCollector(Collector):
-    """Queue depth and slot use per backend instance, read from the scheduler on each scrape.
+    """Queue depth and slot use per backend, read from the scheduler on each scrape.
 
     For a pool shared through Redis the figures are the cluster's, as of the
     replica's last heartbeat or queue operation.
@@ -120,19 +125,19 @@ class SchedulerCollector(Collector):
         depth = GaugeMetricFamily(
             "lockgate_queue_depth",
             "Requests waiting for a slot, by priority class",
-            labels=["model", "instance", "priority"],
+            labels=["model", "backend_id", "priority"],
         )
         used = GaugeMetricFamily(
-            "lockgate_slots_used", "Engine slots held by requests", labels=["model", "instance"]
+            "lockgate_slots_used", "Engine slots held by requests", labels=["model", "backend_id"]
         )
         capacity = GaugeMetricFamily(
-            "lockgate_slots_capacity", "Engine slots", labels=["model", "instance"]
+            "lockgate_slots_capacity", "Engine slots", labels=["model", "backend_id"]
         )
-        for name, instance, load in self._pools():
+        for name, backend_id, load in self._pools():
             for priority in ("interactive", "batch"):
-                depth.add_metric([name, instance, priority], load.waiting.get(priority, 0))
-            used.add_metric([name, instance], load.running)
-            capacity.add_metric([name, instance], load.capacity)
+                depth.add_metric([name, backend_id, priority], load.waiting.get(priority, 0))
+            used.add_metric([name, backend_id], load.running)
+            capacity.add_metric([name, backend_id], load.capacity)
         return [depth, used, capacity]
 
 

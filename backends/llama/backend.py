@@ -121,7 +121,14 @@ class EmbeddedBackend:
     def load(self) -> BackendLoad:
         engine = self._engine
         if engine is None:
-            return BackendLoad(running=0, waiting=0, capacity=self.config.max_sequences)
+            return BackendLoad(
+                running=0,
+                waiting=0,
+                capacity=self.config.max_sequences,
+                last_batch_size=0,
+                decode_steps=0,
+                decoded_sequences=0,
+            )
         return BackendLoad(
             running=engine.running_count,
             waiting=engine.waiting_count,

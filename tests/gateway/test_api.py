@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -285,7 +286,21 @@ async def test_metrics_count_requests_and_tokens(client: httpx.AsyncClient) -> N
     assert 'lockgate_completion_tokens_total{model="echo"} 3.0' in text
     assert 'lockgate_prompt_tokens_total{model="echo"} 3.0' in text
     assert "lockgate_time_to_first_token_seconds_bucket" in text
-    assert 'lockgate_engine_capacity_sequences{instance="injected",model="echo"} 8.0' in text
+    assert 'lockgate_engine_capacity_sequences{backend_id="injected",model="echo"} 8.0' in text
+
+
+async def test_backend_series_are_only_what_each_backend_reports(
+    client: httpx.AsyncClient, fakes: dict[str, FakeBackend]
+) -> None:
+    text = (await client.get("/metrics")).text
+    assert 'lockgate_backend_up{backend_id="injected",model="echo"} 1.0' in text
+    assert "instance=" not in text  # Prometheus' own target label: never ours
+    # The fake backend has no decode loop and no queue of its own: no series, not zeros.
+    for absent in ("decode_steps", "decoded_sequences", "batch_size", "waiting", "kv_cache"):
+        assert not re.search(rf"^lockgate_engine_{absent}\S*\{{", text, re.M), absent
+    await fakes["echo"].close()
+    text = (await client.get("/metrics")).text
+    assert 'lockgate_backend_up{backend_id="injected",model="echo"} 0.0' in text
 
 
 TOOLS = [

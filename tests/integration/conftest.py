@@ -40,9 +40,9 @@ class Server:
     process: subprocess.Popen[bytes]
     log: Path
 
-    def metric(self, name: str, model: str = "gemma", instance: str = "embedded") -> float:
+    def metric(self, name: str, model: str = "gemma", backend_id: str = "embedded") -> float:
         text = httpx.get(f"{self.base_url}/metrics").text
-        prefix = f'{name}{{instance="{instance}",model="{model}"}} '
+        prefix = f'{name}{{backend_id="{backend_id}",model="{model}"}} '
         for line in text.splitlines():
             if line.startswith(prefix):
                 return float(line[len(prefix) :])

@@ -130,7 +130,7 @@ def test_llama_server_errors_keep_their_meaning(client: openai.OpenAI) -> None:
 
 
 def test_llama_server_load_capacity_and_disconnect(gateway: Server, llama_server: Server) -> None:
-    instance = llama_server.base_url
+    instance = "llamacpp-0"  # the metrics' backend_id: never the upstream's URL
     assert gateway.metric("lockgate_engine_capacity_sequences", "gemma-cpp", instance) == (
         LLAMA_SERVER_SLOTS
     )
@@ -184,7 +184,7 @@ def test_vllm_completions_and_errors(client: openai.OpenAI) -> None:
 
 
 def test_vllm_load_from_its_metrics_and_disconnect(gateway: Server, vllm_server: Server) -> None:
-    instance = vllm_server.base_url
+    instance = "vllm-0"
     body = {
         "model": "gemma-vllm",
         "messages": STORY,

@@ -74,7 +74,7 @@ async def depth(http: httpx.AsyncClient, expected: int) -> bool:
 
 async def slots_used(http: httpx.AsyncClient) -> bool:
     text = (await http.get("/metrics")).text
-    return 'lockgate_slots_used{instance="embedded",model="gemma"} 1.0' in text
+    return 'lockgate_slots_used{backend_id="embedded",model="gemma"} 1.0' in text
 
 
 async def test_a_light_tenant_overtakes_the_heavy_tenants_queue(gateway: Server) -> None:

@@ -297,4 +297,4 @@ async def test_a_redis_restart_under_load_hangs_no_request_past_its_timeout(
     assert any(status == 503 for _, _, status in outcomes)  # the outage was seen
     late = [status for start, _, status in outcomes if start > 8]
     assert late and set(late) == {200}  # and it recovered
-    assert 'lockgate_slots_used{instance="' in text
+    assert 'lockgate_slots_used{backend_id="' in text
