@@ -158,6 +158,13 @@ class RemoteBackend:
             cfg.base_url, connect_timeout=cfg.connect_timeout, headers=headers
         )
         self._healthy = await self.probe()
+        if not self._healthy:
+            log.warning(
+                "upstream %s is not reachable at start-up; its requests get 503 until a"
+                " health probe (every %gs) passes",
+                cfg.base_url,
+                cfg.health_interval,
+            )
         self._health_task = asyncio.create_task(self._watch())
 
     async def close(self) -> None:
@@ -184,9 +191,10 @@ class RemoteBackend:
             except Exception:  # a probe must never kill the watcher
                 log.exception("probing %s failed", self.config.base_url)
                 healthy = False
-            if healthy != self._healthy:
-                state = "healthy" if healthy else "unhealthy"
-                log.warning("upstream %s is now %s", self.config.base_url, state)
+            if healthy and not self._healthy:
+                log.info("upstream %s is reachable again", self.config.base_url)
+            elif self._healthy and not healthy:
+                log.warning("upstream %s stopped answering its health probe", self.config.base_url)
             self._healthy = healthy
 
     @property

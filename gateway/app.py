@@ -10,7 +10,8 @@ route is checked at start-up for a key guard (default deny). Errors render in th
 wire format of the door the path belongs to.
 
 Models load in the background after start-up, so ``/health/live`` answers at
-once and ``/health/ready`` turns 200 when every model is loaded.
+once and ``/health/ready`` turns 200 when the gateway can serve
+(:mod:`gateway.api.health`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from gateway.access import AccessLog
 from gateway.api import admin, health, ollama, openai, responses
 from gateway.api.disconnect import ClientDisconnected
 from gateway.api.endpoint import Endpoint, ErrorFormat, FastDispatch
+from gateway.api.health import Readiness
 from gateway.api.openapi import openapi_document
 from gateway.api.security import GUARDS, PUBLIC
 from gateway.errors import ErrorInfo, GatewayError, InvalidRequest, MethodNotAllowed, NotFound
@@ -47,7 +49,13 @@ from gateway.scheduler.base import PoolLimits, Scheduler
 from gateway.scheduler.memory import MemoryScheduler
 from gateway.scheduler.redis_scheduler import RedisScheduler
 from gateway.service import InferenceService
-from gateway.settings import AnyModelSettings, FakeModelSettings, ModelSettings, Settings
+from gateway.settings import (
+    AnyModelSettings,
+    FakeModelSettings,
+    ModelSettings,
+    RemoteModelSettings,
+    Settings,
+)
 from gateway.tenancy.runtime import Tenancy
 from gateway.tenancy.store import StoreUnavailable
 
@@ -98,17 +106,25 @@ def _public_ids(models: Sequence[AnyModelSettings]) -> list[str]:
     return ids
 
 
-async def _start_all(backends: Sequence[tuple[str, Backend]]) -> None:
-    async def start(name: str, backend: Backend) -> None:
-        started = time.perf_counter()
-        try:
-            await backend.start()
-        except Exception:
-            log.exception("model %s failed to load; it will answer 503", name)
-            return
-        log.info("model %s ready in %.1fs", name, time.perf_counter() - started)
+async def _start_all(models: Sequence[ServedModel], starting: set[ServedModel]) -> None:
+    """Start every backend at once; each leaves ``starting`` when its start has ended."""
 
-    await asyncio.gather(*(start(n, b) for n, b in backends))
+    async def start(m: ServedModel) -> None:
+        began = time.perf_counter()
+        try:
+            await m.backend.start()
+        except Exception:
+            log.exception("model %s (%s) failed to load; it answers 503", m.name, m.public_id)
+            return
+        finally:
+            starting.discard(m)
+        took = time.perf_counter() - began
+        if m.backend.ready:
+            log.info("model %s (%s) ready in %.1fs", m.name, m.public_id, took)
+        else:  # the backend has said why (an upstream not answering)
+            log.info("model %s (%s) started, not ready yet", m.name, m.public_id)
+
+    await asyncio.gather(*(start(m) for m in models))
 
 
 def _errors_for(path: str) -> ErrorFormat:
@@ -208,6 +224,7 @@ def create_app(settings: Settings, *, backends: Mapping[str, Backend] | None = N
                 created=created,
                 instance=_instance(m),
                 public_id=public_id,
+                remote=isinstance(m, RemoteModelSettings),
             )
             for m, public_id in zip(settings.models, _public_ids(settings.models), strict=True)
         ]
@@ -232,10 +249,10 @@ def create_app(settings: Settings, *, backends: Mapping[str, Backend] | None = N
         lambda: [(m.name, m.public_id, m.backend) for m in registry.instances()],
         lambda: [(m.name, m.public_id, m.scheduler.load(m.pool)) for m in registry.instances()],
     )
-    pairs = [(m.name, m.backend) for m in served]
+    starting = set(served)
 
     async def load_models() -> None:
-        await _start_all(pairs)
+        await _start_all(served, starting)
         for m in served:  # llama-server reports its real slot count once it is up
             m.scheduler.add_pool(m.pool, _pool_limits(settings, m.backend))
 
@@ -253,7 +270,7 @@ def create_app(settings: Settings, *, backends: Mapping[str, Backend] | None = N
             await asyncio.gather(loading, return_exceptions=True)
             for s in schedulers:
                 await s.stop()
-            await asyncio.gather(*(b.close() for _, b in pairs), return_exceptions=True)
+            await asyncio.gather(*(m.backend.close() for m in served), return_exceptions=True)
             await tenancy.stop()
 
     app = FastAPI(
@@ -267,6 +284,12 @@ def create_app(settings: Settings, *, backends: Mapping[str, Backend] | None = N
     # /admin/tenants/ is not /admin/tenants: no redirect is answered before authentication.
     app.router.redirect_slashes = False
     app.state.metrics = metrics
+    app.state.readiness = Readiness(
+        registry,
+        starting=lambda: starting,
+        redis=tenancy.link,
+        redis_required=settings.auth.limits_on_redis_outage == "fail_closed",
+    )
     app.state.service = InferenceService(registry, metrics, tenancy.admission)
     app.state.auth = tenancy.auth
     app.state.admin_key = tenancy.admin_key

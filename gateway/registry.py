@@ -29,6 +29,7 @@ class ServedModel:
     instance: str = "embedded"  # which engine serves it: "embedded", "fake" or an upstream URL
     # What clients are told served them (x-lockgate-backend): never an internal URL.
     public_id: str = "embedded"
+    remote: bool = False  # an upstream server, not an engine in this process
 
     @property
     def pool(self) -> str:
@@ -56,10 +57,5 @@ class ModelRegistry:
     def instances(self) -> list[ServedModel]:
         return [m for entries in self._models.values() for m in entries]
 
-    def unready(self) -> list[str]:
-        """Names with no ready instance."""
-        return sorted(
-            name
-            for name, entries in self._models.items()
-            if not any(m.backend.ready for m in entries)
-        )
+    def by_name(self) -> dict[str, list[ServedModel]]:
+        return {name: list(entries) for name, entries in self._models.items()}

@@ -94,6 +94,18 @@ class RedisLink:
         if not self.degraded:
             self.fast.evalsha_nowait(script, keys, args)
 
+    async def ping(self) -> bool:
+        """Whether Redis answers now (a failure degrades the link, as on the request path)."""
+        if self.degraded:
+            return False
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self.fast.execute("PING")
+        except (OSError, TimeoutError, RespError) as exc:
+            self._trip(exc)
+            return False
+        return True
+
     def _trip(self, exc: BaseException) -> None:
         self.fast.reset()  # after a timeout the connection's reply stream is in doubt
         if not self.degraded:
@@ -113,7 +125,7 @@ class RedisLink:
             except (RedisError, OSError, TimeoutError):
                 self.fast.reset()
                 continue
-            log.warning("redis is back")
+            log.info("redis is reachable again")
             self.degraded = False
             for restore in self.on_recovery:
                 try:
