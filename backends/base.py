@@ -61,6 +61,12 @@ class InvalidRequestError(BackendError):
     """The request is malformed for this backend and will never succeed."""
 
 
+class Unsupported(InvalidRequestError):
+    """The backend cannot do this at all (embeddings from a server started without them)."""
+
+    code = "unsupported"
+
+
 class ContextLengthExceeded(InvalidRequestError):
     """Prompt tokens plus the requested completion exceed the context window."""
 
@@ -95,7 +101,15 @@ class BackendOverloaded(BackendError):
 
 
 class BackendUnavailable(BackendError):
-    """The backend cannot serve now: still loading, shut down, or crashed."""
+    """The backend cannot serve now: still loading, shut down, crashed or unreachable.
+
+    ``retry_after`` is when trying again makes sense (the next health probe, say)."""
+
+    def __init__(
+        self, message: str, *, retry_after: float = 1.0, code: str | None = None
+    ) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
 
 
 class BackendTimeout(BackendError):

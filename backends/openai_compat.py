@@ -30,6 +30,7 @@ from backends.base import (
     GenerationChunk,
     GenerationRequest,
     ToolCall,
+    Unsupported,
 )
 from backends.remote import RemoteBackend, error_message, parse_event
 
@@ -217,7 +218,10 @@ class OpenAICompatBackend(RemoteBackend):
             "input": list(texts),
             "encoding_format": "float",
         }
-        data = await self.post_json("/v1/embeddings", body)
+        try:
+            data = await self.post_json("/v1/embeddings", body)
+        except Unsupported:
+            raise Unsupported("This model does not support embeddings.", param="model") from None
         rows = sorted(data["data"], key=lambda d: d["index"])
         usage = data.get("usage") or {}
         return EmbeddingResult(

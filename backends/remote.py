@@ -33,8 +33,9 @@ from backends.base import (
     GenerationRequest,
     InvalidRequestError,
     ModelInfo,
+    Unsupported,
 )
-from backends.http1 import ConnectionPool, Response
+from backends.http1 import ConnectionPool, ProtocolError, Response
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,9 @@ def upstream_error(status: int, body: bytes, headers: Mapping[str, str]) -> Back
         return BackendOverloaded(f"upstream is busy: {message}", retry_after=_retry_after(headers))
     if status == 408:
         return BackendTimeout("the upstream timed out")
+    if status == 501:  # llama-server without --embeddings, an engine without an endpoint
+        log.info("upstream answered 501: %s", message)
+        return Unsupported("the model does not support this operation")
     if 400 <= status < 500:
         return InvalidRequestError(message, code=code)
     return BackendUnavailable(f"upstream error {status}: {message}")
@@ -117,10 +121,22 @@ def parse_event(payload: str | bytes) -> dict[str, Any]:
     return event
 
 
-def transport_error(exc: BaseException, what: str) -> BackendError:
+def transport_error(exc: BaseException, what: str, *, retry_after: float = 1.0) -> BackendError:
+    """A transport failure in words a client can act on (never an exception's class name)."""
     if isinstance(exc, TimeoutError):
         return BackendTimeout(f"the upstream timed out ({what})")
-    return BackendUnavailable(f"the upstream is unreachable ({type(exc).__name__})")
+    if what == STREAM:
+        message = "the upstream closed the connection in the middle of its answer"
+    elif isinstance(exc, ConnectionRefusedError):
+        message = "the upstream refused the connection (it is not running, or not yet)"
+    elif isinstance(exc, ProtocolError):
+        message = "the upstream's answer was cut off or malformed"
+    else:
+        message = "the upstream cannot be reached"
+    return BackendUnavailable(message, retry_after=retry_after)
+
+
+STREAM = "reading the stream"
 
 
 _TRANSPORT_ERRORS = (TimeoutError, OSError)  # OSError includes http1.ProtocolError
@@ -230,7 +246,7 @@ class RemoteBackend:
                 finally:
                     response.release()
         except _TRANSPORT_ERRORS as exc:
-            raise transport_error(exc, path) from None
+            raise transport_error(exc, path, retry_after=self.config.health_interval) from None
         if response.status >= 400:
             raise upstream_error(response.status, raw[:ERROR_BODY_LIMIT], response.headers)
         return parse_event(raw)
@@ -247,7 +263,7 @@ class RemoteBackend:
             async with asyncio.timeout(self.config.first_token_timeout):
                 response = await self.pool.send("POST", path, orjson.dumps(body), JSON_HEADERS)
         except _TRANSPORT_ERRORS as exc:
-            raise transport_error(exc, "connect") from None
+            raise transport_error(exc, "connect", retry_after=self.config.health_interval) from None
         try:
             if response.status >= 400:
                 raise await self._error_of(response)
@@ -256,7 +272,7 @@ class RemoteBackend:
                 async with asyncio.timeout(_TAIL_SECONDS):
                     await response.finish()
         except OSError as exc:
-            raise transport_error(exc, "reading the stream") from None
+            raise transport_error(exc, STREAM) from None
         finally:
             response.release()  # back to the pool if read to its end, else closed
 

@@ -28,8 +28,8 @@ nothing about the internals (the traceback goes to the log only).
 ``StoreUnavailable`` (the tenancy store, e.g. Redis, did not answer an admin call)
 is a 503 too. Backend errors (``backends.base``) are mapped in the same table:
 ``ContextLengthExceeded`` → 400 ``context_length_exceeded``,
-``InvalidRequestError`` → 400, ``BackendOverloaded`` → 503 with
-``Retry-After``, ``BackendUnavailable`` → 503, ``BackendTimeout`` → 504.
+``InvalidRequestError`` (and ``Unsupported``) → 400, ``BackendOverloaded`` and
+``BackendUnavailable`` → 503 with ``Retry-After``, ``BackendTimeout`` → 504.
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ def describe(exc: BaseException) -> ErrorInfo:
                 return ErrorInfo(status, type_, code, message, None, retry_after_header(1))
             assert isinstance(exc, GatewayError | BackendError)
             headers = dict(exc.headers) if isinstance(exc, GatewayError) else {}
-            if isinstance(exc, BackendOverloaded):
+            if isinstance(exc, BackendOverloaded | BackendUnavailable):
                 headers.update(retry_after_header(exc.retry_after))
             if isinstance(exc, BackendError) and exc.code is not None:
                 code = exc.code

@@ -26,6 +26,7 @@ from backends.base import (
     InvalidRequestError,
     SamplingParams,
     ToolCall,
+    Unsupported,
 )
 from backends.llamacpp import LlamaCppBackend, parse_llamacpp_metrics
 from backends.ollama import OllamaBackend, OllamaOptions
@@ -106,6 +107,13 @@ async def collect(
         (429, b'{"error": {"message": "slow down"}}', BackendOverloaded, None),
         (503, b'{"error": "server busy"}', BackendOverloaded, None),
         (500, b"<html>oops</html>", BackendUnavailable, None),
+        (  # llama-server started without --embeddings
+            501,
+            b'{"error": {"code": 501, "message": "This server does not support embeddings.",'
+            b' "type": "not_supported_error"}}',
+            Unsupported,
+            "unsupported",
+        ),
     ],
 )
 def test_upstream_errors_map_once(status: int, body: bytes, kind: type, code: str | None) -> None:
@@ -348,15 +356,35 @@ async def test_first_token_and_chunk_gap_timeouts(stall_after_first: bool) -> No
         release.set()
 
 
-async def test_connection_refused_is_unavailable() -> None:
+async def test_connection_refused_is_unavailable_with_a_retry_after() -> None:
     async with upstream({}) as url:
         pass  # the port is closed again
-    backend = OpenAICompatBackend(config(url, connect_timeout=0.5))
+    backend = OpenAICompatBackend(config(url, connect_timeout=0.5, health_interval=7.0))
     await backend.start()
     assert not backend.ready
-    with pytest.raises(BackendUnavailable):
+    with pytest.raises(BackendUnavailable) as refused:
         _ = [c async for c in backend.generate(chat())]
     await backend.close()
+    assert refused.value.message == (
+        "the upstream refused the connection (it is not running, or not yet)"
+    )
+    assert refused.value.retry_after == 7.0  # its next health probe
+
+
+async def test_a_stream_cut_by_the_upstream_says_so() -> None:
+    async def completions(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n')
+        assert request.transport is not None
+        request.transport.close()  # mid-answer: the chunked body never ends
+        return response
+
+    async with upstream({"POST /v1/chat/completions": completions}) as url:
+        backend = OpenAICompatBackend(config(url))
+        with pytest.raises(BackendUnavailable) as cut:
+            await collect(backend, chat())
+    assert cut.value.message == "the upstream closed the connection in the middle of its answer"
 
 
 def test_vllm_metrics_are_summed_for_the_served_model() -> None:

@@ -229,6 +229,12 @@ async def test_overload_is_503_with_retry_after(client: httpx.AsyncClient) -> No
     assert r.headers["retry-after"] == "3"
 
 
+async def test_every_unavailable_backend_503_says_when_to_retry(client: httpx.AsyncClient) -> None:
+    r = await client.post("/v1/chat/completions", json={**chat(), "model": "fail_before_first"})
+    assert_error(r, 503, "service_unavailable")
+    assert r.headers["retry-after"] == "1"
+
+
 async def test_failure_after_stream_start_is_an_sse_error_event(client: httpx.AsyncClient) -> None:
     r = await client.post(
         "/v1/chat/completions",

@@ -127,6 +127,12 @@ def test_llama_server_errors_keep_their_meaning(client: openai.OpenAI) -> None:
     assert too_long.value.status_code == 400
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="gemma-cpp", messages=STORY, temperature=7)
+    # This llama-server runs without --embeddings (it answers 501): the client's mistake,
+    # not an outage to retry.
+    with pytest.raises(openai.BadRequestError) as unsupported:
+        client.embeddings.create(model="gemma-cpp", input="hello")
+    assert unsupported.value.status_code == 400
+    assert "does not support embeddings" in unsupported.value.message
 
 
 def test_llama_server_load_capacity_and_disconnect(gateway: Server, llama_server: Server) -> None:
