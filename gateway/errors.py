@@ -88,6 +88,10 @@ class MethodNotAllowed(GatewayError):
     """The path exists, but not with this method."""
 
 
+class BeyondLimit(GatewayError):
+    """The request alone is larger than a whole limit or budget: it can never be admitted."""
+
+
 class RequestTooLarge(GatewayError):
     """The request body exceeds ``server.max_body_bytes``."""
 
@@ -164,6 +168,7 @@ _TABLE: tuple[tuple[type[Exception], int, str, str | None, str | None], ...] = (
     (ContextLengthExceeded, 400, "invalid_request_error", "context_length_exceeded", None),
     (InvalidRequestError, 400, "invalid_request_error", None, None),
     (InvalidRequest, 400, "invalid_request_error", None, None),
+    (BeyondLimit, 400, "invalid_request_error", "exceeds_limit", None),
     (ModelNotFound, 404, "invalid_request_error", "model_not_found", None),
     (NotFound, 404, "invalid_request_error", "not_found", None),
     (MethodNotAllowed, 405, "invalid_request_error", None, None),

@@ -20,7 +20,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
 
-from gateway.errors import QuotaExceeded, RateLimited, StateUnavailable, retry_after_header
+from gateway.errors import (
+    BeyondLimit,
+    QuotaExceeded,
+    RateLimited,
+    StateUnavailable,
+    retry_after_header,
+)
 from gateway.metrics import Metrics
 from gateway.tenancy.counters import Check, Counters, MemoryCounters, Verdict, duration, too_big
 from gateway.tenancy.ledger import UsageLedger
@@ -246,17 +252,31 @@ class Admission:
 
 
 def _too_large(check: Check) -> Exception:
-    if check.kind == "budget":
-        return QuotaExceeded(
-            f"This request may use {check.cost} tokens, more than the {check.what} budget"
-            f" of {check.limit}. Lower max_tokens or shorten the prompt."
-        )
-    return RateLimited(
-        f"This request may use {check.cost} tokens (prompt + max_tokens), more than the limit"
-        f" of {check.limit} tokens per minute. Lower max_tokens or shorten the prompt.",
-        kind="tokens",
-        headers={},
+    limit = (
+        f"the whole {check.what} budget of {check.limit}"
+        if check.kind == "budget"
+        else f"the limit of {check.limit} tokens per minute"
     )
+    return BeyondLimit(
+        f"This request may use {check.cost} tokens (prompt + max_tokens), more than {limit}:"
+        " it can never be admitted. Lower max_tokens or shorten the prompt.",
+        param="max_tokens",
+    )
+
+
+def human_duration(seconds: float) -> str:
+    """``45 s``, ``12 min 5 s``, ``8 h 58 min``, ``3 d 4 h``: for people, not parsers."""
+    total = max(1, math.ceil(seconds))
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days} d {hours} h" if hours else f"{days} d"
+    if hours:
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    if minutes:
+        return f"{minutes} min {secs} s" if secs and minutes < 10 else f"{minutes} min"
+    return f"{secs} s"
 
 
 def _refusal(check: Check, verdict: Verdict, rate: dict[str, str]) -> Exception:
@@ -264,11 +284,16 @@ def _refusal(check: Check, verdict: Verdict, rate: dict[str, str]) -> Exception:
     seconds = wait["Retry-After"]
     headers = {**rate, **wait, "retry-after-ms": str(max(1, math.ceil(verdict.retry_after * 1000)))}
     if check.kind == "budget":
-        return QuotaExceeded(
-            f"The {check.what} token budget of {check.limit} is spent; it resets in"
-            f" {duration(verdict.retry_after)}.",
-            headers=headers,
-        )
+        left = max(0, int(verdict.remaining[verdict.failed]))
+        resets = f"it resets in {human_duration(verdict.retry_after)}"
+        if left:
+            message = (
+                f"This request may use {check.cost} tokens (prompt + max_tokens) and {left} of"
+                f" the {check.what} budget of {check.limit} are left; {resets}."
+            )
+        else:
+            message = f"The {check.what} budget of {check.limit} tokens is spent; {resets}."
+        return QuotaExceeded(message, headers=headers)
     if check.kind == "slots":
         return RateLimited(
             f"Too many concurrent requests: the limit is {check.limit}.",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from gateway.api import openai
 from gateway.api.endpoint import Endpoint
 from gateway.app import create_app, require_guards
 from gateway.settings import ConfigError, ServerSettings, Settings
+from gateway.tenancy.admission import human_duration
 from gateway.tenancy.keys import key_hash, new_key
 
 ADMIN = "admin-" + "x" * 40
@@ -258,18 +260,41 @@ async def test_spent_budget_is_429_insufficient_quota(client: httpx.AsyncClient)
         used += r.json()["usage"]["total_tokens"]
     body = error(r, 429, "insufficient_quota")
     assert body["type"] == "insufficient_quota"
-    assert "daily token budget" in body["message"]
     assert int(r.headers["retry-after"]) > 0
     assert used >= 60 - 25  # refunds let it run close to the budget
-
-
-async def test_a_request_larger_than_the_token_rate_is_refused(client: httpx.AsyncClient) -> None:
-    r = await client.post(
-        "/v1/chat/completions", json=chat(max_tokens=5000), headers=auth(Keys.tokens)
+    # What was asked, what is left, and when it resets, in units a person reads.
+    said = re.fullmatch(
+        r"This request may use (\d+) tokens \(prompt \+ max_tokens\) and (\d+) of the daily"
+        r" budget of 60 are left; it resets in (\d+ h( \d+ min)?|\d+ min( \d+ s)?|\d+ s)\.",
+        body["message"],
     )
-    body = error(r, 429, "rate_limit_exceeded")
-    assert body["type"] == "tokens"
-    assert "max_tokens" in body["message"]
+    assert said, body["message"]
+    asked, left = int(said.group(1)), int(said.group(2))
+    assert left == 60 - used and asked > left
+
+
+async def test_a_request_larger_than_the_whole_budget_is_a_400(client: httpx.AsyncClient) -> None:
+    r = await client.post(
+        "/v1/chat/completions", json=chat(max_tokens=100), headers=auth(Keys.budget)
+    )
+    body = error(r, 400, "exceeds_limit")  # it can never succeed: not a 429 to retry
+    assert body["param"] == "max_tokens"
+    assert "more than the whole daily budget of 60: it can never be admitted" in body["message"]
+    r = await client.post(
+        "/v1/chat/completions", json=chat(max_tokens=2000), headers=auth(Keys.tokens)
+    )
+    assert (
+        "more than the limit of 1000 tokens per minute" in error(r, 400, "exceeds_limit")["message"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("seconds", "said"),
+    [(0.2, "1 s"), (45, "45 s"), (125, "2 min 5 s"), (725, "12 min"), (32280, "8 h 58 min"),
+     (7200, "2 h"), (3 * 86400 + 4 * 3600 + 9, "3 d 4 h")],
+)  # fmt: skip
+def test_human_durations(seconds: float, said: str) -> None:
+    assert human_duration(seconds) == said
 
 
 async def test_token_rate_is_reconciled_with_real_usage(client: httpx.AsyncClient) -> None:
