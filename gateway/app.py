@@ -106,6 +106,24 @@ def _public_ids(models: Sequence[AnyModelSettings]) -> list[str]:
     return ids
 
 
+def _kind(m: ServedModel) -> str:
+    """What a newcomer needs to know of a loaded model: a base model garbles chats."""
+    info = m.backend.describe()
+    facts = [f for f in (info.family, info.quantization) if f]
+    if info.parameters:
+        facts.append(f"{info.parameters / 1e6:,.0f}M parameters")
+    said = f": {', '.join(facts)}" if facts else ""
+    if info.chat_template is False:
+        said += (
+            "; a base model (its GGUF has no chat template): completions suit it, chats"
+            " get a built-in template and answers of little sense. For chat, serve an"
+            " instruction-tuned GGUF: lockgate serve --model PATH"
+        )
+    elif info.chat_template:
+        said += "; a chat model (its GGUF carries a chat template)"
+    return said
+
+
 async def _start_all(models: Sequence[ServedModel], starting: set[ServedModel]) -> None:
     """Start every backend at once; each leaves ``starting`` when its start has ended."""
 
@@ -120,7 +138,7 @@ async def _start_all(models: Sequence[ServedModel], starting: set[ServedModel]) 
             starting.discard(m)
         took = time.perf_counter() - began
         if m.backend.ready:
-            log.info("model %s (%s) ready in %.1fs", m.name, m.public_id, took)
+            log.info("model %s (%s) ready in %.1fs%s", m.name, m.public_id, took, _kind(m))
         else:  # the backend has said why (an upstream not answering)
             log.info("model %s (%s) started, not ready yet", m.name, m.public_id)
 
@@ -206,7 +224,7 @@ def create_app(settings: Settings, *, backends: Mapping[str, Backend] | None = N
     """Build the app; ``backends`` (name → backend) replaces the configured ones in tests."""
     created = int(time.time())
     metrics = Metrics(tenant_label_cap=settings.auth.tenant_label_cap)
-    tenancy = Tenancy(settings, metrics)
+    tenancy = Tenancy(settings, metrics, models=None if backends is None else list(backends))
     policy = settings.scheduler.policy
     # An embedded engine's slots belong to this process; a remote engine's are shared by
     # every replica, through Redis when there is one.

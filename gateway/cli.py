@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+from importlib import metadata
 from pathlib import Path
 from typing import Annotated
 
@@ -14,10 +15,31 @@ from backends.model_store import ModelFileError, resolve_model_path
 from gateway import admin_cli
 from gateway.settings import ConfigError, ModelSettings, Settings, load_settings
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Lockgate LLM gateway")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Lockgate: a local LLM inference gateway (OpenAI and Ollama APIs, tenants, fair queues).",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 app.add_typer(admin_cli.tenants, name="tenants")
 app.add_typer(admin_cli.keys, name="keys")
 app.command("usage")(admin_cli.usage)
+
+def _version(asked: bool) -> None:
+    if asked:
+        typer.echo(f"lockgate {metadata.version('lockgate')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="print the version"),
+    ] = False,
+) -> None:
+    """Lockgate: a local LLM inference gateway (OpenAI and Ollama APIs, tenants, fair queues)."""
+
 
 ConfigOption = Annotated[
     Path | None,
@@ -31,6 +53,11 @@ def _settings(config: Path | None) -> Settings:
     except ConfigError as exc:
         typer.echo(f"lockgate: {exc}", err=True)
         raise typer.Exit(2) from None
+
+
+def _model_name(path: Path) -> str:
+    """``Qwen2.5-0.5B-Instruct-Q4_K_M.gguf`` → ``qwen2.5-0.5b-instruct-q4_k_m``."""
+    return path.name.removesuffix(".gguf").lower()
 
 
 def _prepare_models(settings: Settings) -> None:
@@ -73,6 +100,13 @@ def serve(
     config: ConfigOption = None,
     host: Annotated[str | None, typer.Option(help="bind address (default 127.0.0.1)")] = None,
     port: Annotated[int | None, typer.Option(help="port (default 8000)")] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            help="serve this GGUF file (named after the file) instead of the configured models",
+            dir_okay=False,
+        ),
+    ] = None,
 ) -> None:
     """Start the gateway."""
     import uvicorn
@@ -84,7 +118,10 @@ def serve(
     server = settings.server.model_copy(
         update={k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     )
-    settings = settings.model_copy(update={"server": server})
+    update: dict[str, object] = {"server": server}
+    if model is not None:
+        update["models"] = [ModelSettings(name=_model_name(model), path=str(model))]
+    settings = settings.model_copy(update=update)
     logging.basicConfig(
         level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -24,7 +24,7 @@ from fastapi.responses import Response
 from pydantic import Field
 
 from gateway.api.security import Admin
-from gateway.errors import InvalidRequest
+from gateway.errors import InvalidRequest, NotFound
 from gateway.protocol.wire import StrictBody, parse
 from gateway.tenancy.admin import TenantAdmin
 from gateway.tenancy.ledger import UsageLedger
@@ -156,6 +156,9 @@ async def usage(
         raise InvalidRequest("start must be before end, at most 400 days apart", param="start")
     ledger: UsageLedger = request.app.state.ledger
     rows = await ledger.usage(start=since, end=until, tenant=tenant, model=model)
+    # A deleted tenant's history is still answered; a name never seen is a mistake.
+    if tenant is not None and not rows and await _admin(request).store.tenant(tenant) is None:
+        raise NotFound(f"No tenant '{tenant}', and no usage recorded for it.")
     data, totals = [], {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
     for k, t in rows.items():
         data.append(

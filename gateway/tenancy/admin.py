@@ -7,7 +7,7 @@ Every change made here drops this replica's auth cache at once; other replicas
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -29,12 +29,35 @@ def _tenant(data: dict[str, Any]) -> Tenant:
 
 
 class TenantAdmin:
+    """``models``: the names this gateway serves; a tenant naming another is refused."""
+
     def __init__(
-        self, store: TenantStore, auth: Authenticator, *, wall: Callable[[], float] = time.time
+        self,
+        store: TenantStore,
+        auth: Authenticator,
+        *,
+        models: Collection[str] | None = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self._auth = auth
+        self._models = None if models is None else frozenset(models)
         self._wall = wall
+
+    def _check_models(self, tenant: Tenant) -> None:
+        if self._models is None:
+            return
+        for field, named in (
+            ("models", tenant.models or ()),
+            ("model_limits", tenant.model_limits),
+        ):
+            unknown = sorted(set(named) - self._models)
+            if unknown:
+                raise InvalidRequest(
+                    f"This gateway serves no model named {', '.join(map(repr, unknown))};"
+                    f" it serves {', '.join(sorted(self._models))}.",
+                    param=field,
+                )
 
     async def apply_config(self, tenants: Sequence[ConfiguredTenant]) -> None:
         """Write the config file's tenants and keys over the stored ones (GitOps).
@@ -74,6 +97,7 @@ class TenantAdmin:
 
     async def create(self, data: dict[str, Any]) -> Tenant:
         tenant = _tenant(data)
+        self._check_models(tenant)
         if await self.store.tenant(tenant.id) is not None:
             raise Conflict(f"Tenant '{tenant.id}' already exists.", param="id")
         await self.store.put_tenant(tenant)
@@ -84,6 +108,7 @@ class TenantAdmin:
         if changes.get("id", tenant_id) != tenant_id:
             raise InvalidRequest("A tenant's id cannot change.", param="id")
         tenant = _tenant({**current.model_dump(), **changes})
+        self._check_models(tenant)
         await self.store.put_tenant(tenant)
         self._auth.forget()
         return tenant
@@ -130,7 +155,8 @@ class TenantAdmin:
         old = await self.key(key_id)
         if not old.usable(self._wall()):
             raise InvalidRequest(f"Key '{key_id}' is already expired or revoked.")
-        key, record = await self.create_key(old.tenant, name=old.name)
+        # The new key lives as long as the old one would have: rotating is not extending.
+        key, record = await self.create_key(old.tenant, name=old.name, expires_at=old.expires_at)
         if grace > 0:
             ends = self._wall() + grace
             expires = ends if old.expires_at is None else min(old.expires_at, ends)

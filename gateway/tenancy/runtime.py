@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Collection
 
 from gateway.metrics import Metrics
 from gateway.settings import ConfigError, Settings
@@ -46,7 +47,11 @@ def no_auth_message(host: str) -> str:
 
 
 class Tenancy:
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    """``models``: the names served (tenants may only name those); default: the config's."""
+
+    def __init__(
+        self, settings: Settings, metrics: Metrics, *, models: Collection[str] | None = None
+    ) -> None:
         self.settings = settings
         auth = settings.auth
         self.link: RedisLink | None = None
@@ -75,7 +80,8 @@ class Tenancy:
         self.admission = Admission(
             counters, self.ledger, metrics, policy=auth.limits_on_redis_outage
         )
-        self.admin = TenantAdmin(self.store, self.auth)
+        served = [m.name for m in settings.models] if models is None else models
+        self.admin = TenantAdmin(self.store, self.auth, models=served)
         self._ledger_task: asyncio.Task[None] | None = None
         self._config_task: asyncio.Task[None] | None = None
 
@@ -102,8 +108,32 @@ class Tenancy:
         if not self.auth.enabled:
             if not is_loopback(host):
                 raise ConfigError(no_auth_message(host))
-            log.warning("no tenants and no admin key: serving on %s without API keys", host)
+            log.warning(
+                "auth off: no tenants in %s and no admin key: serving on %s without API keys",
+                self.where,
+                host,
+            )
+        else:
+            log.info("auth on: %s", await self._why_auth())
         self._ledger_task = asyncio.create_task(self.ledger.run())
+
+    @property
+    def where(self) -> str:
+        """Where tenants, keys and usage live (never a Redis URL: it may hold a password)."""
+        return "Redis" if self.link is not None else str(self.settings.auth.database)
+
+    async def _why_auth(self) -> str:
+        try:
+            stored = await self.store.count_tenants()
+        except StoreUnavailable:
+            return f"the tenant store ({self.where}) cannot be read, so keys are required"
+        configured = len(self.settings.tenants)
+        why = f"{stored} tenant{'s' if stored != 1 else ''} in {self.where}"
+        if configured:
+            why += f" ({configured} from the config file)"
+        if self.admin_key is not None:
+            why += "; admin API on (LOCKGATE_AUTH__ADMIN_KEY is set)"
+        return why
 
     async def _reapply_config(self) -> None:
         try:

@@ -18,6 +18,7 @@ from typing import Any
 import openai
 import pytest
 
+from gateway import cli as cli_app
 from tests.integration.conftest import Server, free_port, lockgate, stop
 
 pytestmark = pytest.mark.integration
@@ -115,6 +116,86 @@ def test_cli_errors_are_short_and_keyless(gateway: Server) -> None:
     assert ADMIN not in done.stderr + done.stdout
     generated = cli("keys", "generate")
     assert generated["hash"].startswith("sha256:")
+
+
+def test_every_change_can_be_undone(gateway: Server) -> None:
+    url = gateway.base_url
+    made = cli("tenants", "create", "undo", "--models", "gemma", "--rpm", "5", url=url)
+    assert made["tenant"]["models"] == ["gemma"]
+    assert cli("tenants", "update", "undo", "--all-models", url=url)["models"] is None
+    cleared = cli("tenants", "update", "undo", "--rpm", "none", "--tpm", "900", url=url)
+    assert cleared["limits"]["requests_per_minute"] is None  # removed, not zero
+    assert cleared["limits"]["tokens_per_minute"] == 900
+    empty = cli("tenants", "update", "undo", "--models", "", url=url, check=False)
+    assert empty.returncode == 2 and "--all-models" in empty.stderr  # not "forbid everything"
+    unknown = cli("tenants", "update", "undo", "--models", "gemma,nope", url=url, check=False)
+    assert unknown.returncode == 1
+    assert "serves no model named 'nope'; it serves gemma, gemma-other" in unknown.stderr
+    bad = cli("tenants", "update", "undo", "--rpm", "lots", url=url, check=False)
+    assert bad.returncode == 2 and "--rpm must be a whole number, or none" in bad.stderr
+    cli("tenants", "delete", "undo", url=url)
+
+
+def test_every_tenant_field_has_a_flag(gateway: Server) -> None:
+    url = gateway.base_url
+    made = cli(
+        "tenants", "create", "flags", "--log-requests", "--priority", "batch", "--weight", "2",
+        "--model-limit", "gemma:rpm=3,tpm=100", url=url,
+    )["tenant"]  # fmt: skip
+    assert (made["log_requests"], made["priority"], made["weight"]) == (True, "batch", 2.0)
+    assert made["model_limits"]["gemma"]["requests_per_minute"] == 3
+    changed = cli(
+        "tenants", "update", "flags", "--no-log-requests", "--model-limit", "gemma:tpm=none",
+        "--model-limit", "gemma-other:concurrency=1", url=url,
+    )  # fmt: skip
+    assert changed["log_requests"] is False
+    assert changed["model_limits"]["gemma"]["requests_per_minute"] == 3  # kept
+    assert changed["model_limits"]["gemma"]["tokens_per_minute"] is None
+    assert changed["model_limits"]["gemma-other"]["max_concurrent"] == 1
+    removed = cli("tenants", "update", "flags", "--model-limit", "gemma:none", url=url)
+    assert set(removed["model_limits"]) == {"gemma-other"}
+    cli("tenants", "delete", "flags", url=url)
+
+
+def test_keys_take_human_durations_and_rotation_keeps_the_expiry(gateway: Server) -> None:
+    url = gateway.base_url
+    cli("tenants", "create", "durations", url=url)
+    key = cli("keys", "create", "durations", "--expires-in", "30d", url=url)
+    assert abs(key["expires_at"] - (time.time() + 30 * 86400)) < 60
+    rotated = cli("keys", "rotate", key["id"], "--grace", "12h", url=url)
+    assert rotated["expires_at"] == key["expires_at"]  # rotating is not extending
+    (old,) = [k for k in cli("keys", "list", "durations", url=url) if k["id"] == key["id"]]
+    assert abs(old["expires_at"] - (time.time() + 12 * 3600)) < 60
+    wrong = cli("keys", "rotate", rotated["id"], "--grace", "12x", url=url, check=False)
+    assert wrong.returncode == 2 and "--grace must be a duration" in wrong.stderr
+    never = cli("keys", "create", "durations", "--expires-in", "0", url=url, check=False)
+    assert never.returncode == 1
+    assert "--expires-in" in never.stderr and "expires_in" not in never.stderr  # the flag
+    cli("tenants", "delete", "durations", url=url)
+
+
+def test_usage_of_an_unknown_tenant_is_an_error(gateway: Server) -> None:
+    done = cli("usage", "--tenant", "nobody-at-all", url=gateway.base_url, check=False)
+    assert done.returncode == 1
+    assert "No tenant 'nobody-at-all'" in done.stderr
+
+
+def test_version_short_help_and_every_command_described() -> None:
+    def run(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway", *args], capture_output=True, text=True, check=True
+        )
+        return done.stdout
+
+    assert run("--version").startswith("lockgate 0.1.0")
+    groups = [cli_app.app, *(g.typer_instance for g in cli_app.app.registered_groups)]
+    for group in groups:
+        assert group is not None
+        for command in group.registered_commands:
+            assert command.callback is not None
+            assert (command.help or command.callback.__doc__ or "").strip(), command.callback
+    for group in (("tenants",), ("keys",), ("usage",)):
+        assert "LOCKGATE_AUTH__ADMIN_KEY" in " ".join(run(*group, "-h").split())
 
 
 def raw_get(server: Server, target: str, host: str) -> tuple[int, bytes]:
