@@ -88,15 +88,22 @@ def free_port() -> int:
 
 
 def spawn(
-    cmd: list[str], base_url: str, ready_path: str, log: Path, *, timeout: float = 120
+    cmd: list[str],
+    base_url: str,
+    ready_path: str,
+    log: Path,
+    *,
+    timeout: float = 120,
+    env: dict[str, str] | None = None,
 ) -> Server:
-    """Start ``cmd`` and wait until ``GET base_url + ready_path`` answers 200."""
+    """Start ``cmd`` (in ``env``, default: this process's) and wait until
+    ``GET base_url + ready_path`` answers 200."""
     with log.open("wb") as sink:
         process = subprocess.Popen(
             cmd,
             stdout=sink,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"},
             start_new_session=True,  # its own process group: stop() ends its children too
         )
     deadline = time.monotonic() + timeout
