@@ -67,7 +67,7 @@ lint: setup
 	$(BIN)/ruff check gateway backends quantization tests loadtests
 	$(BIN)/mypy
 
-test: setup lint redis llama-server vllm
+test: setup lint redis llama-server vllm $(LOCUST)
 	$(BIN)/lockgate fetch-model --config $(CONFIG)
 	$(BIN)/pytest -q
 
@@ -112,12 +112,15 @@ bench-overhead: setup
 
 # Locust in a virtualenv of its own (its gevent stack stays out of the gateway's), run
 # headless for 60 s against a running gateway: `make serve` in another shell first.
+# tests/integration/test_locust.py runs the locustfile from this venv too.
 LOCUST_VENV := $(CACHE)/locust-venv
+LOCUST := $(LOCUST_VENV)/bin/locust
 LOCKGATE_URL ?= http://127.0.0.1:8000
-locust:
-	@$(LOCUST_VENV)/bin/locust --version >/dev/null 2>&1 || { \
-	  $(PYTHON) -m venv $(LOCUST_VENV) && $(LOCUST_VENV)/bin/pip install --quiet "locust>=2.47,<3"; }
-	$(LOCUST_VENV)/bin/locust -f loadtests/locustfile.py --headless -u 8 -r 2 -t 60s \
+$(LOCUST):
+	$(PYTHON) -m venv $(LOCUST_VENV) && $(LOCUST_VENV)/bin/pip install --quiet "locust>=2.47,<3"
+
+locust: $(LOCUST)
+	$(LOCUST) -f loadtests/locustfile.py --headless -u 8 -r 2 -t 60s \
 	  --host $(LOCKGATE_URL) --only-summary
 
 clean:

@@ -5,15 +5,15 @@ Each simulated user belongs to one tenant: keys come from ``LOCKGATE_KEYS``
 none at all (a gateway without auth). A user mixes non-streamed chats, streamed
 chats and short completions, with a think time between them.
 
-Besides locust's own request rows, streamed chats report custom rows of type
-``METRIC``, whose "response time" columns hold the metric's value:
+Locust's table has one row per kind of request, each timed to its end: ``chat``,
+``completion`` and ``chat stream (whole stream)`` — a stream's row is timed to its last
+event, not to its response headers as locust would time it — and ``Aggregated`` sums
+only those. What a stream's row cannot say is printed in a table of its own at the end
+and written to ``LOCKGATE_STREAM_CSV`` (default ``locust_streams.csv``), never mixed
+into locust's rows:
 
     ttft_ms        time from sending to the first content chunk (milliseconds)
-    stream_ms      time from sending to the end of the stream (milliseconds)
     tokens_per_s   completion tokens per second after the first one, per stream
-
-(The ``chat stream`` row itself is timed to the response headers, as locust times
-every streamed response; the ``Aggregated`` row mixes in the METRIC rows.)
 
 Run it headless against ``make serve`` (``make locust`` does this for 60 s)::
 
@@ -32,7 +32,8 @@ import os
 import time
 from typing import Any
 
-from locust import HttpUser, between, task
+from locust import HttpUser, between, events, task
+from locust.env import Environment
 
 MODEL = os.environ.get("LOCKGATE_MODEL", "gemma-3-270m")
 MAX_TOKENS = int(os.environ.get("LOCKGATE_MAX_TOKENS", "32"))
@@ -44,6 +45,50 @@ QUESTIONS = (
     "Write a haiku about load tests.",
     "Explain TCP slow start in two sentences.",
 )
+
+
+class StreamFigures:
+    """Per-stream TTFT and decode rate, kept apart from locust's request statistics."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[float]] = {"ttft_ms": [], "tokens_per_s": []}
+
+    def add(self, name: str, value: float) -> None:
+        self.values[name].append(value)
+
+    def rows(self) -> list[tuple[str, int, float, float, float, float]]:
+        out = []
+        for name, values in self.values.items():
+            if not values:
+                continue
+            ordered = sorted(values)
+
+            def pct(q: float, ordered: list[float] = ordered) -> float:
+                return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+            mean = sum(ordered) / len(ordered)
+            out.append((name, len(ordered), mean, pct(0.5), pct(0.9), pct(0.99)))
+        return out
+
+
+@events.init.add_listener
+def _on_init(environment: Environment, **_: Any) -> None:
+    environment.stream_figures = StreamFigures()  # type: ignore[attr-defined]
+
+
+@events.quitting.add_listener
+def _on_quit(environment: Environment, **_: Any) -> None:
+    figures: StreamFigures = environment.stream_figures  # type: ignore[attr-defined]
+    rows = figures.rows()
+    print(f"\n{'stream figure':<14} {'n':>6} {'mean':>9} {'p50':>9} {'p90':>9} {'p99':>9}")
+    for name, n, mean, p50, p90, p99 in rows:
+        print(f"{name:<14} {n:>6} {mean:>9.1f} {p50:>9.1f} {p90:>9.1f} {p99:>9.1f}")
+    path = os.environ.get("LOCKGATE_STREAM_CSV", "locust_streams.csv")
+    with open(path, "w") as out:
+        out.write("figure,count,mean,p50,p90,p99\n")
+        for row in rows:
+            out.write(",".join(str(round(v, 3)) if isinstance(v, float) else str(v) for v in row))
+            out.write("\n")
 
 
 class OpenAIUser(HttpUser):
@@ -81,7 +126,7 @@ class OpenAIUser(HttpUser):
         first: float | None = None
         tokens = 0
         with self.client.post(
-            "/v1/chat/completions", json=body, name="chat stream", stream=True,
+            "/v1/chat/completions", json=body, name="chat stream (whole stream)", stream=True,
             catch_response=True,
         ) as response:  # fmt: skip
             if response.status_code != 200:
@@ -99,13 +144,15 @@ class OpenAIUser(HttpUser):
                 if event.get("usage"):
                     tokens = event["usage"]["completion_tokens"]
             done = time.perf_counter()
+            # Locust timed this request to its headers; the row is about the whole stream.
+            response.request_meta["response_time"] = (done - sent) * 1000
             if first is None:
                 response.failure("the stream carried no content")
                 return
-        self._metric("ttft_ms", (first - sent) * 1000)
-        self._metric("stream_ms", (done - sent) * 1000)
+        figures: StreamFigures = self.environment.stream_figures  # type: ignore[attr-defined]
+        figures.add("ttft_ms", (first - sent) * 1000)
         if tokens > 1 and done > first:
-            self._metric("tokens_per_s", (tokens - 1) / (done - first))
+            figures.add("tokens_per_s", (tokens - 1) / (done - first))
 
     @task(1)
     def completion(self) -> None:
@@ -115,13 +162,3 @@ class OpenAIUser(HttpUser):
         ) as response:
             if response.status_code != 200:
                 response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
-
-    def _metric(self, name: str, value: float) -> None:
-        self.environment.events.request.fire(
-            request_type="METRIC",
-            name=name,
-            response_time=value,
-            response_length=0,
-            exception=None,
-            context={},
-        )
