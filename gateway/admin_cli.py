@@ -32,6 +32,12 @@ tenants = typer.Typer(
     help="Create, list, change and delete tenants." + _ADMIN_HELP,
     context_settings=_HELP,
 )
+models = typer.Typer(
+    no_args_is_help=True,
+    help="See each model's instances (tier, weight, health, load) and change weights."
+    + _ADMIN_HELP,
+    context_settings=_HELP,
+)
 keys = typer.Typer(
     no_args_is_help=True,
     help="Create, list, revoke and rotate API keys." + _ADMIN_HELP,
@@ -353,6 +359,25 @@ def rotate_key(
     """Replace a key with a new one (printed once) that expires when the old one would."""
     body = {"grace_seconds": duration(grace, "--grace")}
     _show(_call(url, "POST", f"/admin/keys/{key_id}/rotate", body))
+
+
+@models.command("status")
+def models_status(url: Url = DEFAULT_URL) -> None:
+    """Every model's instances: tier, weight, canary, state (ready, ejected...), load."""
+    _show(_call(url, "GET", "/admin/models")["data"])
+
+
+@models.command("weight")
+def models_weight(
+    model: str,
+    instance: str,
+    weight: Annotated[float, typer.Argument(min=0, max=10_000, help="0 takes no new requests")],
+    url: Url = DEFAULT_URL,
+) -> None:
+    """Change an instance's share of new requests now (a canary's, say); no restart."""
+    quote = urllib.parse.quote
+    path = f"/admin/models/{quote(model)}/instances/{quote(instance)}/weight"
+    _show(_call(url, "PUT", path, {"weight": weight}))
 
 
 @keys.command("generate")

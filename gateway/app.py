@@ -43,8 +43,10 @@ from gateway.api.security import GUARDS, PUBLIC
 from gateway.errors import ErrorInfo, GatewayError, InvalidRequest, MethodNotAllowed, NotFound
 from gateway.limits import BodySizeLimit
 from gateway.metrics import Metrics
+from gateway.outliers_redis import RedisBoard
 from gateway.registry import ModelRegistry, ServedModel
 from gateway.remote import build_remote_backend
+from gateway.router import Router
 from gateway.scheduler.base import PoolLimits, Scheduler
 from gateway.scheduler.memory import MemoryScheduler
 from gateway.scheduler.redis_scheduler import RedisScheduler
@@ -77,7 +79,7 @@ def build_backend(model: AnyModelSettings) -> Backend:
         )
     if isinstance(model, FakeModelSettings):
         return FakeBackend(
-            model.name,
+            model.behaviour or model.name,
             context_length=model.context_length,
             delay=model.delay,
             capacity=model.capacity,
@@ -85,24 +87,24 @@ def build_backend(model: AnyModelSettings) -> Backend:
     return build_remote_backend(model)
 
 
-def _instance(model: AnyModelSettings) -> str:
-    if isinstance(model, ModelSettings | FakeModelSettings):
-        return model.backend
-    return model.base_url
-
-
 def _public_ids(models: Sequence[AnyModelSettings]) -> list[str]:
-    """What clients are told served them: the backend kind, numbered among a name's
-    remote instances (``llamacpp-0``), never the upstream's URL."""
-    seen: dict[str, int] = {}
+    """What clients are told served them: the configured ``id``, else the backend kind —
+    numbered among a name's remote instances (``llamacpp-0``), and from the second on
+    among its local ones (``embedded``, ``embedded-1``) — never an upstream's URL."""
+    remote: dict[str, int] = {}
+    local: dict[tuple[str, str], int] = {}
     ids: list[str] = []
     for m in models:
-        if isinstance(m, ModelSettings | FakeModelSettings):
-            ids.append(m.backend)
-            continue
-        n = seen.get(m.name, 0)
-        seen[m.name] = n + 1
-        ids.append(f"{m.backend}-{n}")
+        if m.id is not None:
+            ids.append(m.id)
+        elif isinstance(m, ModelSettings | FakeModelSettings):
+            n = local.get((m.name, m.backend), 0)
+            local[m.name, m.backend] = n + 1
+            ids.append(m.backend if n == 0 else f"{m.backend}-{n}")
+        else:
+            n = remote.get(m.name, 0)
+            remote[m.name] = n + 1
+            ids.append(f"{m.backend}-{n}")
     return ids
 
 
@@ -240,9 +242,13 @@ def create_app(settings: Settings, *, backends: Mapping[str, Backend] | None = N
                 local if isinstance(m, ModelSettings | FakeModelSettings) else shared,
                 max_n=m.max_n,
                 created=created,
-                instance=_instance(m),
+                # A remote engine's slots are named by its URL, the same on every replica.
+                instance=m.base_url if isinstance(m, RemoteModelSettings) else public_id,
                 public_id=public_id,
                 remote=isinstance(m, RemoteModelSettings),
+                tier=m.tier,
+                weight=m.weight,
+                canary=m.canary,
             )
             for m, public_id in zip(settings.models, _public_ids(settings.models), strict=True)
         ]
@@ -281,9 +287,13 @@ def create_app(settings: Settings, *, backends: Mapping[str, Backend] | None = N
         for s in schedulers:
             await s.start()
         loading = asyncio.create_task(load_models())
+        if board is not None:
+            await board.start()
         try:
             yield
         finally:
+            if board is not None:
+                await board.stop()
             loading.cancel()
             await asyncio.gather(loading, return_exceptions=True)
             for s in schedulers:
@@ -308,15 +318,27 @@ def create_app(settings: Settings, *, backends: Mapping[str, Backend] | None = N
         redis=tenancy.link,
         redis_required=settings.auth.limits_on_redis_outage == "fail_closed",
     )
-    app.state.service = InferenceService(registry, metrics, tenancy.admission)
+    # Remote engines are shared by every replica, and so is the evidence against them.
+    board = None
+    if tenancy.link is not None:
+        board = RedisBoard(tenancy.link, [m.pool for m in registry.instances() if m.remote])
+    router = Router(registry.instances(), settings.routing, metrics, board=board)
+    metrics.watch_router(
+        lambda: [
+            (m.name, m.public_id, router.weight(m), router.outliers.state(m.pool))
+            for m in registry.instances()
+        ]
+    )
+    app.state.router = router
+    app.state.service = InferenceService(registry, metrics, tenancy.admission, router)
     app.state.auth = tenancy.auth
     app.state.admin_key = tenancy.admin_key
     app.state.tenant_admin = tenancy.admin
     app.state.ledger = tenancy.ledger
     # The generation routes first: the router tries routes in order, and they are the hot ones.
     app.router.routes.extend([*openai.ROUTES, *responses.ROUTES, *ollama.ROUTES])
-    for router in (admin.router, health.router):
-        app.include_router(router)
+    for routes in (admin.router, health.router):
+        app.include_router(routes)
     require_guards(app)
     app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
     # Expected errors are handled inside the app; `Exception` (the unexpected) by

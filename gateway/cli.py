@@ -23,7 +23,9 @@ app = typer.Typer(
 )
 app.add_typer(admin_cli.tenants, name="tenants")
 app.add_typer(admin_cli.keys, name="keys")
+app.add_typer(admin_cli.models, name="models")
 app.command("usage")(admin_cli.usage)
+
 
 def _version(asked: bool) -> None:
     if asked:

@@ -33,6 +33,7 @@ class Plan:
     requests: tuple[GenerationRequest, ...]  # one per choice, the n choices of a prompt adjacent
     tokens: int  # the admission charge: prompt estimate + completion limits
     n: int = 1  # choices per prompt (their prompt is validated and billed once)
+    session: str | None = None  # for session affinity: OpenAI's `user`, or x-session-id
 
     @property
     def stream(self) -> bool:

@@ -141,6 +141,30 @@ class SchedulerCollector(Collector):
         return [depth, used, capacity]
 
 
+class RouterCollector(Collector):
+    """Each instance's run-time weight and ejection, read from the router on each scrape."""
+
+    def __init__(self, instances: Callable[[], Iterable[tuple[str, str, float, str]]]) -> None:
+        self._instances = instances
+
+    def collect(self) -> Iterable[Metric]:
+        labels = ["model", "backend_id"]
+        weight = GaugeMetricFamily(
+            "lockgate_backend_weight", "Share of new requests among equals (0: none)", labels=labels
+        )
+        ejected = GaugeMetricFamily(
+            "lockgate_backend_ejected",
+            "1 while ejected for failures, 0.5 while half-open (one trial request)",
+            labels=labels,
+        )
+        for model, backend_id, w, state in self._instances():
+            weight.add_metric([model, backend_id], w)
+            ejected.add_metric(
+                [model, backend_id], {"ejected": 1.0, "half_open": 0.5}.get(state, 0.0)
+            )
+        return [weight, ejected]
+
+
 class Metrics:
     """Built once per app; pass it to whatever records."""
 
@@ -222,6 +246,45 @@ class Metrics:
             registry=r,
         )
 
+        self.backend_outcomes = _Counter(
+            "lockgate_backend_outcomes",
+            "Requests an instance took, by outcome: ok (its first token came) or failed"
+            " (unreachable, 5xx, 429 or timed out; a client's 4xx is neither)",
+            ["model", "backend_id", "outcome"],
+            registry=r,
+        )
+        self.retries = _Counter(
+            "lockgate_retries",
+            "Requests tried again on another instance after this one failed before the first token",
+            ["model", "backend_id"],
+            registry=r,
+        )
+        self.ejections = _Counter(
+            "lockgate_ejections",
+            "Times an instance was ejected for consecutive failures",
+            ["model", "backend_id"],
+            registry=r,
+        )
+        self.spillovers = _Counter(
+            "lockgate_spillovers",
+            "Requests placed on a higher tier (this instance) because tier 0 was busy or down",
+            ["model", "backend_id"],
+            registry=r,
+        )
+        self.canary_rollbacks = _Counter(
+            "lockgate_canary_rollbacks",
+            "Canaries rolled back (weight 0) for doing worse than their tier",
+            ["model", "backend_id"],
+            registry=r,
+        )
+        self.placement_wait = _Histogram(
+            "lockgate_placement_wait_seconds",
+            "The expected wait of the instance each request was placed on",
+            ["model"],
+            buckets=(0, *_LATENCY_BUCKETS),
+            registry=r,
+        )
+
     def watch(
         self,
         backends: Callable[[], Iterable[tuple[str, str, Backend]]],
@@ -230,6 +293,9 @@ class Metrics:
         """Read engine load and scheduler pools at each scrape (once the app has them)."""
         self.registry.register(EngineCollector(backends))
         self.registry.register(SchedulerCollector(pools))
+
+    def watch_router(self, instances: Callable[[], Iterable[tuple[str, str, float, str]]]) -> None:
+        self.registry.register(RouterCollector(instances))
 
     def tenant_label(self, tenant: str) -> str:
         if tenant in self._tenants_labelled:

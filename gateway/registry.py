@@ -26,10 +26,15 @@ class ServedModel:
     scheduler: Scheduler
     max_n: int = 1
     created: int = 0
-    instance: str = "embedded"  # which engine serves it: "embedded", "fake" or an upstream URL
+    # Its slots' identity: the upstream URL for a remote engine (the same on every replica,
+    # whatever its config order), else the public id (an engine of this process).
+    instance: str = "embedded"
     # What clients are told served them (x-lockgate-backend): never an internal URL.
     public_id: str = "embedded"
     remote: bool = False  # an upstream server, not an engine in this process
+    tier: int = 0  # 0: primary; higher tiers take spillover only
+    weight: float = 100.0  # configured share among equals (the router may change it)
+    canary: bool = False
 
     @property
     def pool(self) -> str:

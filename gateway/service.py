@@ -32,7 +32,11 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
 from typing import TypeVar
 
 from backends.base import (
+    BackendOverloaded,
+    BackendTimeout,
+    BackendUnavailable,
     GenerationChunk,
+    GenerationRequest,
 )
 from gateway.errors import (
     CLIENT_CLOSED,
@@ -55,7 +59,7 @@ from gateway.events import (
 )
 from gateway.metrics import Metrics
 from gateway.registry import ModelRegistry, ServedModel
-from gateway.routing import InstanceState, place
+from gateway.router import Router
 from gateway.scheduler.base import Grant
 from gateway.tenancy.admission import Admission, Ticket
 from gateway.tenancy.records import Principal, Priority
@@ -107,6 +111,7 @@ class _Request:
         "first_seen",
         "grant",
         "model",
+        "retried",
         "started",
         "streams",
         "ticket",
@@ -125,6 +130,7 @@ class _Request:
         self.grant: Grant | None = None  # released by finish()
         self.streams: Sequence[_Stream] = ()
         self.usage: tuple[int, int] | None = None  # set by embeddings, which have no streams
+        self.retried = False  # it counts against the router's retry budget
         self._done = False
 
     def first_token(self) -> None:
@@ -180,10 +186,13 @@ class _Request:
 
 
 class InferenceService:
-    def __init__(self, registry: ModelRegistry, metrics: Metrics, admission: Admission) -> None:
+    def __init__(
+        self, registry: ModelRegistry, metrics: Metrics, admission: Admission, router: Router
+    ) -> None:
         self.registry = registry
         self.metrics = metrics
         self.admission = admission
+        self.router = router
 
     # -- reading the catalogue ------------------------------------------------
 
@@ -205,6 +214,7 @@ class InferenceService:
         # client-chosen name never becomes a label value.
         request = _Request(self.metrics, "-", plan.endpoint, len(plan.requests))
         status = CLIENT_CLOSED  # unless it ends otherwise: the client left, or a shutdown
+        self.router.in_flight += 1
         try:
             instances = self._instances(principal, plan.model)
             request.model = plan.model
@@ -215,20 +225,11 @@ class InferenceService:
             request.ticket = await self.admission.admit(
                 principal, plan.model, tokens=plan.tokens, request_id=plan.request_id
             )
-            served = self._place(instances)
-            request.ticket.backend = served.instance
-            # A request that can never run is refused before it queues; the n choices
-            # of one prompt are alike, so each prompt is checked once.
-            for r in plan.requests[:: plan.n]:
-                await served.backend.validate(r)
-            request.grant = grant = await self._queue(served, plan, principal, priority)
-            request.dispatched = time.perf_counter()
-            pending = [served.backend.generate(r) for r in plan.requests]
-            try:
-                firsts = await _first_chunks(pending)
-            except BaseException:  # an early error, or the client left
-                await _close_all(pending)
-                raise
+            served, firsts, pending = await self._start(
+                request, plan, principal, priority, instances
+            )
+            grant = request.grant
+            assert grant is not None
             request.first_token()
             request.streams = streams = [
                 _Stream(first, rest, counts_prompt=i % plan.n == 0, grant=grant)
@@ -265,6 +266,8 @@ class InferenceService:
                                 whole[index].add(chunk)
             except Exception as exc:  # reported in-band: a stream's status line is gone
                 status = status_of(exc)
+                if _instance_failure(exc):
+                    self.router.failed(served, instances)
                 yield Failed(exc)
                 return
             status = 200
@@ -279,6 +282,9 @@ class InferenceService:
                 await _close_all([s.rest for s in request.streams])
             finally:
                 request.finish(status)
+                self.router.in_flight -= 1
+                if request.retried:
+                    self.router.retrying -= 1
 
     async def embed(self, principal: Principal, plan: EmbedPlan) -> Embedded:
         """Embed ``plan.texts`` on the model's placed instance; the same finish as run()."""
@@ -290,10 +296,16 @@ class InferenceService:
             request.ticket = ticket = await self.admission.admit(
                 principal, plan.model, tokens=plan.tokens, request_id=plan.request_id
             )
-            served = self._place(instances)
+            served, _ = self.router.place(instances, spill=principal.tenant.spillover)
             ticket.backend = served.instance
             request.dispatched = time.perf_counter()
-            result = await served.backend.embed(plan.texts)
+            try:
+                result = await served.backend.embed(plan.texts)
+            except Exception as exc:
+                if _instance_failure(exc):
+                    self.router.failed(served, instances)
+                raise
+            self.router.succeeded(served, instances, None)
             request.usage = (result.prompt_tokens, 0)
             status = 200
             return Embedded(
@@ -307,28 +319,65 @@ class InferenceService:
 
     # -- the stages --------------------------------------------------------------
 
+    async def _start(
+        self,
+        request: _Request,
+        plan: Plan,
+        principal: Principal,
+        priority: Priority,
+        instances: Sequence[ServedModel],
+    ) -> tuple[ServedModel, list[GenerationChunk], list[AsyncIterator[GenerationChunk]]]:
+        """Place, validate, queue and start the request; its first chunks in hand.
+
+        An instance that fails before the first token (unreachable, 5xx, 429, timed out)
+        hands the request to another, ``routing.retries`` times at most and within the
+        retry budget; after the first token nothing is ever retried (no replay).
+        """
+        router, tried = self.router, list[str]()
+        key = router.affinity_key(_shared_prefix(plan.requests[0]), plan.session)
+        while True:
+            served, _ = router.place(
+                instances, tried=tried, spill=principal.tenant.spillover, key=key
+            )
+            assert request.ticket is not None
+            request.ticket.backend = served.instance
+            # A request that can never run is refused before it queues; the n choices
+            # of one prompt are alike, so each prompt is checked once.
+            for r in plan.requests[:: plan.n]:
+                await served.backend.validate(r)
+            request.grant = await self._queue(served, plan, principal, priority)
+            request.dispatched = time.perf_counter()
+            pending = [served.backend.generate(r) for r in plan.requests]
+            try:
+                firsts = await _first_chunks(pending)
+            except Exception as exc:
+                await _close_all(pending)
+                if not _instance_failure(exc):
+                    raise
+                router.failed(served, instances)
+                tried.append(served.pool)
+                if len(tried) > router.settings.retries or len(tried) >= len(instances):
+                    raise
+                if not request.retried and not router.may_retry():
+                    raise
+                request.grant.release()
+                request.grant = None
+                self.metrics.retries.labels(served.name, served.public_id).inc()
+                if not request.retried:
+                    request.retried = True
+                    router.retrying += 1
+                continue
+            except BaseException:  # the client left, or a shutdown
+                await _close_all(pending)
+                raise
+            router.succeeded(served, instances, time.perf_counter() - request.started)
+            return served, firsts, pending
+
     def _instances(self, principal: Principal, model: str) -> Sequence[ServedModel]:
         if not principal.tenant.allows(model):
             self.metrics.rejected(principal.tenant.id, "forbidden")
             raise Forbidden(f"This key may not use the model '{model}'.", param="model")
         return self.registry.instances_of(model)
-
-    def _place(self, instances: Sequence[ServedModel]) -> ServedModel:
-        if len(instances) == 1:  # the common case needs no states
-            return instances[0]
-        states = []
-        for m in instances:
-            load = m.scheduler.load(m.pool)
-            states.append(
-                InstanceState(
-                    m.instance,
-                    m.backend.ready,
-                    load.running,
-                    load.capacity,
-                    sum(load.waiting.values()),
-                )
-            )
-        return instances[place(states)]
 
     async def _queue(
         self, served: ServedModel, plan: Plan, principal: Principal, priority: Priority
@@ -352,6 +401,20 @@ class InferenceService:
         outcomes.labels(served.name, "granted").inc()
         self.metrics.queue_wait.labels(served.name).observe(grant.queued_seconds)
         return grant
+
+
+def _shared_prefix(request: GenerationRequest) -> str:
+    """What requests that can share an engine's prompt cache have in common: the system
+    prompt of a chat (else its first message, which a conversation keeps), or a prompt."""
+    if not request.messages:
+        return request.prompt or ""
+    system = [m.content for m in request.messages if m.role in ("system", "developer")]
+    return "\n".join(system) if system else request.messages[0].content
+
+
+def _instance_failure(exc: BaseException) -> bool:
+    """The instance failed the request (the client's 4xx never counts against it)."""
+    return isinstance(exc, BackendUnavailable | BackendOverloaded | BackendTimeout)
 
 
 async def _first_chunks(

@@ -60,10 +60,24 @@ class ServerSettings(_Strict):
     max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 2048
 
 
-class ModelSettings(_Strict):
-    """A public model name served by the embedded llama.cpp engine."""
+InstanceId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+
+
+class _Instance(_Strict):
+    """What the router needs of every entry (several entries may share a ``name``)."""
 
     name: Annotated[str, Field(min_length=1)]
+    # In x-lockgate-backend, metrics and the admin API; default: the backend kind, numbered
+    # among the name's instances of that kind (embedded, llamacpp-0...), never a URL.
+    id: InstanceId | None = None
+    tier: Annotated[int, Field(ge=0, le=9)] = 0  # 0: primary; higher tiers take spillover
+    weight: Annotated[float, Field(ge=0, le=10_000)] = 100.0  # share among equals
+    canary: bool = False  # compared with the tier's others; weight 0 when worse
+
+
+class ModelSettings(_Instance):
+    """A public model name served by the embedded llama.cpp engine."""
+
     backend: Literal["embedded"] = "embedded"
     path: str | None = None  # None: the packaged default (Gemma 3 270M Q4_K_M)
     n_ctx: Annotated[int, Field(ge=32, le=1 << 20)] = 2048  # per sequence
@@ -81,14 +95,13 @@ RemoteBackend = Literal["openai", "vllm", "llamacpp", "ollama"]
 REMOTE_BACKENDS: tuple[str, ...] = get_args(RemoteBackend)
 
 
-class RemoteModelSettings(_Strict):
+class RemoteModelSettings(_Instance):
     """A public model name served by an upstream server.
 
     ``openai``: any OpenAI-compatible server; ``vllm`` and ``llamacpp`` add their
     own health and load signals; ``ollama`` speaks Ollama's native API.
     """
 
-    name: Annotated[str, Field(min_length=1)]
     backend: RemoteBackend
     base_url: Annotated[str, Field(pattern=r"^https?://")]
     upstream_model: str | None = None  # the upstream's name for it; default: `name`
@@ -113,13 +126,16 @@ class RemoteModelSettings(_Strict):
         return self.upstream_model or self.name
 
 
-class FakeModelSettings(_Strict):
+class FakeModelSettings(_Instance):
     """A public model name served by the fake backend (``backends/fake.py``), for tests of
     everything above the engine in a real server: the name's prefix picks the behaviour
-    (``echo``, ``slow``, ``fail_before_first``, ``fail_mid_stream``, ``overloaded``)."""
+    (``echo``, ``slow``, ``fail_before_first``, ``fail_mid_stream``, ``overloaded``);
+    ``behaviour`` sets it for any name (an instance of a shared name that fails)."""
 
-    name: Annotated[str, Field(min_length=1)]
     backend: Literal["fake"]
+    behaviour: (
+        Literal["echo", "slow", "fail_before_first", "fail_mid_stream", "overloaded"] | None
+    ) = None
     delay: Annotated[float, Field(ge=0, le=60)] = 0.05  # per word, for ``slow``
     capacity: Annotated[int, Field(ge=1, le=4096)] = 8
     context_length: Annotated[int, Field(ge=2)] = 4096
@@ -154,6 +170,32 @@ class AuthSettings(_Strict):
     tenant_label_cap: Annotated[int, Field(ge=0, le=10_000)] = 100
     # Slot leases in Redis: a replica that dies frees its concurrency slots this fast.
     concurrency_lease: Annotated[float, Field(ge=3, le=3600)] = 30.0
+
+
+class RoutingSettings(_Strict):
+    """How a request picks among a model's instances (``gateway/routing.py``)."""
+
+    # Expected wait (s) in tier 0 past which a request may go to a higher tier.
+    spill_after: Annotated[float, Field(ge=0, le=3600)] = 2.0
+    # Tries on another instance, before the first token only; at most retry_budget of the
+    # requests in flight are retries, but always min_retry_concurrency (Envoy's defaults).
+    retries: Annotated[int, Field(ge=0, le=5)] = 1
+    retry_budget: Annotated[float, Field(ge=0, le=1)] = 0.2
+    min_retry_concurrency: Annotated[int, Field(ge=0, le=1000)] = 3
+    # Consecutive failures that eject an instance for eject_seconds times the times ejected.
+    eject_after: Annotated[int, Field(ge=1, le=1000)] = 5
+    eject_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    # prefix: a prompt's first affinity_chars pick its instance; session: `user` or
+    # x-session-id; none: least wait only.
+    affinity: Literal["prefix", "session", "none"] = "prefix"
+    affinity_chars: Annotated[int, Field(ge=16, le=1 << 20)] = 1024
+    load_bound: Annotated[float, Field(ge=1, le=10)] = 1.25
+    # A canary is rolled back (weight 0) when, over the window, with at least min requests,
+    # its error rate exceeds the others' by error_margin or its TTFT p95 by ttft_ratio.
+    canary_window: Annotated[float, Field(gt=0, le=86400)] = 300.0
+    canary_min_requests: Annotated[int, Field(ge=1)] = 50
+    canary_error_margin: Annotated[float, Field(ge=0, le=1)] = 0.05
+    canary_ttft_ratio: Annotated[float, Field(ge=1)] = 1.5
 
 
 class SchedulerSettings(_Strict):
@@ -215,6 +257,7 @@ class Settings(_Strict):
     ]
     auth: AuthSettings = AuthSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
+    routing: RoutingSettings = RoutingSettings()
     tenants: list[ConfiguredTenant] = []
     # Shared state for several replicas: tenants, keys, usage, counters, remote models' queues.
     redis_url: Annotated[SecretStr, AfterValidator(_redis_scheme)] | None = None
@@ -229,6 +272,16 @@ class Settings(_Strict):
         key_ids = [k.id for t in self.tenants for k in t.keys]
         if len(key_ids) != len(set(key_ids)):
             raise ValueError("key ids must be unique across tenants")
+        return self
+
+    @model_validator(mode="after")
+    def _unique_instance_ids(self) -> Settings:
+        seen: set[tuple[str, str]] = set()
+        for m in self.models:
+            if m.id is not None:
+                if (m.name, m.id) in seen:
+                    raise ValueError(f"model '{m.name}': instance id '{m.id}' is used twice")
+                seen.add((m.name, m.id))
         return self
 
     @model_validator(mode="after")

@@ -3,7 +3,9 @@
 ``POST /v1/chat/completions`` answers at once when ``stream`` is false, or with
 ``--chunks`` SSE chunks ``--gap-ms`` apart (then a usage chunk and ``[DONE]``).
 With ``--hold-ms``, a non-streamed answer takes that long (a busy engine), and a
-request's ``max_tokens`` sets its number of chunks. ``GET /v1/models`` and
+request's ``max_tokens`` sets its number of chunks. With ``--fail-status 500`` every
+completion is answered with that status while the health checks pass (an instance that
+is up but broken, for the router's ejection). ``GET /v1/models`` and
 ``GET /health`` answer 200. It is a bare ASGI callable on uvicorn with uvloop and
 httptools, so that it is not the bottleneck.
 
@@ -63,7 +65,8 @@ _USAGE = (
 
 
 class MockUpstream:
-    def __init__(self, chunks: int, gap: float, hold: float = 0.0) -> None:
+    def __init__(self, chunks: int, gap: float, hold: float = 0.0, fail: int = 0) -> None:
+        self.fail = fail
         self.chunks = chunks
         self.gap = gap
         self.hold = hold
@@ -91,6 +94,10 @@ class MockUpstream:
             await self._reply(send, 200, b'{"object":"list","data":[{"id":"mock"}]}')
             return
         request = json.loads(body or b"{}")
+        if self.fail:
+            self.order.append("failed")
+            await self._reply(send, self.fail, b'{"error":{"message":"broken on purpose"}}')
+            return
         self.in_flight += 1
         self.peak = max(self.peak, self.in_flight)
         try:
@@ -143,9 +150,10 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=64)
     parser.add_argument("--gap-ms", type=float, default=20.0)
     parser.add_argument("--hold-ms", type=float, default=0.0)
+    parser.add_argument("--fail-status", type=int, default=0)
     args = parser.parse_args()
     uvicorn.run(
-        MockUpstream(args.chunks, args.gap_ms / 1000, args.hold_ms / 1000),
+        MockUpstream(args.chunks, args.gap_ms / 1000, args.hold_ms / 1000, args.fail_status),
         host="127.0.0.1",
         port=args.port,
         loop="uvloop",

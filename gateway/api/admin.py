@@ -10,6 +10,8 @@ GET    /admin/tenants/{id}/keys         list (never the key itself)
 POST   /admin/keys/{key_id}/revoke      revoke
 POST   /admin/keys/{key_id}/rotate      new key; the old one ends now or after a grace
 GET    /admin/usage?tenant=&model=&start=&end=    hourly usage rows and totals
+GET    /admin/models                    every model's instances: tier, weight, state, load
+PUT    /admin/models/{name}/instances/{id}/weight   body {"weight": 25}: at run time
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from pydantic import Field
 from gateway.api.security import Admin
 from gateway.errors import InvalidRequest, NotFound
 from gateway.protocol.wire import StrictBody, parse
+from gateway.registry import ModelRegistry
+from gateway.router import Router
 from gateway.tenancy.admin import TenantAdmin
 from gateway.tenancy.ledger import UsageLedger
 from gateway.tenancy.records import KeyRecord, Tenant
@@ -38,6 +42,10 @@ MAX_USAGE_RANGE = 400 * 86400
 class NewKey(StrictBody):
     name: Annotated[str, Field(max_length=128)] | None = None
     expires_in: Annotated[float, Field(gt=0)] | None = None  # seconds from now
+
+
+class NewWeight(StrictBody):
+    weight: Annotated[float, Field(ge=0, le=10_000)]
 
 
 class Rotation(StrictBody):
@@ -179,3 +187,27 @@ async def usage(
         totals["prompt_tokens"] += t.prompt_tokens
         totals["completion_tokens"] += t.completion_tokens
     return _json({"object": "list", "data": data, "totals": totals})
+
+
+def _router(request: Request) -> Router:
+    router: Router = request.app.state.router
+    return router
+
+
+@router.get("/models")
+async def models_status(request: Request) -> Response:
+    registry: ModelRegistry = request.app.state.service.registry
+    data = [
+        {"object": "model", "id": name, "instances": _router(request).status(instances)}
+        for name, instances in registry.by_name().items()
+    ]
+    return _json({"object": "list", "data": data})
+
+
+@router.put("/models/{name}/instances/{backend_id}/weight")
+async def set_weight(request: Request, name: str, backend_id: str) -> Response:
+    body = parse(NewWeight, await request.body())
+    registry: ModelRegistry = request.app.state.service.registry
+    instances = registry.instances_of(name)
+    _router(request).set_weight(instances, backend_id, body.weight)
+    return _json({"object": "model", "id": name, "instances": _router(request).status(instances)})

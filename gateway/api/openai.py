@@ -64,6 +64,7 @@ async def chat_completions(request: Request, principal: Principal) -> ASGIApp:
         ),
         tokens=body.token_charge(messages),
         n=body.n,
+        session=body.user,
     )
     encoder = ChatStream(choices=body.n, include_usage=body.include_usage)
     return await serve(request, principal, plan, body=chat_completion, stream=encoder)
@@ -90,6 +91,7 @@ async def completions(request: Request, principal: Principal) -> ASGIApp:
         ),
         tokens=body.token_charge(),
         n=body.n,
+        session=body.user,
     )
     encoder = TextStream(choices=len(plan.requests), include_usage=body.include_usage)
     return await serve(request, principal, plan, body=text_completion, stream=encoder)

@@ -44,6 +44,8 @@ from gateway.tenancy.records import Principal, Priority
 body_log = logging.getLogger("lockgate.requests")
 # A client may lower its own priority (a batch job on an interactive key), never raise it.
 PRIORITY_HEADER = "x-lockgate-priority"
+# Requests carrying one id go to one instance (routing.affinity: session).
+SESSION_HEADER = "x-session-id"
 
 
 class StreamEncoder(Protocol):
@@ -96,6 +98,9 @@ async def serve(
 ) -> ASGIApp:
     """Run ``plan``; answer with ``body(result)`` as JSON, or stream it with ``stream``."""
     priority = priority_of(request, principal)
+    session = request.headers.get(SESSION_HEADER)
+    if session:
+        plan.session = session
     _handed_to_service(request, plan)
     run = service_of(request).run(principal, plan, priority=priority)
     handed_over = False

@@ -64,6 +64,7 @@ class PoolLoad:
     running: int  # slots in use
     capacity: int
     waiting: dict[str, int] = field(default_factory=dict)  # priority → queued requests
+    drain_per_second: float = 0.0  # slots freed per second, smoothed (0: not known yet)
 
 
 class GrantOwner(Protocol):

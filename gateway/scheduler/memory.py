@@ -85,7 +85,7 @@ class MemoryScheduler:
     def load(self, pool: str) -> PoolLoad:
         p = self._pools[pool]
         waiting = {"interactive": p.queue.depth("interactive"), "batch": p.queue.depth("batch")}
-        return PoolLoad(p.running, p.limits.capacity, waiting)
+        return PoolLoad(p.running, p.limits.capacity, waiting, p.drain.per_second)
 
     async def snapshot(self, pool: str) -> PoolLoad:
         return self.load(pool)

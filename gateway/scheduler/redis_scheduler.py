@@ -372,7 +372,7 @@ class RedisScheduler:
     def load(self, pool: str) -> PoolLoad:
         p = self._pools[pool]
         waiting = {"interactive": p.interactive, "batch": p.batch}
-        return PoolLoad(p.running, p.limits.capacity, waiting)
+        return PoolLoad(p.running, p.limits.capacity, waiting, p.drain)
 
     async def snapshot(self, pool: str) -> PoolLoad:
         try:

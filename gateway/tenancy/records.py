@@ -51,6 +51,7 @@ class Tenant(_Record):
     priority: Priority = "interactive"
     weight: Annotated[float, Field(gt=0, le=1000)] = 1.0
     log_requests: bool = False  # may request bodies be written to the debug log?
+    spillover: bool = True  # may its requests go to a higher tier (a CPU twin) when tier 0 is busy?
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models

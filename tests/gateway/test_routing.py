@@ -9,7 +9,7 @@ import pytest
 from gateway.routing import InstanceState, expected_wait, place
 
 
-def S(id: str, **kw: object) -> InstanceState:  # noqa: N802 - reads as a constructor
+def S(id: str, **kw: object) -> InstanceState:
     return InstanceState(id, **{"ready": True, "capacity": 4, **kw})  # type: ignore[arg-type]
 
 

@@ -22,9 +22,11 @@ from gateway.errors import RateLimited
 from gateway.events import Delta, Event, Failed, Finished, Plan, Started, collect
 from gateway.metrics import Metrics
 from gateway.registry import ModelRegistry, ServedModel
+from gateway.router import Router
 from gateway.scheduler.base import PoolLimits
 from gateway.scheduler.memory import MemoryScheduler
 from gateway.service import InferenceService, _all_or_nothing
+from gateway.settings import RoutingSettings
 from gateway.tenancy.admission import Admission
 from gateway.tenancy.counters import MemoryCounters
 from gateway.tenancy.records import ANONYMOUS, Limits, Principal, Tenant
@@ -77,7 +79,8 @@ async def world() -> World:
         scheduler.add_pool(m.pool, PoolLimits(capacity=backend.capacity, max_wait=5))
         served.append(m)
     admission = Admission(MemoryCounters(), ledger, metrics)  # type: ignore[arg-type]
-    service = InferenceService(ModelRegistry(served), metrics, admission)
+    router = Router(served, RoutingSettings(), metrics)
+    service = InferenceService(ModelRegistry(served), metrics, admission, router)
     return World(service, scheduler, ledger, metrics, backends)
 
 

@@ -177,11 +177,9 @@ def llama_server_binary() -> Path:
     return found[0]
 
 
-@pytest.fixture(scope="session")
-def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def start_llama_server(root: Path, *, port: int | None = None) -> Server:
     """llama.cpp's own server with the default Gemma GGUF and a few slots."""
-    root = tmp_path_factory.mktemp("llama-server")
-    port = free_port()
+    port = port or free_port()
     cmd = [
         str(llama_server_binary()),
         "-m",
@@ -201,7 +199,13 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "--alias",
         "gemma",
     ]
-    server = spawn(cmd, f"http://127.0.0.1:{port}", "/health", root / "llama-server.log")
+    return spawn(cmd, f"http://127.0.0.1:{port}", "/health", root / f"llama-server-{port}.log")
+
+
+@pytest.fixture(scope="session")
+def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """llama.cpp's own server with the default Gemma GGUF and a few slots."""
+    server = start_llama_server(tmp_path_factory.mktemp("llama-server"))
     yield server
     stop(server)
 
