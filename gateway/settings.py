@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import (
     AfterValidator,
+    BeforeValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -48,7 +49,10 @@ class ServerSettings(_Strict):
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # One line per request on the `lockgate.access` logger (gateway/access.py), at info.
-    access_log: Literal["text", "json", "off"] = "text"
+    # (YAML reads a bare `off` as false: that means off too.)
+    access_log: Annotated[
+        Literal["text", "json", "off"], BeforeValidator(lambda v: "off" if v is False else v)
+    ] = "text"
     max_body_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024 * 1024
     # Wire limits (gateway/http_server.py): past them 431, 414, 408 or 503, then closed.
     max_header_bytes: Annotated[int, Field(ge=1024, le=1 << 20)] = 32 * 1024
