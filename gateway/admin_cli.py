@@ -172,6 +172,7 @@ def _fields(
     priority: str | None,
     weight: float | None,
     log_requests: bool | None,
+    spillover: bool | None = None,
 ) -> dict[str, Any]:
     """The tenant fields given on the command line, other than limits."""
     fields: dict[str, Any] = {}
@@ -190,6 +191,8 @@ def _fields(
         fields["weight"] = weight
     if log_requests is not None:
         fields["log_requests"] = log_requests
+    if spillover is not None:
+        fields["spillover"] = spillover
     return fields
 
 
@@ -215,6 +218,14 @@ LogRequests = Annotated[
     typer.Option(
         "--log-requests/--no-log-requests",
         help="may its request bodies be written to the debug log",
+        show_default=False,
+    ),
+]
+Spillover = Annotated[
+    bool | None,
+    typer.Option(
+        "--spillover/--no-spillover",
+        help="may its requests go to a higher tier (a CPU twin) when tier 0 is busy",
         show_default=False,
     ),
 ]
@@ -245,11 +256,12 @@ def create_tenant(
     priority: PriorityOpt = None,
     weight: Weight = None,
     log_requests: LogRequests = None,
+    spillover: Spillover = None,
     with_key: Annotated[bool, typer.Option("--with-key", help="also create a key")] = False,
     url: Url = DEFAULT_URL,
 ) -> None:
     """Create a tenant (and, with --with-key, its first key)."""
-    fields = _fields(models, all_models, priority, weight, log_requests)
+    fields = _fields(models, all_models, priority, weight, log_requests, spillover)
     limits = _limits({
         "rpm": rpm, "tpm": tpm, "concurrency": concurrency,
         "daily_tokens": daily_tokens, "monthly_tokens": monthly_tokens,
@@ -292,10 +304,11 @@ def update_tenant(
     priority: PriorityOpt = None,
     weight: Weight = None,
     log_requests: LogRequests = None,
+    spillover: Spillover = None,
     url: Url = DEFAULT_URL,
 ) -> None:
     """Change the given fields; everything else stays as it is (--rpm none removes a limit)."""
-    body = _fields(models, all_models, priority, weight, log_requests)
+    body = _fields(models, all_models, priority, weight, log_requests, spillover)
     limits = _limits({
         "rpm": rpm, "tpm": tpm, "concurrency": concurrency,
         "daily_tokens": daily_tokens, "monthly_tokens": monthly_tokens,

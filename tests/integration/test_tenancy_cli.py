@@ -145,10 +145,11 @@ def test_every_tenant_field_has_a_flag(gateway: Server) -> None:
     assert (made["log_requests"], made["priority"], made["weight"]) == (True, "batch", 2.0)
     assert made["model_limits"]["gemma"]["requests_per_minute"] == 3
     changed = cli(
-        "tenants", "update", "flags", "--no-log-requests", "--model-limit", "gemma:tpm=none",
+        "tenants", "update", "flags", "--no-log-requests", "--no-spillover",
+        "--model-limit", "gemma:tpm=none",
         "--model-limit", "gemma-other:concurrency=1", url=url,
     )  # fmt: skip
-    assert changed["log_requests"] is False
+    assert changed["log_requests"] is False and changed["spillover"] is False
     assert changed["model_limits"]["gemma"]["requests_per_minute"] == 3  # kept
     assert changed["model_limits"]["gemma"]["tokens_per_minute"] is None
     assert changed["model_limits"]["gemma-other"]["max_concurrent"] == 1
