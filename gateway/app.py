@@ -53,6 +53,7 @@ from gateway.scheduler.redis_scheduler import RedisScheduler
 from gateway.service import InferenceService
 from gateway.settings import (
     AnyModelSettings,
+    ConfigError,
     FakeModelSettings,
     ModelSettings,
     RemoteModelSettings,
@@ -105,6 +106,13 @@ def _public_ids(models: Sequence[AnyModelSettings]) -> list[str]:
             n = remote.get(m.name, 0)
             remote[m.name] = n + 1
             ids.append(f"{m.backend}-{n}")
+    seen: set[tuple[str, str]] = set()
+    for m, id in zip(models, ids, strict=True):
+        if (m.name, id) in seen:  # a configured id equal to a generated one
+            raise ConfigError(
+                f"model '{m.name}': two instances would both be '{id}'; give each an `id`"
+            )
+        seen.add((m.name, id))
     return ids
 
 

@@ -6,7 +6,7 @@ takes traffic (after Envoy's outlier detection).
     outliers.state("chat@gpu-a")          # "healthy" | "ejected" | "half_open"
 
 ``eject_after`` consecutive failures eject an instance for ``eject_seconds`` times the
-number of times it has been ejected. Never more than half of a tier is ejected at
+number of times it has been ejected (at most 300 s). Never more than half of a tier is ejected at
 once (the routing policy also ignores ejection for a tier that is mostly ejected).
 When the time is over the instance is *half-open*: it takes one trial request (if its
 health probe passes — placement only picks ready instances); success readmits it, a
@@ -28,6 +28,7 @@ from typing import Literal, Protocol
 log = logging.getLogger(__name__)
 
 State = Literal["healthy", "ejected", "half_open"]
+MAX_EJECTION = 300.0  # seconds
 
 
 @dataclass(slots=True)
@@ -74,7 +75,7 @@ class Outliers:
         if self.board is None:
             return
         shared = self.board.ejections().get(pool)
-        if shared is None:
+        if shared is None or shared[0] <= self._wall():  # none, or over already
             return
         until = self._clock() + (shared[0] - self._wall())
         if until > mine.until + 0.5:  # a new ejection, not our own published one
@@ -97,6 +98,11 @@ class Outliers:
         if self.state(pool) == "half_open":
             self._get(pool).trial = True
 
+    def abandoned(self, pool: str) -> None:
+        """A request placed on it ended saying nothing of it (a 4xx, a full queue, the
+        client gone): if it was the half-open trial, the next request is."""
+        self._get(pool).trial = False
+
     def succeeded(self, pool: str) -> None:
         me = self._get(pool)
         me.consecutive = 0
@@ -111,6 +117,8 @@ class Outliers:
         if now < me.until:
             return False  # already out (a request placed before the ejection)
         half_open = me.until != 0.0
+        if half_open and not me.trial:
+            return False  # a request placed before the ejection, failing late: no evidence
         me.trial = False
         me.consecutive += 1
         if not half_open:
@@ -120,7 +128,8 @@ class Outliers:
             if (ejected + 1) * 2 > len(tier):
                 return False  # never more than half a tier
         me.times_ejected += 1
-        seconds = self.eject_seconds * me.times_ejected
+        # Longer each time, up to Envoy's max_ejection_time (300 s) or one period if longer.
+        seconds = min(self.eject_seconds * me.times_ejected, max(self.eject_seconds, MAX_EJECTION))
         me.until, me.consecutive = now + seconds, 0
         if self.board is not None:
             self.board.publish(pool, self._wall() + seconds, me.times_ejected)

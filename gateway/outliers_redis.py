@@ -62,7 +62,9 @@ class RedisBoard:
         keys = [self._keys[p] for p in pools]
         try:
             values = await self._link.call(lambda r: r.mget(keys))
-        except RedisDown:
+        except RedisDown:  # keep what is known, less what has ended
+            now = self._wall()
+            self._seen = {p: e for p, e in self._seen.items() if e[0] > now}
             return
         seen: dict[str, tuple[float, int]] = {}
         for pool, raw in zip(pools, values, strict=True):

@@ -155,6 +155,10 @@ class Router:
         self._record(served, ok=True, ttft=ttft)
         self.review(served, instances)
 
+    def abandoned(self, served: ServedModel) -> None:
+        """A request placed on ``served`` ended saying nothing of the instance."""
+        self.outliers.abandoned(served.pool)
+
     def failed(self, served: ServedModel, instances: Sequence[ServedModel]) -> None:
         """The instance failed a request (unreachable, 5xx, 429, timed out; not a 4xx)."""
         self.metrics.backend_outcomes.labels(served.name, served.public_id, "failed").inc()

@@ -65,7 +65,7 @@ class InstanceState:
 class Placement:
     index: int
     wait: float  # the expected wait there, seconds
-    spilled: bool = False  # placed on a higher tier than the lowest with a live instance
+    spilled: bool = False  # placed on a higher tier than the lowest configured one
 
 
 def expected_wait(s: InstanceState) -> float:

@@ -304,6 +304,11 @@ class InferenceService:
             except Exception as exc:
                 if _instance_failure(exc):
                     self.router.failed(served, instances)
+                else:
+                    self.router.abandoned(served)
+                raise
+            except BaseException:
+                self.router.abandoned(served)
                 raise
             self.router.succeeded(served, instances, None)
             request.usage = (result.prompt_tokens, 0)
@@ -335,43 +340,64 @@ class InferenceService:
         """
         router, tried = self.router, list[str]()
         key = router.affinity_key(_shared_prefix(plan.requests[0]), plan.session)
+        failure: Exception | None = None  # the last instance's, raised when none is left
         while True:
             served, _ = router.place(
                 instances, tried=tried, spill=principal.tenant.spillover, key=key
             )
+            if failure is not None and served.pool in tried:
+                raise failure  # nowhere else to go: never the same instance twice
             assert request.ticket is not None
             request.ticket.backend = served.instance
-            # A request that can never run is refused before it queues; the n choices
-            # of one prompt are alike, so each prompt is checked once.
-            for r in plan.requests[:: plan.n]:
-                await served.backend.validate(r)
-            request.grant = await self._queue(served, plan, principal, priority)
-            request.dispatched = time.perf_counter()
-            pending = [served.backend.generate(r) for r in plan.requests]
             try:
-                firsts = await _first_chunks(pending)
+                firsts, pending = await self._attempt(request, plan, principal, priority, served)
             except Exception as exc:
-                await _close_all(pending)
                 if not _instance_failure(exc):
+                    router.abandoned(served)
                     raise
                 router.failed(served, instances)
                 tried.append(served.pool)
-                if len(tried) > router.settings.retries or len(tried) >= len(instances):
+                if len(tried) > router.settings.retries:
                     raise
                 if not request.retried and not router.may_retry():
                     raise
+                assert request.grant is not None
                 request.grant.release()
                 request.grant = None
                 self.metrics.retries.labels(served.name, served.public_id).inc()
                 if not request.retried:
                     request.retried = True
                     router.retrying += 1
+                failure = exc
                 continue
             except BaseException:  # the client left, or a shutdown
-                await _close_all(pending)
+                router.abandoned(served)
                 raise
-            router.succeeded(served, instances, time.perf_counter() - request.started)
+            assert request.dispatched is not None
+            router.succeeded(served, instances, time.perf_counter() - request.dispatched)
             return served, firsts, pending
+
+    async def _attempt(
+        self,
+        request: _Request,
+        plan: Plan,
+        principal: Principal,
+        priority: Priority,
+        served: ServedModel,
+    ) -> tuple[list[GenerationChunk], list[AsyncIterator[GenerationChunk]]]:
+        """One try on ``served``: validate, queue, start; the first chunks in hand."""
+        # A request that can never run is refused before it queues; the n choices
+        # of one prompt are alike, so each prompt is checked once.
+        for r in plan.requests[:: plan.n]:
+            await served.backend.validate(r)
+        request.grant = await self._queue(served, plan, principal, priority)
+        request.dispatched = time.perf_counter()
+        pending = [served.backend.generate(r) for r in plan.requests]
+        try:
+            return await _first_chunks(pending), pending
+        except BaseException:  # an early error, or the client left
+            await _close_all(pending)
+            raise
 
     def _instances(self, principal: Principal, model: str) -> Sequence[ServedModel]:
         if not principal.tenant.allows(model):

@@ -331,6 +331,9 @@ def _put(data: dict[str, Any], path: list[str], value: Any, name: str) -> None:
         following = path[depth + 1]
         if isinstance(node, list):
             node = node[_index(node, part, name, path[:depth])]
+            if not isinstance(node, dict | list):
+                where = ".".join(path[: depth + 1])
+                raise ConfigError(f"{name}: {where} is not a mapping, so it has no {following}")
             continue
         child = node.get(part)
         if child is None and following.isdigit():
@@ -347,7 +350,7 @@ def _put(data: dict[str, Any], path: list[str], value: Any, name: str) -> None:
 
 def _index(entries: list[Any], part: str, name: str, where: list[str]) -> int:
     key = ".".join(where)
-    if not part.isdigit():
+    if not (part.isascii() and part.isdigit()):
         raise ConfigError(f"{name}: {key} is a list; use an index ({key.upper()}__0__...)")
     if int(part) >= len(entries):
         raise ConfigError(f"{name}: {key} has no entry {part} (it has {len(entries)})")

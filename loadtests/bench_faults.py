@@ -146,7 +146,8 @@ def main() -> None:
         drained_s = time.monotonic() - settle
     statuses: Counter[str] = Counter()
     for k, v in m.items():
-        found = re.match(r'lockgate_requests_total\{.*status="(\d+)"', k)
+        # The chats only: probes and scrapes are counted too (endpoint "health", "metrics").
+        found = re.match(r'lockgate_requests_total\{endpoint="chat",.*status="(\d+)"', k)
         if found:
             statuses[found.group(1)] += int(v)
     billed = sum(v for k, v in m.items() if k.startswith("lockgate_completion_tokens_total{"))

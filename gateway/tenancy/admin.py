@@ -44,14 +44,19 @@ class TenantAdmin:
         self._models = None if models is None else frozenset(models)
         self._wall = wall
 
-    def _check_models(self, tenant: Tenant) -> None:
+    def _check_models(self, tenant: Tenant, before: Tenant | None = None) -> None:
+        """Refuse names this gateway does not serve, among those the change adds (a name
+        kept from before may be served by another replica, or served again later)."""
         if self._models is None:
             return
+        known = set(self._models)
+        if before is not None:
+            known |= set(before.models or ()) | set(before.model_limits)
         for field, named in (
             ("models", tenant.models or ()),
             ("model_limits", tenant.model_limits),
         ):
-            unknown = sorted(set(named) - self._models)
+            unknown = sorted(set(named) - known)
             if unknown:
                 raise InvalidRequest(
                     f"This gateway serves no model named {', '.join(map(repr, unknown))};"
@@ -108,7 +113,7 @@ class TenantAdmin:
         if changes.get("id", tenant_id) != tenant_id:
             raise InvalidRequest("A tenant's id cannot change.", param="id")
         tenant = _tenant({**current.model_dump(), **changes})
-        self._check_models(tenant)
+        self._check_models(tenant, current)
         await self.store.put_tenant(tenant)
         self._auth.forget()
         return tenant

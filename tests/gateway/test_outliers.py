@@ -17,7 +17,7 @@ class Clock:
 
 class SharedBoard:
     """Two replicas' boards over one dict, as Redis would hold it (tested for real in
-    tests/integration/test_routing_redis.py)."""
+    tests/integration/test_routing.py)."""
 
     def __init__(self, store: dict[str, tuple[float, int]]) -> None:
         self.store = store
@@ -101,3 +101,51 @@ def test_one_replicas_ejection_ejects_for_all() -> None:
     assert other.state("m@a") == "ejected"
     clock.now += 30.1
     assert other.state("m@a") == "half_open"
+
+
+def test_a_trial_that_ends_saying_nothing_frees_the_next_request_to_be_one() -> None:
+    clock = Clock()
+    o = outliers(clock)
+    for _ in range(3):
+        o.failed("m@a", tier=TIER)
+    clock.now += 30.1
+    o.placed("m@a")
+    assert not o.takes_requests("m@a")
+    o.abandoned("m@a")  # a 4xx, a full queue, the client gone
+    assert o.takes_requests("m@a")
+
+
+def test_a_late_failure_does_not_re_eject_a_half_open_instance() -> None:
+    clock = Clock()
+    o = outliers(clock)
+    for _ in range(3):
+        o.failed("m@a", tier=TIER)
+    clock.now += 30.1
+    assert not o.failed("m@a", tier=TIER)  # placed before the ejection: no evidence
+    assert o.state("m@a") == "half_open"
+
+
+def test_a_shared_ejection_that_has_ended_is_not_applied_again() -> None:
+    clock, store = Clock(), {}
+    o = outliers(clock, board=SharedBoard(store))
+    for _ in range(3):
+        o.failed("m@a", tier=TIER)
+    clock.now += 30.1  # the board still holds the ended entry (Redis unreachable, say)
+    o.placed("m@a")
+    o.succeeded("m@a")
+    assert o.state("m@a") == "healthy"
+
+
+def test_ejections_stop_growing_at_300_seconds() -> None:
+    clock = Clock()
+    o = outliers(clock)
+    for _ in range(3):
+        o.failed("m@a", tier=TIER)
+    for _ in range(20):  # every trial fails
+        clock.now += 301
+        o.placed("m@a")
+        o.failed("m@a", tier=TIER)
+    clock.now += 299
+    assert o.state("m@a") == "ejected"
+    clock.now += 2
+    assert o.state("m@a") == "half_open"

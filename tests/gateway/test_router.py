@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from gateway.app import create_app
-from gateway.settings import Settings
+from gateway.settings import ConfigError, Settings
 from gateway.tenancy.keys import key_hash, new_key
 
 ADMIN = "admin-" + "r" * 40
@@ -210,3 +210,22 @@ async def test_session_affinity_follows_the_header(tmp_path: Path) -> None:
                 for i in range(5)
             }
             assert len(seen) == 1
+
+
+async def test_a_retry_never_goes_back_to_the_instance_that_failed(tmp_path: Path) -> None:
+    models = [fake("broken", "fail_before_first"), fake("twin", tier=1)]
+    async with client_for(tmp_path, models, routing={"affinity": "none"}) as c:
+        stay = {"Authorization": f"Bearer {STAY}"}  # may not spill to the twin
+        r = await c.post("/v1/chat/completions", json=chat(), headers=stay)
+        assert r.status_code == 503
+        text = (await c.get("/metrics")).text
+        tries = metric(text, "lockgate_backend_outcomes_total", backend_id="broken")
+        assert tries == 1  # one try, not two on the same instance
+        r = await c.post("/v1/chat/completions", json=chat(), headers=AUTH)
+        assert (r.status_code, r.headers["x-lockgate-backend"]) == (200, "twin")
+
+
+def test_a_configured_id_equal_to_a_generated_one_is_refused() -> None:
+    settings = Settings(models=[fake("fake"), {"name": "chat", "backend": "fake"}])
+    with pytest.raises(ConfigError, match="two instances would both be 'fake'"):
+        create_app(settings)

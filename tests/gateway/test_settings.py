@@ -182,3 +182,14 @@ def test_a_misspelled_backend_gets_one_message_listing_every_backend(tmp_path: P
     assert lines == [
         "  models.0: backend must be one of: embedded, openai, vllm, llamacpp, ollama, fake"
     ]
+
+
+def test_an_override_into_an_entry_that_is_not_a_mapping_is_a_config_error(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("models: [gemma]\n")
+    with pytest.raises(ConfigError, match="LOCKGATE_MODELS__0__N_CTX: models.0 is not a mapping"):
+        load_settings(config, {"LOCKGATE_MODELS__0__N_CTX": "512"})
+    with pytest.raises(ConfigError, match="is a list; use an index"):
+        load_settings(config, {"LOCKGATE_MODELS__²__N_CTX": "512"})
