@@ -189,7 +189,7 @@ def test_an_override_into_an_entry_that_is_not_a_mapping_is_a_config_error(
 ) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("models: [gemma]\n")
-    with pytest.raises(ConfigError, match="LOCKGATE_MODELS__0__N_CTX: models.0 is not a mapping"):
+    with pytest.raises(ConfigError, match=r"LOCKGATE_MODELS__0__N_CTX: models\.0 is not a mapping"):
         load_settings(config, {"LOCKGATE_MODELS__0__N_CTX": "512"})
     with pytest.raises(ConfigError, match="is a list; use an index"):
         load_settings(config, {"LOCKGATE_MODELS__²__N_CTX": "512"})
