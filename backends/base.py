@@ -105,9 +105,7 @@ class BackendUnavailable(BackendError):
 
     ``retry_after`` is when trying again makes sense (the next health probe, say)."""
 
-    def __init__(
-        self, message: str, *, retry_after: float = 1.0, code: str | None = None
-    ) -> None:
+    def __init__(self, message: str, *, retry_after: float = 1.0, code: str | None = None) -> None:
         super().__init__(message, code=code)
         self.retry_after = retry_after
 
@@ -173,6 +171,17 @@ class SamplingParams:
 
 
 @dataclass(frozen=True, slots=True)
+class ResponseFormat:
+    """A constraint on the output: any JSON object, or JSON that validates against
+    ``schema`` (OpenAI's ``response_format``, Ollama's ``format``)."""
+
+    kind: Literal["json_object", "json_schema"]
+    schema: Mapping[str, Any] | None = None
+    name: str | None = None
+    strict: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationRequest:
     """Either ``prompt`` (raw completion) or ``messages`` (chat) is set."""
 
@@ -186,6 +195,7 @@ class GenerationRequest:
     # False when the caller only wants the whole answer: a backend may then produce it
     # as one final chunk (a remote engine's non-streamed call, no SSE to parse).
     stream: bool = True
+    response_format: ResponseFormat | None = None
 
 
 @dataclass(frozen=True, slots=True)

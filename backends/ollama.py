@@ -84,6 +84,9 @@ def ollama_body(
         "keep_alive": options.keep_alive,
         "options": opts,
     }
+    fmt = request.response_format
+    if fmt is not None:  # Ollama's own: "json", or the schema itself
+        body["format"] = "json" if fmt.kind == "json_object" else dict(fmt.schema or {})
     if request.messages is None:
         # /v1/completions is raw text completion: no chat template, no system prompt.
         body.update(prompt=request.prompt or "", raw=True)

@@ -29,6 +29,7 @@ from backends.base import (
     FinishReason,
     GenerationChunk,
     GenerationRequest,
+    ResponseFormat,
     ToolCall,
     Unsupported,
 )
@@ -80,7 +81,20 @@ def request_body(
         body["stop"] = list(p.stop)
     if p.logit_bias:
         body["logit_bias"] = {str(k): v for k, v in p.logit_bias.items()}
+    fmt = request.response_format
+    if fmt is not None:  # vLLM and llama-server constrain decoding themselves
+        body["response_format"] = response_format_body(fmt)
     return body
+
+
+def response_format_body(fmt: ResponseFormat) -> dict[str, Any]:
+    """OpenAI's ``response_format`` for ``fmt``."""
+    if fmt.kind == "json_object":
+        return {"type": "json_object"}
+    spec: dict[str, Any] = {"name": fmt.name or "output", "schema": dict(fmt.schema or {})}
+    if fmt.strict is not None:
+        spec["strict"] = fmt.strict
+    return {"type": "json_schema", "json_schema": spec}
 
 
 class _ToolCallAssembler:

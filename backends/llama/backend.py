@@ -24,6 +24,7 @@ from backends.base import (
     InvalidRequestError,
     ModelInfo,
 )
+from backends.llama.constraints import Constraints
 from backends.llama.engine import EngineConfig, LlamaEngine
 from backends.llama.native import LlamaModel
 from backends.llama.templates import BuiltinTemplate, ChatTemplate
@@ -68,6 +69,7 @@ class EmbeddedBackend:
         self._engine: LlamaEngine | None = None
         self._template: ChatTemplate | None = None
         self._longest_token = 1  # bytes; set at start
+        self._constraints = Constraints()
         self.model_path: Path | None = None
 
     @property
@@ -186,6 +188,8 @@ class EmbeddedBackend:
             raise InvalidRequestError(
                 "tools are not supported by the embedded engine", param="tools"
             )
+        if request.response_format is not None:
+            self._constraints.grammar(request.response_format)  # a bad schema is a 400 now
         bad = [t for t in request.sampling.logit_bias if not 0 <= t < model.n_vocab]
         if bad:
             raise InvalidRequestError(
@@ -224,7 +228,11 @@ class EmbeddedBackend:
         requested = request.sampling.max_tokens
         max_tokens = requested if requested is not None else n_ctx - len(prompt)
         inbox: asyncio.Queue[object] = asyncio.Queue()
-        ticket = engine.submit(prompt, request.sampling, max_tokens, inbox.put_nowait)
+        fmt = request.response_format
+        grammar = None if fmt is None else self._constraints.grammar(fmt)
+        ticket = engine.submit(
+            prompt, request.sampling, max_tokens, inbox.put_nowait, grammar=grammar
+        )
         finished = False
         try:
             while True:

@@ -32,9 +32,17 @@ from backends.base import (
     BackendUnavailable,
     FinishReason,
     GenerationChunk,
+    InvalidRequestError,
     SamplingParams,
 )
-from backends.llama.native import Batch, ContextConfig, LlamaContext, LlamaModel, Sampler
+from backends.llama.native import (
+    Batch,
+    ContextConfig,
+    Grammar,
+    LlamaContext,
+    LlamaModel,
+    Sampler,
+)
 from backends.llama.stop import StopMatcher
 
 log = logging.getLogger(__name__)
@@ -69,6 +77,7 @@ class _Sequence:
     stop: StopMatcher = field(default_factory=lambda: StopMatcher(()))
     utf8: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
     done: bool = False
+    grammar: str | None = None  # GBNF the output must match
 
 
 @dataclass(eq=False, slots=True)
@@ -157,7 +166,13 @@ class LlamaEngine:
     # -- requests (event-loop side) --------------------------------------
 
     def submit(
-        self, prompt: list[int], sampling: SamplingParams, max_tokens: int, deliver: Deliver
+        self,
+        prompt: list[int],
+        sampling: SamplingParams,
+        max_tokens: int,
+        deliver: Deliver,
+        *,
+        grammar: str | None = None,
     ) -> Ticket:
         """Queue a sequence; ``deliver`` receives chunks or a BackendError."""
         if not self.alive:
@@ -175,6 +190,7 @@ class LlamaEngine:
             deliver=deliver,
             deadline=time.monotonic() + self.config.queue_timeout,
             stop=StopMatcher(sampling.stop),
+            grammar=grammar,
         )
         self._put(seq)
         self._submitted += 1
@@ -301,8 +317,19 @@ class LlamaEngine:
         while self._waiting and self._free_slots:
             seq = self._waiting.popleft()
             self._dequeued += 1
-            seq.slot = self._free_slots.pop()
             p = seq.sampling
+            grammar = None
+            if seq.grammar is not None:
+                try:
+                    grammar = Grammar(self.model, seq.grammar)
+                except ValueError:  # refused, never run unconstrained (llama.cpp #19051)
+                    self._send(seq, InvalidRequestError(
+                        "response_format: the output constraint could not be compiled",
+                        param="response_format",
+                    ))  # fmt: skip
+                    seq.done = True
+                    continue
+            seq.slot = self._free_slots.pop()
             # OpenAI's defaults where the request is silent; top-k is ours (see config).
             seq.sampler = Sampler(
                 self.model,
@@ -315,6 +342,7 @@ class LlamaEngine:
                 frequency_penalty=p.frequency_penalty or 0.0,
                 repeat_penalty=p.repeat_penalty or 1.0,
                 logit_bias=p.logit_bias,
+                grammar=grammar,
             )
             self._running[seq.slot] = seq
         self.running_count = len(self._running)

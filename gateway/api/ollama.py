@@ -65,6 +65,7 @@ async def chat(request: Request, principal: Principal) -> ASGIApp:
         messages=messages,
         tools=body.tool_definitions(),
         stream=body.stream,
+        response_format=body.output_format(),
     )
     plan = Plan.single(body.model, "ollama_chat", generation, tokens=body.token_charge(messages))
     return await serve(request, principal, plan, body=chat_response, stream=ChatLines())
@@ -83,6 +84,7 @@ async def generate(request: Request, principal: Principal) -> ASGIApp:
         prompt=body.prompt if messages is None else None,
         messages=messages,
         stream=body.stream,
+        response_format=body.output_format(),
     )
     plan = Plan.single(body.model, "ollama_generate", generation, tokens=body.token_charge())
     return await serve(request, principal, plan, body=generate_response, stream=GenerateLines())

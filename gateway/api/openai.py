@@ -58,6 +58,7 @@ async def chat_completions(request: Request, principal: Principal) -> ASGIApp:
                     tools=tools,
                     tool_choice=body.tool_choice,
                     stream=body.stream,
+                    response_format=body.output_format(),
                 )
                 for i in range(body.n)
             ]
@@ -85,6 +86,7 @@ async def completions(request: Request, principal: Principal) -> ASGIApp:
                 sampling=body.sampling(choice=i),
                 prompt=prompt,
                 stream=body.stream,
+                response_format=body.output_format(),
             )
             for p, prompt in enumerate(prompts)
             for i in range(body.n)

@@ -18,7 +18,14 @@ from typing import Annotated, Any, Literal
 import orjson
 from pydantic import Field, field_validator, model_validator
 
-from backends.base import ChatMessage, GenerationChunk, ModelInfo, SamplingParams, ToolCall
+from backends.base import (
+    ChatMessage,
+    GenerationChunk,
+    ModelInfo,
+    ResponseFormat,
+    SamplingParams,
+    ToolCall,
+)
 from gateway.errors import ErrorInfo
 from gateway.events import Finished, Result, Started, Timings
 from gateway.protocol.wire import (
@@ -81,10 +88,16 @@ class _Generating(WireModel):
 
     @field_validator("format")
     @classmethod
-    def _no_structured_outputs(cls, value: str | dict[str, Any] | None) -> object:
-        if value:  # "" means none, as Ollama reads it
-            raise ValueError("structured outputs (json or a schema) are not supported yet")
+    def _json_or_a_schema(cls, value: str | dict[str, Any] | None) -> object:
+        if isinstance(value, str) and value not in ("", "json"):  # "": none, as Ollama reads it
+            raise ValueError('format must be "json" or a JSON Schema object')
         return value
+
+    def output_format(self) -> ResponseFormat | None:
+        """Ollama's ``format``: ``"json"`` for any JSON object, or a JSON Schema."""
+        if isinstance(self.format, dict):
+            return ResponseFormat("json_schema", schema=self.format)
+        return ResponseFormat("json_object") if self.format == "json" else None
 
     @field_validator("think")
     @classmethod

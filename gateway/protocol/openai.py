@@ -13,9 +13,15 @@ from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from backends.base import ChatMessage, GenerationChunk, SamplingParams, ToolCall
+from backends.base import (
+    ChatMessage,
+    GenerationChunk,
+    ResponseFormat,
+    SamplingParams,
+    ToolCall,
+)
 from gateway.errors import ErrorInfo, InvalidRequest
 from gateway.events import Finished, Result, Started
 from gateway.protocol.wire import (
@@ -78,6 +84,34 @@ class StreamOptions(WireModel):
     include_usage: bool = False
 
 
+class JsonSchemaSpec(WireModel):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormatIn(WireModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_when_asked(self) -> ResponseFormatIn:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema is required when type is json_schema")
+        return self
+
+    def spec(self) -> ResponseFormat | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return ResponseFormat("json_object")
+        spec = self.json_schema
+        assert spec is not None
+        return ResponseFormat("json_schema", schema=spec.schema_ or {}, name=spec.name,
+                              strict=spec.strict)  # fmt: skip
+
+
 class _SamplingFields(WireModel):
     model: str
     max_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -95,15 +129,10 @@ class _SamplingFields(WireModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: bool | int | None = None
-    # Refused (400) until structured outputs exist, rather than silently ignored.
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormatIn | None = None
 
-    @field_validator("response_format")
-    @classmethod
-    def _no_structured_outputs(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and value.get("type", "text") != "text":
-            raise ValueError("structured outputs (json_object, json_schema) are not supported yet")
-        return value
+    def output_format(self) -> ResponseFormat | None:
+        return None if self.response_format is None else self.response_format.spec()
 
     @model_validator(mode="after")
     def _check_combinations(self) -> _SamplingFields:

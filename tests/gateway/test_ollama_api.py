@@ -8,6 +8,7 @@ import httpx
 import ollama
 import pytest
 
+from backends.base import ResponseFormat
 from backends.fake import FakeBackend
 
 
@@ -180,14 +181,19 @@ async def test_nothing_to_generate_is_ollamas_load_and_unload(
     assert r.json()["details"]["family"] == "fake"
 
 
-@pytest.mark.parametrize("fmt", ["json", {"type": "object"}])
-async def test_format_is_refused_until_structured_outputs_exist(
-    ol: ollama.AsyncClient, fmt: object
+async def test_format_reaches_the_backend_and_other_strings_are_refused(
+    ol: ollama.AsyncClient, client: httpx.AsyncClient, fakes: dict[str, FakeBackend]
 ) -> None:
-    with pytest.raises(ollama.ResponseError) as refused:
-        await ol.generate(model="echo", prompt="x", format=fmt, stream=False)  # type: ignore[arg-type]
-    assert refused.value.status_code == 400
-    assert "format" in refused.value.error
+    await ol.generate(model="echo", prompt="x", format="json", stream=False)
+    assert fakes["echo"].seen[-1].response_format == ResponseFormat("json_object")
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    await ol.chat(model="echo", messages=[{"role": "user", "content": "x"}], format=schema,
+                  stream=False)  # fmt: skip
+    assert fakes["echo"].seen[-1].response_format == ResponseFormat("json_schema", schema=schema)
+    # (The ollama client refuses to send this; a raw client can.)
+    r = await client.post("/api/generate", json={"model": "echo", "prompt": "x", "format": "yaml"})
+    assert r.status_code == 400
+    assert "format" in r.json()["error"]
 
 
 async def test_an_error_after_streaming_began_is_an_error_line(ol: ollama.AsyncClient) -> None:
