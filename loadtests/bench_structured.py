@@ -1,11 +1,12 @@
 """What a grammar costs the embedded engine: the same requests free and constrained.
 
-``lockgate serve`` on the default model; ``--clients`` concurrent clients send chats
-for ``--seconds`` per arm, arms alternated over ``--rounds``: free text, ``json_object``
-and a ``json_schema`` (a small object). Reported per arm: completion tokens/s, time per
-output token, the share of answers that parse (and validate), and the ratios to free text.
+``lockgate serve`` on the default model (16 sequences); at each of ``--clients`` (1 and
+16) that many concurrent clients send chats for ``--seconds`` per arm, arms alternated
+over ``--rounds``: free text, ``json_object`` and a ``json_schema`` (a small object).
+Reported per arm: completion tokens/s, the share of answers that parse, and the ratio
+to free text.
 
-    python loadtests/bench_structured.py --clients 4 --rounds 3
+    python loadtests/bench_structured.py --clients 1,16 --rounds 2
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ async def arm(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--clients", default="1,16")
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "bench_structured.json")
@@ -99,33 +100,38 @@ def main() -> None:
     config = root / "config.yaml"
     config.write_text(
         f"server: {{port: {port}, log_level: warning, access_log: 'off'}}\n"
-        "models:\n  - {name: gemma, n_ctx: 512, max_sequences: 4}\n"
+        "models:\n  - {name: gemma, n_ctx: 512, max_sequences: 16}\n"
     )
     cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in ARMS}
+    levels = [int(c) for c in args.clients.split(",")]
+    runs: dict[int, dict[str, list[dict[str, float]]]] = {c: {n: [] for n in ARMS} for c in levels}
     with spawned(cmd, root / "lockgate.log", gateway_env(root)) as proc:
         base = f"http://127.0.0.1:{port}"
         wait_http(f"{base}/health/ready", proc)
-        for r in range(args.rounds):
-            order = list(ARMS) if r % 2 == 0 else list(reversed(ARMS))
-            for name in order:
-                result = asyncio.run(arm(base, ARMS[name], args.clients, args.seconds))
-                runs[name].append(result)
-                print(f"  round {r + 1} {name:12} {result}", flush=True)
+        for clients in levels:
+            for r in range(args.rounds):
+                order = list(ARMS) if r % 2 == 0 else list(reversed(ARMS))
+                for name in order:
+                    result = asyncio.run(arm(base, ARMS[name], clients, args.seconds))
+                    runs[clients][name].append(result)
+                    print(f"  c={clients} round {r + 1} {name:12} {result}", flush=True)
     summary = {
-        name: {k: statistics.median(x[k] for x in results) for k in results[0]}
-        for name, results in runs.items()
+        clients: {
+            name: {k: statistics.median(x[k] for x in results) for k in results[0]}
+            for name, results in by_arm.items()
+        }
+        for clients, by_arm in runs.items()
     }
-    free = summary["free"]["tokens_per_s"]
-    print(f"\n{args.clients} clients")
-    print("| arm | tokens/s | ratio to free | parsed |\n|---|---:|---:|---:|")
-    for name, s in summary.items():
-        print(f"| {name} | {s['tokens_per_s']:.1f} | {s['tokens_per_s'] / free:.2f} | "
-              f"{s['parsed_share']:.0%} |")  # fmt: skip
+    print("\n| clients | arm | tokens/s | ratio to free | answers that parse |")
+    print("|---:|---|---:|---:|---:|")
+    for clients, by_arm in summary.items():
+        free = by_arm["free"]["tokens_per_s"]
+        for name, s in by_arm.items():
+            print(f"| {clients} | {name} | {s['tokens_per_s']:.1f} | "
+                  f"{s['tokens_per_s'] / free:.2f} | {s['parsed_share']:.0%} |")  # fmt: skip
     report = {
         "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
         "revision": git_revision(),
-        "clients": args.clients,
         "summary": summary,
         "runs": runs,
     }

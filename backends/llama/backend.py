@@ -24,7 +24,7 @@ from backends.base import (
     InvalidRequestError,
     ModelInfo,
 )
-from backends.llama.constraints import Constraints
+from backends.llama.constraints import Constraint, Constraints
 from backends.llama.engine import EngineConfig, LlamaEngine
 from backends.llama.native import LlamaModel
 from backends.llama.templates import BuiltinTemplate, ChatTemplate
@@ -69,7 +69,7 @@ class EmbeddedBackend:
         self._engine: LlamaEngine | None = None
         self._template: ChatTemplate | None = None
         self._longest_token = 1  # bytes; set at start
-        self._constraints = Constraints()
+        self._constraints: Constraints | None = None  # built at the first constrained request
         self.model_path: Path | None = None
 
     @property
@@ -153,6 +153,11 @@ class EmbeddedBackend:
             chat_template=model.chat_template is not None,
         )
 
+    def _constraints_of(self, model: LlamaModel) -> Constraints:
+        if self._constraints is None:
+            self._constraints = Constraints(model)
+        return self._constraints
+
     def _require(self) -> tuple[LlamaEngine, LlamaModel]:
         if self._engine is None or self._model is None or not self._engine.alive:
             raise BackendUnavailable("the model is not loaded")
@@ -188,8 +193,8 @@ class EmbeddedBackend:
             raise InvalidRequestError(
                 "tools are not supported by the embedded engine", param="tools"
             )
-        if request.response_format is not None:
-            self._constraints.grammar(request.response_format)  # a bad schema is a 400 now
+        if request.response_format is not None:  # a bad schema is a 400 now
+            await self._constraints_of(model).matcher(request.response_format)
         bad = [t for t in request.sampling.logit_bias if not 0 <= t < model.n_vocab]
         if bad:
             raise InvalidRequestError(
@@ -228,10 +233,13 @@ class EmbeddedBackend:
         requested = request.sampling.max_tokens
         max_tokens = requested if requested is not None else n_ctx - len(prompt)
         inbox: asyncio.Queue[object] = asyncio.Queue()
-        fmt = request.response_format
-        grammar = None if fmt is None else self._constraints.grammar(fmt)
+        fmt, constraint = request.response_format, None
+        if fmt is not None:
+            _, model = self._require()
+            matcher = await self._constraints_of(model).matcher(fmt)
+            constraint = Constraint(matcher, model.n_vocab)
         ticket = engine.submit(
-            prompt, request.sampling, max_tokens, inbox.put_nowait, grammar=grammar
+            prompt, request.sampling, max_tokens, inbox.put_nowait, constraint=constraint
         )
         finished = False
         try:

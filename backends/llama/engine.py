@@ -32,13 +32,12 @@ from backends.base import (
     BackendUnavailable,
     FinishReason,
     GenerationChunk,
-    InvalidRequestError,
     SamplingParams,
 )
 from backends.llama.native import (
     Batch,
+    Constraint,
     ContextConfig,
-    Grammar,
     LlamaContext,
     LlamaModel,
     Sampler,
@@ -77,7 +76,7 @@ class _Sequence:
     stop: StopMatcher = field(default_factory=lambda: StopMatcher(()))
     utf8: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
     done: bool = False
-    grammar: str | None = None  # GBNF the output must match
+    constraint: Constraint | None = None  # what the output must match (response_format)
 
 
 @dataclass(eq=False, slots=True)
@@ -172,7 +171,7 @@ class LlamaEngine:
         max_tokens: int,
         deliver: Deliver,
         *,
-        grammar: str | None = None,
+        constraint: Constraint | None = None,
     ) -> Ticket:
         """Queue a sequence; ``deliver`` receives chunks or a BackendError."""
         if not self.alive:
@@ -190,7 +189,7 @@ class LlamaEngine:
             deliver=deliver,
             deadline=time.monotonic() + self.config.queue_timeout,
             stop=StopMatcher(sampling.stop),
-            grammar=grammar,
+            constraint=constraint,
         )
         self._put(seq)
         self._submitted += 1
@@ -318,17 +317,6 @@ class LlamaEngine:
             seq = self._waiting.popleft()
             self._dequeued += 1
             p = seq.sampling
-            grammar = None
-            if seq.grammar is not None:
-                try:
-                    grammar = Grammar(self.model, seq.grammar)
-                except ValueError:  # refused, never run unconstrained (llama.cpp #19051)
-                    self._send(seq, InvalidRequestError(
-                        "response_format: the output constraint could not be compiled",
-                        param="response_format",
-                    ))  # fmt: skip
-                    seq.done = True
-                    continue
             seq.slot = self._free_slots.pop()
             # OpenAI's defaults where the request is silent; top-k is ours (see config).
             seq.sampler = Sampler(
@@ -342,7 +330,7 @@ class LlamaEngine:
                 frequency_penalty=p.frequency_penalty or 0.0,
                 repeat_penalty=p.repeat_penalty or 1.0,
                 logit_bias=p.logit_bias,
-                grammar=grammar,
+                constraint=seq.constraint,
             )
             self._running[seq.slot] = seq
         self.running_count = len(self._running)

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import llama_cpp as C
 import numpy as np
@@ -258,11 +258,11 @@ class Sampler:
         frequency_penalty: float,
         repeat_penalty: float = 1.0,
         logit_bias: Mapping[int, float],
-        grammar: Grammar | None = None,
+        constraint: Constraint | None = None,
     ) -> None:
         chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
         self._chain = chain
-        self._grammar = grammar
+        self._constraint = constraint
         if logit_bias:
             arr = (C.llama_logit_bias * len(logit_bias))()
             for i, (token, bias) in enumerate(logit_bias.items()):
@@ -294,76 +294,23 @@ class Sampler:
 
     def sample(self, ctx: LlamaContext, index: int) -> int:
         """Sample from the logits at batch row ``index`` and record the choice."""
-        if self._grammar is None:
-            # llama_sampler_sample also calls accept(), which feeds the penalties.
-            return int(C.llama_sampler_sample(self._chain, ctx.handle, index))
-        return self._grammar.sample(self._chain, ctx, index)
+        constraint = self._constraint
+        if constraint is not None:  # forbidden tokens' logits to -inf, then as usual
+            constraint.mask(ctx.handle, index)
+        # llama_sampler_sample also calls accept(), which feeds the penalties.
+        token = int(C.llama_sampler_sample(self._chain, ctx.handle, index))
+        if constraint is not None:
+            constraint.consume(token)
+        return token
 
     def close(self) -> None:
         if self._chain:
             C.llama_sampler_free(self._chain)
             self._chain = None
-        if self._grammar is not None:
-            self._grammar.close()
-            self._grammar = None
 
 
-_TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+class Constraint(Protocol):
+    """What limits a sequence's tokens (backends.llama.constraints.Constraint)."""
 
-
-class Grammar:
-    """A GBNF grammar that constrains one sequence, checked the way llama.cpp's own
-    common sampler does it: sample as usual, then ask the grammar about that one token;
-    only when it is refused, mask the whole vocabulary and sample again.
-
-    Masking every step would cost more than the decode itself on a 262k-token vocabulary
-    (llama.cpp #7554: 85 ms a token); most steps need one check of one token.
-
-    ``Grammar(model, gbnf)`` raises ``ValueError`` for a grammar llama.cpp cannot parse
-    (never unconstrained text: llama.cpp #19051).
-    """
-
-    def __init__(self, model: LlamaModel, gbnf: str) -> None:
-        self._sampler = C.llama_sampler_init_grammar(model.vocab, gbnf.encode(), b"root")
-        if not self._sampler:
-            raise ValueError("the grammar could not be parsed")
-        self._cur = np.empty(model.n_vocab, dtype=_TOKEN_DATA)
-        self._ids = np.arange(model.n_vocab, dtype=np.int32)
-        self._n_vocab = model.n_vocab
-        self._one = (C.llama_token_data * 1)()
-        self.masked = 0  # steps that needed the whole vocabulary masked
-
-    def _candidates(self, ctx: LlamaContext, index: int) -> Any:
-        logits = np.ctypeslib.as_array(C.llama_get_logits_ith(ctx.handle, index), (self._n_vocab,))
-        cur = self._cur
-        cur["id"] = self._ids
-        cur["logit"] = logits
-        cur["p"] = 0.0
-        data = cur.ctypes.data_as(ctypes.POINTER(C.llama_token_data))
-        return C.llama_token_data_array(data, self._n_vocab, -1, False)
-
-    def _allows(self, token: int) -> bool:
-        one = self._one
-        one[0] = C.llama_token_data(token, 1.0, 0.0)
-        array = C.llama_token_data_array(one, 1, -1, False)
-        C.llama_sampler_apply(self._sampler, ctypes.byref(array))
-        return bool(one[0].logit != -np.inf)
-
-    def sample(self, chain: Any, ctx: LlamaContext, index: int) -> int:
-        array = self._candidates(ctx, index)
-        C.llama_sampler_apply(chain, ctypes.byref(array))
-        token = int(array.data[array.selected].id)
-        if not self._allows(token):
-            self.masked += 1
-            array = self._candidates(ctx, index)
-            C.llama_sampler_apply(self._sampler, ctypes.byref(array))
-            C.llama_sampler_apply(chain, ctypes.byref(array))
-            token = int(array.data[array.selected].id)
-        C.llama_sampler_accept(self._sampler, token)
-        C.llama_sampler_accept(chain, token)
-        return token
-
-    def close(self) -> None:
-        if self._sampler:
-            C.llama_sampler_free(self._sampler)
-            self._sampler = None
+    def mask(self, ctx: Any, index: int) -> None: ...
+    def consume(self, token: int) -> None: ...

@@ -1,8 +1,10 @@
-"""response_format → GBNF: what is refused, what is cached, and what remote engines are sent."""
+"""response_format: what the embedded engine refuses and caches (on the real model's
+vocabulary), and what remote engines are sent."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import pytest
 
@@ -13,55 +15,48 @@ from backends.base import (
     ResponseFormat,
     SamplingParams,
 )
-from backends.llama.constraints import MAX_SCHEMA_BYTES, Constraints, unhonoured
+from backends.llama.constraints import MAX_SCHEMA_BYTES, Constraints
+from backends.llama.native import LlamaModel
+from backends.model_store import default_model_path
 from backends.ollama import OllamaOptions, ollama_body
 from backends.openai_compat import request_body
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
 
 
-def test_unenforced_keywords_are_found_with_their_paths() -> None:
-    schema = {
-        "type": "object",
-        "title": "ignored: an annotation",
-        "properties": {
-            "age": {"type": "integer", "minimum": 0},
-            "tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True},
-            "any": {"anyOf": [{"type": "number", "multipleOf": 2}, {"type": "null"}]},
-        },
-        "$defs": {"x": {"type": "string", "not": {"const": "a"}}},
-    }
-    assert unhonoured(schema) == [
-        "properties.age.minimum",
-        "properties.tags.uniqueItems",
-        "properties.any.anyOf.0.multipleOf",
-        "$defs.x.not",
-    ]
-    assert unhonoured(PERSON) == []
+@pytest.fixture(scope="module")
+def constraints() -> Iterator[Constraints]:
+    model = LlamaModel(default_model_path(progress=False))
+    yield Constraints(model)
+    model.close()
 
 
-def test_grammars_are_built_once_and_bad_schemas_are_400s() -> None:
-    c = Constraints()
-    first = c.grammar(ResponseFormat("json_schema", schema=PERSON))
-    assert c.grammar(ResponseFormat("json_schema", schema=dict(PERSON))) is first  # cached
-    assert "root" in c.grammar(ResponseFormat("json_object"))
+async def test_matchers_are_compiled_once_per_schema(constraints: Constraints) -> None:
+    first = await constraints.matcher(ResponseFormat("json_schema", schema=PERSON))
+    again = await constraints.matcher(ResponseFormat("json_schema", schema=dict(PERSON)))
+    assert first is not again  # a fresh copy for each sequence (matchers hold state)
+    assert len(constraints._cache) == 1
+    await constraints.matcher(ResponseFormat("json_object"))
+    assert len(constraints._cache) == 2
+
+
+async def test_what_cannot_be_enforced_is_a_400_naming_it(constraints: Constraints) -> None:
     deep: dict[str, object] = {"type": "string"}
     for _ in range(30):
         deep = {"type": "array", "items": deep}
     huge = {"type": "object", "description": "x" * MAX_SCHEMA_BYTES}
-    strict_bounded = ResponseFormat("json_schema", schema={"type": "integer", "maximum": 3},
-                                    strict=True)  # fmt: skip
+    unique = {"type": "array", "items": {"type": "string"}, "uniqueItems": True}
     for fmt, said in [
         (ResponseFormat("json_schema", schema=deep), "nests deeper"),
         (ResponseFormat("json_schema", schema=huge), "KiB"),
-        (strict_bounded, "maximum"),
-        (ResponseFormat("json_schema", schema={"$ref": "#/$defs/nope"}), "not supported"),
+        (ResponseFormat("json_schema", schema=unique, strict=True), "uniqueItems"),
+        (ResponseFormat("json_schema", schema={"$ref": "#/$defs/nope"}), "does not exist"),
     ]:
         with pytest.raises(InvalidRequestError, match=said) as refused:
-            c.grammar(fmt)
+            await constraints.matcher(fmt)
         assert refused.value.param == "response_format"
     # Without strict, what cannot be enforced is left out (best effort).
-    assert c.grammar(ResponseFormat("json_schema", schema={"type": "integer", "maximum": 3}))
+    assert await constraints.matcher(ResponseFormat("json_schema", schema=unique))
 
 
 def test_remote_engines_are_sent_the_format_in_their_own_shape() -> None:
