@@ -136,7 +136,7 @@ def test_strict_refuses_what_it_cannot_enforce_and_non_strict_does_its_best(
                 "uniqueItems": True,
                 "items": {"type": "string", "maxLength": 10},
             }
-        },  # fmt: skip
+        },
         "required": ["tags"],
     }
     spec = {"name": "t", "schema": tagged}
