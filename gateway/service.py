@@ -28,8 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
-from typing import TypeVar
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 
 from backends.base import (
     BackendOverloaded,
@@ -38,6 +37,7 @@ from backends.base import (
     GenerationChunk,
     GenerationRequest,
 )
+from gateway.choices import ChoiceStream, close_all, first_chunks, merge
 from gateway.errors import (
     CLIENT_CLOSED,
     Forbidden,
@@ -64,39 +64,8 @@ from gateway.scheduler.base import Grant
 from gateway.tenancy.admission import Admission, Ticket
 from gateway.tenancy.records import Principal, Priority
 
-T = TypeVar("T")
-
 QUEUED_HEADER = "x-lockgate-queued-ms"  # time spent waiting for an engine slot
 BACKEND_HEADER = "x-lockgate-backend"  # the instance that served the request
-
-
-class _Stream:
-    """One choice in flight: the rest of its chunks and what it has produced so far."""
-
-    __slots__ = ("charged", "counts_prompt", "first", "grant", "latest", "rest")
-
-    def __init__(
-        self,
-        first: GenerationChunk,
-        rest: AsyncIterator[GenerationChunk],
-        *,
-        counts_prompt: bool,
-        grant: Grant,
-    ) -> None:
-        self.first = first
-        self.rest = rest
-        self.counts_prompt = counts_prompt  # False for extra choices (n > 1) of one prompt
-        self.grant = grant  # whose fair share the tokens count toward
-        self.latest = first
-        self.charged = 0  # tokens already counted toward the fair share
-        self.advance(first)
-
-    def advance(self, chunk: GenerationChunk) -> None:
-        """Record ``chunk`` as the latest, and charge its new tokens to the tenant's share."""
-        self.latest = chunk
-        served = chunk.completion_tokens + (chunk.prompt_tokens if self.counts_prompt else 0)
-        self.grant.charge(served - self.charged)
-        self.charged = served
 
 
 class _Request:
@@ -128,7 +97,7 @@ class _Request:
         self.first_seen: float | None = None
         self.ticket: Ticket | None = None  # settled by finish()
         self.grant: Grant | None = None  # released by finish()
-        self.streams: Sequence[_Stream] = ()
+        self.streams: Sequence[ChoiceStream] = ()
         self.usage: tuple[int, int] | None = None  # set by embeddings, which have no streams
         self.retried = False  # it counts against the router's retry budget
         self._done = False
@@ -232,7 +201,7 @@ class InferenceService:
             assert grant is not None
             request.first_token()
             request.streams = streams = [
-                _Stream(first, rest, counts_prompt=i % plan.n == 0, grant=grant)
+                ChoiceStream(first, rest, counts_prompt=i % plan.n == 0, grant=grant)
                 for i, (first, rest) in enumerate(zip(firsts, pending, strict=True))
             ]
             headers = request.ticket.headers  # this request's own: no copy needed
@@ -257,7 +226,7 @@ class InferenceService:
                         else:
                             whole[0].add(chunk)
                 else:
-                    async with contextlib.aclosing(_merge(streams)) as merged:
+                    async with contextlib.aclosing(merge(streams)) as merged:
                         async for index, chunk in merged:
                             streams[index].advance(chunk)
                             if whole is None:
@@ -279,7 +248,7 @@ class InferenceService:
             # However it ended: the engines stop work nobody reads, then the slots go, even
             # if closing a stream is itself interrupted.
             try:
-                await _close_all([s.rest for s in request.streams])
+                await close_all([s.rest for s in request.streams])
             finally:
                 request.finish(status)
                 self.router.in_flight -= 1
@@ -394,9 +363,9 @@ class InferenceService:
         request.dispatched = time.perf_counter()
         pending = [served.backend.generate(r) for r in plan.requests]
         try:
-            return await _first_chunks(pending), pending
+            return await first_chunks(pending), pending
         except BaseException:  # an early error, or the client left
-            await _close_all(pending)
+            await close_all(pending)
             raise
 
     def _instances(self, principal: Principal, model: str) -> Sequence[ServedModel]:
@@ -441,67 +410,3 @@ def _shared_prefix(request: GenerationRequest) -> str:
 def _instance_failure(exc: BaseException) -> bool:
     """The instance failed the request (the client's 4xx never counts against it)."""
     return isinstance(exc, BackendUnavailable | BackendOverloaded | BackendTimeout)
-
-
-async def _first_chunks(
-    streams: Sequence[AsyncIterator[GenerationChunk]],
-) -> list[GenerationChunk]:
-    if len(streams) == 1:  # the common case needs no tasks
-        return [await anext(streams[0])]
-    return await _all_or_nothing([anext(s) for s in streams])
-
-
-async def _all_or_nothing(work: Sequence[Awaitable[T]]) -> list[T]:
-    """Await all of ``work``; on the first failure cancel the rest and raise it."""
-    tasks = [asyncio.ensure_future(w) for w in work]
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for task in done:
-            if not task.cancelled() and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
-        return [t.result() for t in tasks]
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _merge(streams: Sequence[_Stream]) -> AsyncGenerator[tuple[int, GenerationChunk], None]:
-    """Every choice's chunks, first chunks included, interleaved as they arrive."""
-    inbox: asyncio.Queue[tuple[int, GenerationChunk] | BaseException | None] = asyncio.Queue()
-
-    async def pump(index: int, s: _Stream) -> None:
-        try:
-            await inbox.put((index, s.first))
-            if s.first.finish_reason is None:
-                async for chunk in s.rest:
-                    await inbox.put((index, chunk))
-            await inbox.put(None)
-        except Exception as exc:
-            await inbox.put(exc)
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            item = await inbox.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield item
-    finally:
-        for t in tasks:
-            t.cancel()
-        # The pumps' own cancellations are returned, not raised; a cancellation of this
-        # task (a shutdown) propagates, as it must.
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _close_all(streams: Sequence[AsyncIterator[GenerationChunk]]) -> None:
-    for s in streams:
-        aclose = getattr(s, "aclose", None)
-        if aclose is not None:
-            with contextlib.suppress(Exception):
-                await aclose()

@@ -18,6 +18,7 @@ from backends.base import (
     SamplingParams,
 )
 from backends.fake import FakeBackend
+from gateway.choices import all_or_nothing
 from gateway.errors import RateLimited
 from gateway.events import Delta, Event, Failed, Finished, Plan, Started, collect
 from gateway.metrics import Metrics
@@ -25,7 +26,7 @@ from gateway.registry import ModelRegistry, ServedModel
 from gateway.router import Router
 from gateway.scheduler.base import PoolLimits
 from gateway.scheduler.memory import MemoryScheduler
-from gateway.service import InferenceService, _all_or_nothing
+from gateway.service import InferenceService
 from gateway.settings import RoutingSettings
 from gateway.tenancy.admission import Admission
 from gateway.tenancy.counters import MemoryCounters
@@ -233,7 +234,7 @@ async def test_first_failure_cancels_the_rest_at_once() -> None:
 
     started = time.perf_counter()
     with pytest.raises(ValueError, match="queue full"):
-        await _all_or_nothing([slow(), refused()])
+        await all_or_nothing([slow(), refused()])
     assert time.perf_counter() - started < 1
     assert cancelled.is_set()
 
@@ -243,7 +244,7 @@ async def test_results_keep_their_order() -> None:
         await asyncio.sleep(delay)
         return v
 
-    assert await _all_or_nothing([value(1, 0.02), value(2, 0.0)]) == [1, 2]
+    assert await all_or_nothing([value(1, 0.02), value(2, 0.0)]) == [1, 2]
 
 
 class SlowToClose(FakeBackend):
