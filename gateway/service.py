@@ -308,7 +308,10 @@ class InferenceService:
         retry budget; after the first token nothing is ever retried (no replay).
         """
         router, tried = self.router, list[str]()
-        key = router.affinity_key(_shared_prefix(plan.requests[0]), plan.session)
+        # Only a choice among instances needs the key (a hash of up to 1 KiB of prompt).
+        key = None
+        if len(instances) > 1:
+            key = router.affinity_key(_shared_prefix(plan.requests[0]), plan.session)
         failure: Exception | None = None  # the last instance's, raised when none is left
         while True:
             served, _ = router.place(
