@@ -129,6 +129,27 @@ class ToolCall:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A piece of a tool call as it is produced: the first of a call carries its ``id``
+    and ``name``, the rest carry text to append to its ``arguments`` (OpenAI's stream)."""
+
+    index: int  # the call's place among the choice's calls
+    arguments: str = ""
+    id: str | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One produced token's log probability and, when asked, its likeliest alternatives."""
+
+    token: str
+    raw: bytes  # the token's bytes (its text may be part of a UTF-8 character)
+    logprob: float
+    top: tuple[tuple[str, bytes, float], ...] = ()  # (token, bytes, logprob), likeliest first
+
+
+@dataclass(frozen=True, slots=True)
 class ChatMessage:
     """One chat turn, its content already flattened to text."""
 
@@ -154,6 +175,8 @@ class SamplingParams:
     repeat_penalty: float | None = None  # llama.cpp's (Ollama's option); 1.0: off
     logit_bias: Mapping[int, float] = field(default_factory=dict)
     stop: tuple[str, ...] = ()
+    # None: no log probabilities; k >= 0: the sampled token's and its k likeliest rivals'.
+    logprobs: int | None = None
 
     def explicit(self) -> dict[str, float | int]:
         """The scalar knobs the client set, by their OpenAI names (for remote engines)."""
@@ -196,6 +219,7 @@ class GenerationRequest:
     # as one final chunk (a remote engine's non-streamed call, no SSE to parse).
     stream: bool = True
     response_format: ResponseFormat | None = None
+    parallel_tool_calls: bool | None = None  # None: the engine's default (allowed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +231,10 @@ class GenerationChunk:
     completion_tokens: int
     finish_reason: FinishReason | None = None
     tool_calls: tuple[ToolCall, ...] = ()  # complete calls, sent once they are whole
+    # The same calls as they are produced, for streams. A backend that sends deltas also
+    # sends the whole calls (in a later chunk); streams then skip the whole ones.
+    tool_deltas: tuple[ToolCallDelta, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()  # of this chunk's tokens, when asked for
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,7 @@ from backends.base import (
     GenerationChunk,
     GenerationRequest,
     ResponseFormat,
+    TokenLogprob,
     ToolCall,
     Unsupported,
 )
@@ -71,6 +72,8 @@ def request_body(
             body["tools"] = list(request.tools)
         if request.tool_choice is not None:
             body["tool_choice"] = request.tool_choice
+        if request.tools and request.parallel_tool_calls is not None:
+            body["parallel_tool_calls"] = request.parallel_tool_calls
     else:
         body["prompt"] = request.prompt or ""
     renames = renames or {}
@@ -81,6 +84,11 @@ def request_body(
         body["stop"] = list(p.stop)
     if p.logit_bias:
         body["logit_bias"] = {str(k): v for k, v in p.logit_bias.items()}
+    if p.logprobs is not None:  # chat: a flag and a count; legacy completions: the count
+        if request.messages is not None:
+            body.update(logprobs=True, top_logprobs=p.logprobs)
+        else:
+            body["logprobs"] = p.logprobs
     fmt = request.response_format
     if fmt is not None:  # vLLM and llama-server constrain decoding themselves
         body["response_format"] = response_format_body(fmt)
@@ -120,6 +128,53 @@ class _ToolCallAssembler:
         )
 
 
+def _bytes_of(entry: Mapping[str, Any], token: str) -> bytes:
+    raw = entry.get("bytes")
+    if isinstance(raw, list):
+        with contextlib.suppress(TypeError, ValueError):
+            return bytes(raw)
+    return token.encode()
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) else float("-inf")
+
+
+def upstream_logprobs(choice: Mapping[str, Any]) -> tuple[TokenLogprob, ...]:
+    """A choice's ``logprobs`` in either of OpenAI's shapes (chat's ``content`` list, or
+    the legacy completions' parallel lists), as the gateway's records."""
+    found = choice.get("logprobs")
+    if not isinstance(found, dict):
+        return ()
+    content = found.get("content")
+    if isinstance(content, list):
+        out = []
+        for e in content:
+            if not isinstance(e, dict):
+                continue
+            token = str(e.get("token", ""))
+            top = tuple(
+                (str(t.get("token", "")), _bytes_of(t, str(t.get("token", ""))),
+                 _number(t.get("logprob")))
+                for t in e.get("top_logprobs") or ()
+                if isinstance(t, dict)
+            )  # fmt: skip
+            out.append(TokenLogprob(token, _bytes_of(e, token), _number(e.get("logprob")), top))
+        return tuple(out)
+    tokens = found.get("tokens")
+    if not isinstance(tokens, list):
+        return ()
+    values = found.get("token_logprobs") or []
+    tops = found.get("top_logprobs") or []
+    legacy = []
+    for i, token in enumerate(map(str, tokens)):
+        top = tops[i] if i < len(tops) and isinstance(tops[i], dict) else {}
+        alternatives = tuple((str(t), str(t).encode(), _number(v)) for t, v in top.items())
+        value = _number(values[i]) if i < len(values) else float("-inf")
+        legacy.append(TokenLogprob(token, token.encode(), value, alternatives))
+    return tuple(legacy)
+
+
 def whole_answer(data: dict[str, Any], *, chat: bool) -> GenerationChunk:
     """The final chunk of a non-streamed answer: its first choice, whole."""
     choices = data.get("choices")
@@ -148,6 +203,7 @@ def whole_answer(data: dict[str, Any], *, chat: bool) -> GenerationChunk:
         int(usage.get("completion_tokens") or (1 if text else 0)),
         _FINISH_REASONS.get(reason, "stop"),
         tool_calls=calls,
+        logprobs=upstream_logprobs(choice),
     )
 
 
@@ -212,9 +268,10 @@ class OpenAICompatBackend(RemoteBackend):
                     reason = choice.get("finish_reason")
                     if reason:
                         finish = _FINISH_REASONS.get(reason, "stop")
-                    if text:
+                    logprobs = upstream_logprobs(choice)
+                    if text or logprobs:
                         pieces += 1
-                        yield GenerationChunk(text, prompt_tokens, pieces)
+                        yield GenerationChunk(text, prompt_tokens, pieces, logprobs=logprobs)
         if finish is None:  # no finish_reason: the upstream died or cut the stream
             raise BackendUnavailable("the upstream ended the stream before it finished")
         # Usage arrives after the finish chunk, so the final chunk is sent last.

@@ -16,6 +16,7 @@ from backends.base import (
     FinishReason,
     GenerationChunk,
     GenerationRequest,
+    TokenLogprob,
     ToolCall,
 )
 
@@ -109,12 +110,15 @@ class Choice:
     text: list[str] = field(default_factory=list)
     tool_calls: list[ToolCall] = field(default_factory=list)
     finish_reason: FinishReason = "stop"
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     def add(self, chunk: GenerationChunk) -> None:
         if chunk.text:
             self.text.append(chunk.text)
         if chunk.tool_calls:
             self.tool_calls.extend(chunk.tool_calls)
+        if chunk.logprobs:
+            self.logprobs.extend(chunk.logprobs)
         if chunk.finish_reason is not None:
             self.finish_reason = chunk.finish_reason
 

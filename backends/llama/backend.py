@@ -8,15 +8,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from backends.base import (
     BackendError,
     BackendLoad,
     BackendUnavailable,
+    ChatMessage,
     ContextLengthExceeded,
     EmbeddingResult,
     GenerationChunk,
@@ -24,10 +26,18 @@ from backends.base import (
     InvalidRequestError,
     ModelInfo,
 )
-from backends.llama.constraints import Constraint, Constraints
+from backends.llama.constraints import Constraint, Constraints, Matcher, check_schema
 from backends.llama.engine import EngineConfig, LlamaEngine
 from backends.llama.native import LlamaModel
-from backends.llama.templates import BuiltinTemplate, ChatTemplate
+from backends.llama.templates import BuiltinTemplate, ChatTemplate, architecture_family
+from backends.llama.tools import (
+    ToolCallParser,
+    ToolFormat,
+    call_grammar,
+    forced_tools,
+    tool_format,
+    uses_tools,
+)
 from backends.model_store import resolve_model_path
 
 
@@ -54,10 +64,16 @@ def text_chars(request: GenerationRequest) -> int:
     """The characters the prompt is made of (the template's own text aside)."""
     if request.messages is None:
         return len(request.prompt or "")
-    return sum(
+    chars = sum(
         len(m.content) + sum(len(c.arguments) + len(c.name) for c in m.tool_calls)
         for m in request.messages
     )
+    return chars + sum(len(json.dumps(t)) for t in declared_tools(request))
+
+
+def declared_tools(request: GenerationRequest) -> tuple[Mapping[str, object], ...]:
+    """The tools the prompt declares: none with ``tool_choice: "none"``."""
+    return () if request.tool_choice == "none" else request.tools
 
 
 class EmbeddedBackend:
@@ -70,6 +86,7 @@ class EmbeddedBackend:
         self._template: ChatTemplate | None = None
         self._longest_token = 1  # bytes; set at start
         self._constraints: Constraints | None = None  # built at the first constrained request
+        self._tool_format: ToolFormat | None = None
         self.model_path: Path | None = None
 
     @property
@@ -94,6 +111,10 @@ class EmbeddedBackend:
             architecture=model.architecture,
             bos_token=model.bos_text,
             eos_token=model.eos_text,
+        )
+        family = self._template.name
+        self._tool_format = tool_format(
+            architecture_family(model.architecture) if family == "gguf" else family
         )
         engine = LlamaEngine(
             model,
@@ -169,7 +190,8 @@ class EmbeddedBackend:
             assert self._template is not None
             # Template text may hold control tokens; message contents never do.
             tokens = []
-            for i, (text, is_content) in enumerate(self._template.render_parts(request.messages)):
+            parts = self._template.render_parts(self._chat(request.messages, request))
+            for i, (text, is_content) in enumerate(parts):
                 tokens += model.tokenize(text, special=not is_content, add_bos=i == 0)
         else:
             # A raw completion prompt is the caller's own text, control tokens included.
@@ -177,6 +199,35 @@ class EmbeddedBackend:
         if not tokens:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         return tokens
+
+    def _chat(
+        self, messages: Sequence[ChatMessage], request: GenerationRequest
+    ) -> Sequence[ChatMessage]:
+        """The turns as the template renders them: tools declared, calls written out."""
+        tools = declared_tools(request)
+        if not tools and not uses_tools(messages):
+            return messages
+        assert self._tool_format is not None
+        return self._tool_format.prepare(messages, tools)
+
+    async def _constraint_of(self, request: GenerationRequest, model: LlamaModel) -> Matcher | None:
+        """The matcher decoding must follow: a forced tool call's, else the format's."""
+        forced = forced_tools(request.tools, request.tool_choice)
+        if forced is not None:
+            for tool in forced:
+                parameters = tool["function"].get("parameters")
+                if parameters is not None:
+                    check_schema(parameters, param="tools")
+            assert self._tool_format is not None
+            # A named function is called once; "required" may call several in parallel.
+            parallel = (
+                request.tool_choice == "required" and request.parallel_tool_calls is not False
+            )
+            grammar = call_grammar(self._tool_format, forced, parallel=parallel)
+            return await self._constraints_of(model).grammar_matcher(grammar)
+        if request.response_format is not None:
+            return await self._constraints_of(model).matcher(request.response_format)
+        return None
 
     async def validate(self, request: GenerationRequest) -> None:
         await self._prepare(request)
@@ -189,12 +240,7 @@ class EmbeddedBackend:
         prompt that may fit is tokenized off the event loop.
         """
         _, model = self._require()
-        if request.tools and request.tool_choice != "none":
-            raise InvalidRequestError(
-                "tools are not supported by the embedded engine", param="tools"
-            )
-        if request.response_format is not None:  # a bad schema is a 400 now
-            await self._constraints_of(model).matcher(request.response_format)
+        await self._constraint_of(request, model)  # a bad schema or tool_choice is a 400 now
         bad = [t for t in request.sampling.logit_bias if not 0 <= t < model.n_vocab]
         if bad:
             raise InvalidRequestError(
@@ -233,11 +279,15 @@ class EmbeddedBackend:
         requested = request.sampling.max_tokens
         max_tokens = requested if requested is not None else n_ctx - len(prompt)
         inbox: asyncio.Queue[object] = asyncio.Queue()
-        fmt, constraint = request.response_format, None
-        if fmt is not None:
-            _, model = self._require()
-            matcher = await self._constraints_of(model).matcher(fmt)
-            constraint = Constraint(matcher, model.n_vocab)
+        _, model = self._require()
+        matcher = await self._constraint_of(request, model)
+        constraint = None if matcher is None else Constraint(matcher, model.n_vocab)
+        parser = None
+        if request.messages is not None and declared_tools(request):
+            assert self._tool_format is not None
+            parser = ToolCallParser(
+                self._tool_format, parallel=request.parallel_tool_calls is not False
+            )
         ticket = engine.submit(
             prompt, request.sampling, max_tokens, inbox.put_nowait, constraint=constraint
         )
@@ -250,6 +300,8 @@ class EmbeddedBackend:
                     raise item
                 assert isinstance(item, GenerationChunk)
                 finished = item.finish_reason is not None
+                if parser is not None:
+                    item = _read_calls(parser, item)
                 yield item
                 if finished:
                     return
@@ -295,3 +347,21 @@ class EmbeddedBackend:
             raise result
         assert isinstance(result, list)
         return EmbeddingResult(vectors=result, prompt_tokens=sum(map(len, token_lists)))
+
+
+def _read_calls(parser: ToolCallParser, chunk: GenerationChunk) -> GenerationChunk:
+    """The chunk with tool-call text turned into deltas (and, at the end, whole calls)."""
+    text, deltas = parser.feed(chunk.text)
+    if chunk.finish_reason is None:
+        return replace(chunk, text=text, tool_deltas=tuple(deltas))
+    more, last = parser.finish()
+    reason = chunk.finish_reason
+    if parser.calls and reason == "stop":
+        reason = "tool_calls"
+    return replace(
+        chunk,
+        text=text + more,
+        tool_deltas=tuple(deltas + last),
+        tool_calls=tuple(parser.calls),
+        finish_reason=reason,
+    )

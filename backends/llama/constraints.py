@@ -38,6 +38,8 @@ from llguidance.llamacpp import lltokenizer_from_vocab
 from backends.base import InvalidRequestError, ResponseFormat
 from backends.llama.native import LlamaModel
 
+Matcher = llguidance.LLMatcher  # one sequence's grammar state
+
 MAX_SCHEMA_BYTES = 64 * 1024
 MAX_SCHEMA_DEPTH = 24
 _CACHE_SIZE = 128
@@ -55,8 +57,20 @@ def _depth(node: Any, level: int = 0) -> int:
     return level
 
 
-def _refuse(message: str) -> InvalidRequestError:
-    return InvalidRequestError(f"response_format: {message}", param="response_format")
+def _refuse(message: str, param: str = "response_format") -> InvalidRequestError:
+    return InvalidRequestError(f"{param}: {message}", param=param)
+
+
+def check_schema(schema: Any, *, param: str = "response_format") -> str:
+    """The schema's canonical JSON, once it is known to be within the size and depth limits."""
+    if not isinstance(schema, Mapping):
+        raise _refuse("a JSON Schema must be an object", param)
+    key = json.dumps(schema, sort_keys=True, separators=(",", ":"))
+    if len(key) > MAX_SCHEMA_BYTES:
+        raise _refuse(f"the schema is over {MAX_SCHEMA_BYTES // 1024} KiB", param)
+    if _depth(schema) > MAX_SCHEMA_DEPTH:
+        raise _refuse(f"the schema nests deeper than {MAX_SCHEMA_DEPTH} levels", param)
+    return key
 
 
 class Constraints:
@@ -86,30 +100,38 @@ class Constraints:
             return '{"type":"object"}'
         if not isinstance(fmt.schema, Mapping):
             raise _refuse("json_schema.schema must be a JSON Schema object")
-        key = json.dumps(fmt.schema, sort_keys=True, separators=(",", ":"))
-        if len(key) > MAX_SCHEMA_BYTES:
-            raise _refuse(f"the schema is over {MAX_SCHEMA_BYTES // 1024} KiB")
-        if _depth(fmt.schema) > MAX_SCHEMA_DEPTH:
-            raise _refuse(f"the schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
-        return ("strict:" if fmt.strict else "") + key
+        return ("strict:" if fmt.strict else "") + check_schema(fmt.schema)
 
-    def _compile(self, key: str) -> llguidance.LLMatcher:
+    def _grammar(self, key: str) -> tuple[str, str]:
+        """(llguidance grammar, the request field it came from) for a cache key."""
+        if key.startswith("lark:"):
+            return llguidance.LLMatcher.grammar_from_lark(key.removeprefix("lark:")), "tools"
         strict = key.startswith("strict:")
         schema = key.removeprefix("strict:")
         options = {**_JSON_OPTIONS, "lenient": not strict}
         grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=options)  # type: ignore[arg-type]
+        return grammar, "response_format"
+
+    def _compile(self, key: str) -> llguidance.LLMatcher:
+        grammar, param = self._grammar(key)
         failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
             grammar, self._tokenizer_now()
         )
         if failed:
             said = "; ".join(messages)[:400]
             hint = " (send strict: false for best effort)" if "Unimplemented" in said else ""
-            raise _refuse(f"this JSON Schema cannot be enforced: {said}{hint}")
+            raise _refuse(f"this JSON Schema cannot be enforced: {said}{hint}", param)
         return llguidance.LLMatcher(self._tokenizer_now(), grammar, log_level=0)
 
     async def matcher(self, fmt: ResponseFormat) -> llguidance.LLMatcher:
         """A fresh matcher for one sequence; ``InvalidRequestError`` for what cannot be."""
-        key = self._key(fmt)
+        return await self._matcher(self._key(fmt))
+
+    async def grammar_matcher(self, lark: str) -> llguidance.LLMatcher:
+        """The same for a Lark grammar (forced tool calls), whose schemas came in ``tools``."""
+        return await self._matcher("lark:" + lark)
+
+    async def _matcher(self, key: str) -> llguidance.LLMatcher:
         found = self._cache.get(key)
         if found is None:
             found = await asyncio.to_thread(self._compile, key)  # never on the loop

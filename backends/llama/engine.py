@@ -33,6 +33,7 @@ from backends.base import (
     FinishReason,
     GenerationChunk,
     SamplingParams,
+    TokenLogprob,
 )
 from backends.llama.native import (
     Batch,
@@ -77,6 +78,7 @@ class _Sequence:
     utf8: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
     done: bool = False
     constraint: Constraint | None = None  # what the output must match (response_format)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet sent, when asked for
 
 
 @dataclass(eq=False, slots=True)
@@ -331,6 +333,7 @@ class LlamaEngine:
                 repeat_penalty=p.repeat_penalty or 1.0,
                 logit_bias=p.logit_bias,
                 constraint=seq.constraint,
+                logprobs=p.logprobs,
             )
             self._running[seq.slot] = seq
         self.running_count = len(self._running)
@@ -374,6 +377,9 @@ class LlamaEngine:
             return
         seq.completion_tokens += 1
         seq.next_token = token
+        assert seq.sampler is not None
+        if seq.sampler.last_logprobs is not None:
+            seq.logprobs.append(self._logprob(token, *seq.sampler.last_logprobs))
         at_limit = seq.completion_tokens >= seq.max_tokens
         text, stopped = seq.stop.feed(seq.utf8.decode(self.model.piece(token), final=at_limit))
         if stopped:
@@ -381,11 +387,27 @@ class LlamaEngine:
         elif at_limit:
             self._finish(seq, text + seq.stop.flush(), "length")
         elif text:
-            self._send(seq, GenerationChunk(text, len(seq.prompt), seq.completion_tokens))
+            self._send(seq, self._chunk(seq, text))
+
+    def _chunk(
+        self, seq: _Sequence, text: str, reason: FinishReason | None = None
+    ) -> GenerationChunk:
+        logprobs: tuple[TokenLogprob, ...] = ()
+        if seq.logprobs:
+            logprobs, seq.logprobs = tuple(seq.logprobs), []
+        return GenerationChunk(
+            text, len(seq.prompt), seq.completion_tokens, reason, logprobs=logprobs
+        )
+
+    def _logprob(self, token: int, logprob: float, top: list[tuple[int, float]]) -> TokenLogprob:
+        piece = self.model.piece
+        alternatives = tuple((p.decode("utf-8", "replace"), p, lp) for p, lp in
+                             ((piece(t), lp) for t, lp in top))  # fmt: skip
+        raw = piece(token)
+        return TokenLogprob(raw.decode("utf-8", "replace"), raw, logprob, alternatives)
 
     def _finish(self, seq: _Sequence, text: str, reason: FinishReason) -> None:
-        chunk = GenerationChunk(text, len(seq.prompt), seq.completion_tokens, reason)
-        self._send(seq, chunk)
+        self._send(seq, self._chunk(seq, text, reason))
         seq.done = True
         self._free(seq)
 

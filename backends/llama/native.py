@@ -8,6 +8,7 @@ event loop. Every C resource is owned by exactly one object with a ``close()``.
 from __future__ import annotations
 
 import ctypes
+import math
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -259,10 +260,15 @@ class Sampler:
         repeat_penalty: float = 1.0,
         logit_bias: Mapping[int, float],
         constraint: Constraint | None = None,
+        logprobs: int | None = None,
     ) -> None:
         chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
         self._chain = chain
         self._constraint = constraint
+        self._logprobs = logprobs
+        self._n_vocab = model.n_vocab
+        # After sample(), when logprobs were asked for: the token's and the top ones.
+        self.last_logprobs: tuple[float, list[tuple[int, float]]] | None = None
         if logit_bias:
             arr = (C.llama_logit_bias * len(logit_bias))()
             for i, (token, bias) in enumerate(logit_bias.items()):
@@ -295,18 +301,39 @@ class Sampler:
     def sample(self, ctx: LlamaContext, index: int) -> int:
         """Sample from the logits at batch row ``index`` and record the choice."""
         constraint = self._constraint
+        raw = None
+        if self._logprobs is not None:  # the model's own distribution, before any mask
+            logits = C.llama_get_logits_ith(ctx.handle, index)
+            raw = np.ctypeslib.as_array(logits, (self._n_vocab,)).copy()
         if constraint is not None:  # forbidden tokens' logits to -inf, then as usual
             constraint.mask(ctx.handle, index)
         # llama_sampler_sample also calls accept(), which feeds the penalties.
         token = int(C.llama_sampler_sample(self._chain, ctx.handle, index))
         if constraint is not None:
             constraint.consume(token)
+        if raw is not None:
+            self.last_logprobs = log_probabilities(raw, token, self._logprobs or 0)
         return token
 
     def close(self) -> None:
         if self._chain:
             C.llama_sampler_free(self._chain)
             self._chain = None
+
+
+def log_probabilities(
+    logits: np.ndarray[Any, Any], token: int, top: int
+) -> tuple[float, list[tuple[int, float]]]:
+    """``token``'s log probability under softmax(``logits``) and the ``top`` likeliest
+    tokens' (likeliest first), computed in float64."""
+    peak = float(logits.max())
+    log_total = peak + math.log(float(np.exp(logits - peak, dtype=np.float64).sum()))
+    best: list[tuple[int, float]] = []
+    if top > 0:
+        ids = np.argpartition(logits, -top)[-top:]
+        ids = ids[np.argsort(-logits[ids], kind="stable")]
+        best = [(int(i), float(logits[i]) - log_total) for i in ids]
+    return float(logits[token]) - log_total, best
 
 
 class Constraint(Protocol):

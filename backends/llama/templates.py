@@ -87,6 +87,11 @@ _ARCHITECTURE_FAMILY: dict[str, BuiltinTemplate] = {
 }
 
 
+def architecture_family(architecture: str) -> BuiltinTemplate:
+    """The built-in family of a ``general.architecture`` (chatml when unknown)."""
+    return _ARCHITECTURE_FAMILY.get(architecture, "chatml")
+
+
 def builtin_source(family: str) -> str:
     """The Jinja text of a built-in template (``quantization/vllm.sh`` gives it to vLLM)."""
     if family not in _BUILTINS:
@@ -133,8 +138,9 @@ class ChatTemplate:
             return cls.builtin(configured, bos_token=bos_token, eos_token=eos_token)
         if embedded:
             return cls(embedded, name="gguf", bos_token=bos_token, eos_token=eos_token)
-        family = _ARCHITECTURE_FAMILY.get(architecture, "chatml")
-        return cls.builtin(family, bos_token=bos_token, eos_token=eos_token)
+        return cls.builtin(
+            architecture_family(architecture), bos_token=bos_token, eos_token=eos_token
+        )
 
     def render_parts(
         self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True

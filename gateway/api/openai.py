@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import struct
+from functools import partial
 
 from pydantic import BaseModel
 from starlette.requests import Request
@@ -56,7 +57,8 @@ async def chat_completions(request: Request, principal: Principal) -> ASGIApp:
                     sampling=body.sampling(choice=i),
                     messages=messages,
                     tools=tools,
-                    tool_choice=body.tool_choice,
+                    tool_choice=body.choice_of_tool(),
+                    parallel_tool_calls=body.parallel_tool_calls,
                     stream=body.stream,
                     response_format=body.output_format(),
                 )
@@ -68,7 +70,8 @@ async def chat_completions(request: Request, principal: Principal) -> ASGIApp:
         session=body.user,
     )
     encoder = ChatStream(choices=body.n, include_usage=body.include_usage)
-    return await serve(request, principal, plan, body=chat_completion, stream=encoder)
+    answer = partial(chat_completion, logprobs=bool(body.logprobs))
+    return await serve(request, principal, plan, body=answer, stream=encoder)
 
 
 async def completions(request: Request, principal: Principal) -> ASGIApp:
@@ -96,7 +99,8 @@ async def completions(request: Request, principal: Principal) -> ASGIApp:
         session=body.user,
     )
     encoder = TextStream(choices=len(plan.requests), include_usage=body.include_usage)
-    return await serve(request, principal, plan, body=text_completion, stream=encoder)
+    answer = partial(text_completion, logprobs=body.logprobs is not None)
+    return await serve(request, principal, plan, body=answer, stream=encoder)
 
 
 async def embeddings(request: Request, principal: Principal) -> Response:

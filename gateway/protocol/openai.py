@@ -20,7 +20,9 @@ from backends.base import (
     GenerationChunk,
     ResponseFormat,
     SamplingParams,
+    TokenLogprob,
     ToolCall,
+    ToolCallDelta,
 )
 from gateway.errors import ErrorInfo, InvalidRequest
 from gateway.events import Finished, Result, Started
@@ -128,7 +130,6 @@ class _SamplingFields(WireModel):
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: bool | int | None = None
     response_format: ResponseFormatIn | None = None
 
     def output_format(self) -> ResponseFormat | None:
@@ -138,9 +139,11 @@ class _SamplingFields(WireModel):
     def _check_combinations(self) -> _SamplingFields:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
-        if self.logprobs:
-            raise ValueError("logprobs are not supported by this server")
         return self
+
+    def _logprobs(self) -> int | None:
+        """None: no log probabilities; k: the sampled token's and the k likeliest."""
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -173,17 +176,50 @@ class _SamplingFields(WireModel):
             frequency_penalty=self.frequency_penalty,
             logit_bias=bias,
             stop=stops,
+            logprobs=self._logprobs(),
         )
+
+
+class FunctionName(WireModel):
+    name: str
+
+
+class NamedToolChoice(WireModel):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessageIn], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     tools: Annotated[list[ToolDef], Field(max_length=128)] | None = None
-    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+
+    @model_validator(mode="after")
+    def _check_tools(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        forced = isinstance(self.tool_choice, NamedToolChoice) or self.tool_choice == "required"
+        if forced and not self.tools:
+            raise ValueError("tool_choice requires tools")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            name = self.tool_choice.function.name
+            if all(t.function.name != name for t in self.tools or ()):
+                raise ValueError(f"tool_choice names {name!r}, which is not among the tools")
+        return self
 
     def tool_definitions(self) -> tuple[dict[str, Any], ...]:
         return tool_definitions(self.tools)
+
+    def choice_of_tool(self) -> str | dict[str, Any] | None:
+        choice = self.tool_choice
+        return choice.model_dump() if isinstance(choice, NamedToolChoice) else choice
+
+    def _logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def _completion_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -201,6 +237,10 @@ class CompletionRequest(_SamplingFields):
     # A list is a batch; capped so that one request cannot take every sequence slot.
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=16)]
     echo: bool = False
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None  # OpenAI's legacy maximum
+
+    def _logprobs(self) -> int | None:
+        return self.logprobs
 
     def _completion_limit(self) -> int | None:
         # OpenAI's legacy completions default to 16 tokens, not "until the context is full".
@@ -280,13 +320,46 @@ def _completion(result: Result, obj: str, choices: list[dict[str, Any]]) -> dict
     }
 
 
-def chat_completion(result: Result) -> dict[str, Any]:
+def chat_logprobs(tokens: Sequence[TokenLogprob]) -> dict[str, Any]:
+    """Chat's ``logprobs``: one entry per token, its alternatives likeliest first."""
+    return {
+        "content": [
+            {
+                "token": t.token,
+                "logprob": t.logprob,
+                "bytes": list(t.raw),
+                "top_logprobs": [
+                    {"token": a, "logprob": lp, "bytes": list(b)} for a, b, lp in t.top
+                ],
+            }
+            for t in tokens
+        ],
+        "refusal": None,
+    }
+
+
+def text_logprobs(tokens: Sequence[TokenLogprob], offset: int = 0) -> dict[str, Any]:
+    """The legacy completions' ``logprobs``: parallel lists; ``text_offset`` in characters
+    from the start of the choice's text (``offset``: the characters before these tokens)."""
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t.token)
+    return {
+        "tokens": [t.token for t in tokens],
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": [{a: lp for a, _, lp in t.top} for t in tokens],
+        "text_offset": offsets,
+    }
+
+
+def chat_completion(result: Result, *, logprobs: bool = False) -> dict[str, Any]:
     """A non-streamed ``chat.completion`` body."""
     choices = [
         {
             "index": i,
             "message": _message("".join(c.text), c.tool_calls),
-            "logprobs": None,
+            "logprobs": chat_logprobs(c.logprobs) if logprobs else None,
             "finish_reason": c.finish_reason,
         }
         for i, c in enumerate(result.choices)
@@ -294,10 +367,15 @@ def chat_completion(result: Result) -> dict[str, Any]:
     return _completion(result, "chat.completion", choices)
 
 
-def text_completion(result: Result) -> dict[str, Any]:
+def text_completion(result: Result, *, logprobs: bool = False) -> dict[str, Any]:
     """A non-streamed ``text_completion`` body."""
     choices = [
-        {"index": i, "text": "".join(c.text), "logprobs": None, "finish_reason": c.finish_reason}
+        {
+            "index": i,
+            "text": "".join(c.text),
+            "logprobs": text_logprobs(c.logprobs) if logprobs else None,
+            "finish_reason": c.finish_reason,
+        }
         for i, c in enumerate(result.choices)
     ]
     return _completion(result, "text_completion", choices)
@@ -331,6 +409,7 @@ class _ChunkStream:
         self._choices = choices
         self._include_usage = include_usage
         self._head = b""
+        self._streamed_calls: set[int] = set()  # choices whose calls came as deltas
 
     def start(self, started: Started) -> bytes:
         head = orjson.dumps(
@@ -349,7 +428,7 @@ class _ChunkStream:
         # usage is in the last chunk only, when asked for.
         return self._head + b'{"index":%d,' % index + body + b"}]}\n\n"
 
-    def _text(self, index: int, text: str) -> bytes:
+    def _text(self, index: int, text: str, logprobs: Sequence[TokenLogprob]) -> bytes:
         raise NotImplementedError
 
     def _finish(self, index: int, reason: str) -> bytes:
@@ -358,12 +437,18 @@ class _ChunkStream:
     def _tool_calls(self, index: int, calls: Sequence[ToolCall]) -> bytes:
         return b""
 
+    def _tool_deltas(self, index: int, deltas: Sequence[ToolCallDelta]) -> bytes:
+        return b""
+
     def delta(self, index: int, chunk: GenerationChunk) -> bytes:
         """One write per produced chunk: its text, tool calls and finish together."""
         out = b""
-        if chunk.text:
-            out += self._text(index, chunk.text)
-        if chunk.tool_calls:
+        if chunk.text or chunk.logprobs:
+            out += self._text(index, chunk.text, chunk.logprobs)
+        if chunk.tool_deltas:
+            self._streamed_calls.add(index)
+            out += self._tool_deltas(index, chunk.tool_deltas)
+        elif chunk.tool_calls and index not in self._streamed_calls:
             out += self._tool_calls(index, chunk.tool_calls)
         if chunk.finish_reason is not None:
             out += self._finish(index, chunk.finish_reason)
@@ -390,10 +475,12 @@ class ChatStream(_ChunkStream):
         role = b'"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null'
         return b"".join(self._choice(i, role) for i in range(self._choices))
 
-    def _text(self, index: int, text: str) -> bytes:
+    def _text(self, index: int, text: str, logprobs: Sequence[TokenLogprob]) -> bytes:
+        probs = orjson.dumps(chat_logprobs(logprobs)) if logprobs else b"null"
         body = (
-            b'"delta":{"content":' + orjson.dumps(text) + b'},"logprobs":null,"finish_reason":null'
-        )
+            b'"delta":{"content":' + orjson.dumps(text) + b'},"logprobs":'
+            + probs + b',"finish_reason":null'
+        )  # fmt: skip
         return self._choice(index, body)
 
     def _tool_calls(self, index: int, calls: Sequence[ToolCall]) -> bytes:
@@ -401,6 +488,24 @@ class ChatStream(_ChunkStream):
         deltas = orjson.dumps([{"index": i, **c.as_openai()} for i, c in enumerate(calls)])
         return self._choice(
             index, b'"delta":{"tool_calls":' + deltas + b'},"logprobs":null,"finish_reason":null'
+        )
+
+    def _tool_deltas(self, index: int, deltas: Sequence[ToolCallDelta]) -> bytes:
+        """OpenAI's pieces: a call's id, type and name first, then its arguments in parts."""
+        out = []
+        for d in deltas:
+            function: dict[str, str] = {"arguments": d.arguments}
+            piece: dict[str, Any] = {"index": d.index}
+            if d.id is not None:
+                piece.update(id=d.id, type="function")
+                function = {"name": d.name or "", "arguments": d.arguments}
+            piece["function"] = function
+            out.append(piece)
+        return self._choice(
+            index,
+            b'"delta":{"tool_calls":'
+            + orjson.dumps(out)
+            + b'},"logprobs":null,"finish_reason":null',
         )
 
     def _finish(self, index: int, reason: str) -> bytes:
@@ -413,8 +518,16 @@ class TextStream(_ChunkStream):
 
     _object = "text_completion"
 
-    def _text(self, index: int, text: str) -> bytes:
-        body = b'"text":' + orjson.dumps(text) + b',"logprobs":null,"finish_reason":null'
+    def __init__(self, *, choices: int, include_usage: bool) -> None:
+        super().__init__(choices=choices, include_usage=include_usage)
+        self._offsets = [0] * choices  # characters of each choice's text so far
+
+    def _text(self, index: int, text: str, logprobs: Sequence[TokenLogprob]) -> bytes:
+        probs = b"null"
+        if logprobs:
+            probs = orjson.dumps(text_logprobs(logprobs, self._offsets[index]))
+            self._offsets[index] += sum(len(t.token) for t in logprobs)
+        body = b'"text":' + orjson.dumps(text) + b',"logprobs":' + probs + b',"finish_reason":null'
         return self._choice(index, body)
 
     def _finish(self, index: int, reason: str) -> bytes:

@@ -187,7 +187,9 @@ async def test_sampling_parameters_reach_the_backend(
         (chat(max_tokens=0), "max_tokens"),
         (chat(top_p="high"), "top_p"),
         (chat(stream_options={"include_usage": True}), None),
-        (chat(logprobs=True), None),
+        (chat(top_logprobs=3), None),  # without logprobs: true
+        (chat(logprobs=True, top_logprobs=21), "top_logprobs"),
+        (chat(tool_choice="required"), None),  # no tools to choose from
         (chat(logit_bias={"not-a-token": 1}), "logit_bias"),
         ({"model": "echo", "messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
         (
