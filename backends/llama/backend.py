@@ -87,6 +87,7 @@ class EmbeddedBackend:
         self._longest_token = 1  # bytes; set at start
         self._constraints: Constraints | None = None  # built at the first constrained request
         self._tool_format: ToolFormat | None = None
+        self._special_markers: dict[str, int] = {}  # tool markers that are one token
         self.model_path: Path | None = None
 
     @property
@@ -116,6 +117,8 @@ class EmbeddedBackend:
         self._tool_format = tool_format(
             architecture_family(model.architecture) if family == "gguf" else family
         )
+        found = {m: model.special_token(m) for m in self._tool_format.markers}
+        self._special_markers = {m: t for m, t in found.items() if t is not None}
         engine = LlamaEngine(
             model,
             EngineConfig(
@@ -223,7 +226,9 @@ class EmbeddedBackend:
             parallel = (
                 request.tool_choice == "required" and request.parallel_tool_calls is not False
             )
-            grammar = call_grammar(self._tool_format, forced, parallel=parallel)
+            grammar = call_grammar(
+                self._tool_format, forced, parallel=parallel, special=self._special_markers
+            )
             return await self._constraints_of(model).grammar_matcher(grammar)
         if request.response_format is not None:
             return await self._constraints_of(model).matcher(request.response_format)

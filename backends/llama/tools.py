@@ -40,12 +40,25 @@ _JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separa
 @dataclass(frozen=True, slots=True)
 class ToolFormat:
     name: str
-    open: str  # before a call's JSON ("": the JSON opens the turn)
-    close: str  # after it
+    open_parts: tuple[str, ...]  # before a call's JSON (none: the JSON opens the turn)
+    close_parts: tuple[str, ...]  # after it
     separator: str  # between parallel calls
     arguments_key: str
     preamble: str  # the system text before the signatures
     postamble: str  # after them
+
+    @property
+    def open(self) -> str:
+        return "".join(self.open_parts)
+
+    @property
+    def close(self) -> str:
+        return "".join(self.close_parts)
+
+    @property
+    def markers(self) -> tuple[str, ...]:
+        """The texts that may be one special token in a vocabulary (Qwen's <tool_call>)."""
+        return tuple(p for p in self.open_parts + self.close_parts if p.strip())
 
     def declare(self, tools: Sequence[Mapping[str, Any]]) -> str:
         lines = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
@@ -95,8 +108,8 @@ class ToolFormat:
 
 HERMES = ToolFormat(
     name="hermes",
-    open="<tool_call>\n",
-    close="\n</tool_call>",
+    open_parts=("<tool_call>", "\n"),
+    close_parts=("\n", "</tool_call>"),
     separator="\n",
     arguments_key="arguments",
     preamble=(
@@ -111,8 +124,8 @@ HERMES = ToolFormat(
 )
 LLAMA3 = ToolFormat(
     name="llama3",
-    open="",
-    close="",
+    open_parts=(),
+    close_parts=(),
     separator="\n",
     arguments_key="parameters",
     preamble=(
@@ -165,8 +178,22 @@ def forced_tools(
     return named
 
 
-def call_grammar(fmt: ToolFormat, tools: Sequence[Mapping[str, Any]], *, parallel: bool) -> str:
-    """A Lark grammar (llguidance's dialect) of one call, or of calls, to ``tools``."""
+def call_grammar(
+    fmt: ToolFormat,
+    tools: Sequence[Mapping[str, Any]],
+    *,
+    parallel: bool,
+    special: Mapping[str, int] | None = None,
+) -> str:
+    """A Lark grammar (llguidance's dialect) of one call, or of calls, to ``tools``.
+
+    ``special`` maps the format's markers that are one special token of the vocabulary
+    to that token: the grammar must then name the token, not spell its text."""
+    special = special or {}
+
+    def piece(text: str) -> str:
+        return f"<[{special[text]}]>" if text in special else json.dumps(text)
+
     rules = []
     for i, tool in enumerate(tools):
         function = tool["function"]
@@ -179,7 +206,7 @@ def call_grammar(fmt: ToolFormat, tools: Sequence[Mapping[str, Any]], *, paralle
             "x-guidance": {**_JSON_STYLE, "lenient": not function.get("strict")},
         }
         rules.append(f"fn{i}: %json {json.dumps(schema)}")
-    wrap = " ".join(json.dumps(t) if t != "body" else t for t in (fmt.open, "body", fmt.close) if t)
+    wrap = " ".join([*map(piece, fmt.open_parts), "body", *map(piece, fmt.close_parts)])
     more = f"{{0,{MAX_PARALLEL_CALLS - 1}}}"
     start = f"call ({json.dumps(fmt.separator)} call){more}" if parallel else "call"
     body = " | ".join(f"fn{i}" for i in range(len(tools)))
