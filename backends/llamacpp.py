@@ -1,5 +1,10 @@
 """llama.cpp's ``llama-server``: the OpenAI-compatible client plus its own signals.
 
+Forced tool calls (``tool_choice`` ``required`` or a named function) are sent as
+llama-server's ``json_schema`` of a call too, since llama-server constrains them only
+when the model's template declares tool support: the JSON it answers is read back into
+``tool_calls`` (one call; where llama-server made the calls itself, they are kept).
+
 ``GET /health`` answers 503 while the model loads and 200 once it serves.
 ``GET /props`` gives ``total_slots``: the server's capacity. ``GET /slots``
 (on by default; ``--no-slots`` turns it off) lists each slot with
@@ -9,12 +14,16 @@ gives ``llamacpp:requests_processing`` and ``llamacpp:requests_deferred``.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from backends.base import BackendLoad
+from backends.base import BackendLoad, GenerationChunk, GenerationRequest
+from backends.llama.tools import call_schema, forced_tools, read_forced_call
 from backends.openai_compat import OpenAICompatBackend
 
 
@@ -39,10 +48,43 @@ def parse_llamacpp_metrics(text: str) -> tuple[int, int]:
     )
 
 
+def _forced(request: GenerationRequest) -> Sequence[Mapping[str, Any]] | None:
+    if request.messages is None or not request.tools:
+        return None
+    return forced_tools(request.tools, request.tool_choice)
+
+
 class LlamaCppBackend(OpenAICompatBackend):
     _slots_total: int | None = None
     _busy = 0
     _deferred = 0
+
+    def request_body(self, request: GenerationRequest) -> dict[str, Any]:
+        body = super().request_body(request)
+        forced = _forced(request)
+        if forced:
+            calls = [call_schema(t) for t in forced]
+            body["json_schema"] = calls[0] if len(calls) == 1 else {"anyOf": calls}
+        return body
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+        if not _forced(request):
+            async with contextlib.aclosing(super().generate(request)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+            return
+        # The answer is the call's JSON: held back, then given as the call.
+        text: list[str] = []
+        async with contextlib.aclosing(super().generate(request)) as chunks:
+            async for chunk in chunks:
+                text.append(chunk.text)
+                if chunk.finish_reason is None:
+                    continue
+                call = None if chunk.tool_calls else read_forced_call("".join(text))
+                if call is None:  # llama-server called natively, or the JSON was cut short
+                    yield replace(chunk, text="" if chunk.tool_calls else "".join(text))
+                else:
+                    yield replace(chunk, text="", tool_calls=(call,), finish_reason="tool_calls")
 
     async def probe(self) -> bool:
         if (await self.get("/health"))[0] != 200:

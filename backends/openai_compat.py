@@ -19,7 +19,7 @@ vLLM and Ollama learn that a client has gone.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any, ClassVar
 
 from backends.base import (
@@ -215,10 +215,14 @@ class OpenAICompatBackend(RemoteBackend):
 
     # -- requests ----------------------------------------------------------
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    def request_body(self, request: GenerationRequest) -> dict[str, Any]:
+        """The upstream's request body; a dialect adds its own fields."""
+        return request_body(request, self.config.upstream_model, self.renames)
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         chat = request.messages is not None
         path = "/v1/chat/completions" if chat else "/v1/completions"
-        body = request_body(request, self.config.upstream_model, self.renames)
+        body = self.request_body(request)
         self.in_flight += 1
         try:
             if request.stream:

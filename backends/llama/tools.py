@@ -178,6 +178,31 @@ def forced_tools(
     return named
 
 
+def call_schema(tool: Mapping[str, Any], arguments_key: str = "arguments") -> dict[str, Any]:
+    """The JSON Schema of one call to ``tool``: its name, then arguments of its schema."""
+    function = tool["function"]
+    parameters = function.get("parameters") or {"type": "object"}
+    return {
+        "type": "object",
+        "properties": {"name": {"const": function["name"]}, arguments_key: parameters},
+        "required": ["name", arguments_key],
+        "additionalProperties": False,
+    }
+
+
+def read_forced_call(text: str) -> ToolCall | None:
+    """A forced call answered as JSON text (``{"name", "arguments"}``), if it is one."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(body, dict) or not isinstance(body.get("name"), str):
+        return None
+    arguments = body.get("arguments", body.get("parameters", {}))
+    args = arguments if isinstance(arguments, str) else json.dumps(arguments)
+    return ToolCall(f"call_{secrets.token_hex(12)}", body["name"], args)
+
+
 def call_grammar(
     fmt: ToolFormat,
     tools: Sequence[Mapping[str, Any]],
@@ -196,14 +221,9 @@ def call_grammar(
 
     rules = []
     for i, tool in enumerate(tools):
-        function = tool["function"]
-        parameters = function.get("parameters") or {"type": "object"}
         schema = {
-            "type": "object",
-            "properties": {"name": {"const": function["name"]}, fmt.arguments_key: parameters},
-            "required": ["name", fmt.arguments_key],
-            "additionalProperties": False,
-            "x-guidance": {**_JSON_STYLE, "lenient": not function.get("strict")},
+            **call_schema(tool, fmt.arguments_key),
+            "x-guidance": {**_JSON_STYLE, "lenient": not tool["function"].get("strict")},
         }
         rules.append(f"fn{i}: %json {json.dumps(schema)}")
     wrap = " ".join([*map(piece, fmt.open_parts), "body", *map(piece, fmt.close_parts)])
@@ -409,15 +429,8 @@ class ToolCallParser:
         return True
 
     def _whole_call(self, text: str) -> tuple[str, str] | None:
-        try:
-            body = json.loads(text)
-        except ValueError:
-            return None
-        if not isinstance(body, dict) or not isinstance(body.get("name"), str):
-            return None
-        arguments = body.get("arguments", body.get("parameters", {}))
-        args = arguments if isinstance(arguments, str) else json.dumps(arguments)
-        return body["name"], args
+        call = read_forced_call(text)
+        return None if call is None else (call.name, call.arguments)
 
     def _start(self, name: str, deltas: list[ToolCallDelta]) -> None:
         self._id, self._name, self._args = f"call_{secrets.token_hex(12)}", name, ""

@@ -220,7 +220,16 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """
     root = tmp_path_factory.mktemp("vllm")
     port = free_port()
-    cmd = ["bash", str(REPO / "quantization" / "vllm.sh"), "serve", str(port)]
+    # vLLM refuses a named or required tool_choice unless a tool-call parser is set; the
+    # pythonic one needs no special tokens (Gemma's vocabulary has none for tools). Its
+    # grammars allow any whitespace unless told otherwise, and a small model constrained
+    # to JSON then pads it with newlines up to max_tokens.
+    tools = ["--enable-auto-tool-choice", "--tool-call-parser", "pythonic"]
+    compact = [
+        "--structured-outputs-config",
+        '{"backend": "xgrammar", "disable_any_whitespace": true}',
+    ]
+    cmd = ["bash", str(REPO / "quantization" / "vllm.sh"), "serve", str(port), *tools, *compact]
     server = spawn(cmd, f"http://127.0.0.1:{port}", "/health", root / "vllm.log", timeout=420)
     yield server
     stop(server)

@@ -10,11 +10,13 @@ sources.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import jsonschema
 import openai
 import pytest
 
@@ -205,6 +207,80 @@ def test_vllm_load_from_its_metrics_and_disconnect(gateway: Server, vllm_server:
         )
     # Closing the client closed the upstream connection: vLLM aborts the request.
     eventually(lambda: vllm_running(vllm_server) == 0)
+
+
+# -- the same structured outputs, tools and logprobs, whichever engine serves ----------
+
+CITY = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "enum": ["Paris", "Lima", "Oslo"]},
+        "sunny": {"type": "boolean"},
+    },
+    "required": ["city", "sunny"],
+    "additionalProperties": False,
+}
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {"name": "get_weather", "description": "Weather of a city", "parameters": CITY},
+}
+ASK = [{"role": "user", "content": "Is it sunny in Paris?"}]
+
+
+@pytest.mark.parametrize("model", ["gemma-cpp", "gemma-vllm"])
+def test_remote_json_schema_is_enforced(client: openai.OpenAI, model: str) -> None:
+    r = client.chat.completions.create(
+        model=model, messages=ASK, max_tokens=200, temperature=0.8, seed=3,  # type: ignore[arg-type]
+        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": CITY}},
+    )  # fmt: skip
+    assert r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(r.choices[0].message.content or ""), CITY)
+
+
+@pytest.mark.parametrize("model", ["gemma-cpp", "gemma-vllm"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_remote_forced_tool_call(client: openai.OpenAI, model: str, stream: bool) -> None:
+    ask: dict[str, Any] = dict(
+        model=model, messages=ASK, tools=[WEATHER_TOOL], max_tokens=200, temperature=0,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )  # fmt: skip
+    if stream:
+        deltas, reasons = [], []
+        for chunk in client.chat.completions.create(**ask, stream=True):
+            for choice in chunk.choices:
+                deltas += choice.delta.tool_calls or []
+                reasons.append(choice.finish_reason)
+        name = "".join(d.function.name or "" for d in deltas if d.function)
+        arguments = "".join(d.function.arguments or "" for d in deltas if d.function)
+        reason = [r for r in reasons if r][-1]
+    else:
+        choice = client.chat.completions.create(**ask).choices[0]
+        (call,) = choice.message.tool_calls or []
+        name, arguments, reason = call.function.name, call.function.arguments, choice.finish_reason
+    # vLLM says "stop" for a named function (as OpenAI does); the call is what counts.
+    assert reason in ("tool_calls", "stop")
+    assert name == "get_weather"
+    jsonschema.validate(json.loads(arguments), CITY)
+
+
+@pytest.mark.parametrize("model", ["gemma-cpp", "gemma-vllm"])
+def test_remote_logprobs(client: openai.OpenAI, model: str) -> None:
+    r = client.chat.completions.create(
+        model=model, messages=ASK, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2,
+        logit_bias=NO_EOG,
+    )  # fmt: skip
+    lp = r.choices[0].logprobs
+    assert lp is not None and lp.content
+    assert "".join(e.token for e in lp.content) == r.choices[0].message.content
+    for e in lp.content:
+        assert e.logprob <= 0 and len(e.top_logprobs) == 2
+        assert e.top_logprobs[0].logprob == pytest.approx(e.logprob, abs=1e-3)  # greedy
+    c = client.completions.create(
+        model=model, prompt="The capital of France is", max_tokens=3, temperature=0, logprobs=2
+    )
+    legacy = c.choices[0].logprobs
+    assert legacy is not None and legacy.tokens and legacy.token_logprobs
+    assert "".join(legacy.tokens) == c.choices[0].text
 
 
 # -- Ollama (fake) ------------------------------------------------------------
