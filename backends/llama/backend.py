@@ -26,7 +26,7 @@ from backends.base import (
     InvalidRequestError,
     ModelInfo,
 )
-from backends.llama.constraints import Constraint, Constraints, Matcher, check_schema
+from backends.llama.constraints import Constraints, Matcher, check_schema
 from backends.llama.engine import EngineConfig, LlamaEngine
 from backends.llama.native import LlamaModel
 from backends.llama.templates import BuiltinTemplate, ChatTemplate, architecture_family
@@ -286,7 +286,7 @@ class EmbeddedBackend:
         inbox: asyncio.Queue[object] = asyncio.Queue()
         _, model = self._require()
         matcher = await self._constraint_of(request, model)
-        constraint = None if matcher is None else Constraint(matcher, model.n_vocab)
+        constraint = None if matcher is None else self._constraints_of(model).constraint(matcher)
         parser = None
         if request.messages is not None and declared_tools(request):
             assert self._tool_format is not None

@@ -2,7 +2,7 @@
 
     constraints = Constraints(model)
     matcher = await constraints.matcher(ResponseFormat("json_schema", schema={...}))
-    constraint = Constraint(matcher, model.n_vocab)      # one per sequence
+    constraint = constraints.constraint(matcher)          # one per sequence
     constraint.mask(ctx, index); token = sample(...); constraint.consume(token)
 
 llguidance (PyPI ``llguidance``) compiles the schema and computes, for each step, the set
@@ -81,6 +81,11 @@ class Constraints:
         self._tokenizer: llguidance.LLTokenizer | None = None
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
+        self._table = _spread_table()
+
+    def constraint(self, matcher: llguidance.LLMatcher) -> Constraint:
+        """The per-sequence constraint that applies ``matcher`` to the logits."""
+        return Constraint(matcher, self._model.n_vocab, self._table)
 
     def _tokenizer_now(self) -> llguidance.LLTokenizer:
         with self._lock:  # built once, ~1.5 s over 262k tokens: in a thread, on first use
@@ -143,20 +148,35 @@ class Constraints:
         return found.deep_copy()
 
 
-class Constraint:
-    """One sequence's matcher and mask buffer; used on the engine thread only."""
+def _spread_table() -> np.ndarray[Any, Any]:
+    """Row ``b``: what to add to 8 logits whose allow-bits are byte ``b`` (0 or -inf)."""
+    bits = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")
+    return np.where(bits == 1, 0.0, -np.inf).astype(np.float32)
 
-    def __init__(self, matcher: llguidance.LLMatcher, n_vocab: int) -> None:
+
+class Constraint:
+    """One sequence's matcher and mask buffers; used on the engine thread only.
+
+    The mask (one bit per token) becomes an addend of 0 or -inf per logit by a table
+    lookup per mask byte, then one in-place add: 0.2 ms over Gemma's 262k tokens, where
+    unpacking the bits and assigning through a boolean index took 1.1 ms.
+    """
+
+    def __init__(
+        self, matcher: llguidance.LLMatcher, n_vocab: int, table: np.ndarray[Any, Any]
+    ) -> None:
         self._matcher = matcher
         self._n_vocab = n_vocab
         self._mask = np.full(((n_vocab + 31) // 32,), -1, dtype=np.int32)
+        self._spread = np.empty((self._mask.nbytes, 8), dtype=np.float32)
+        self._table = table  # _spread_table(), shared
 
     def mask(self, ctx: Any, index: int) -> None:
         """Set the logits of every token the format forbids now to -inf."""
         self._matcher.unsafe_compute_mask_ptr(self._mask.ctypes.data, self._mask.nbytes)
         logits = np.ctypeslib.as_array(C.llama_get_logits_ith(ctx, index), (self._n_vocab,))
-        allowed = np.unpackbits(self._mask.view(np.uint8), bitorder="little")[: self._n_vocab]
-        logits[allowed == 0] = -np.inf
+        np.take(self._table, self._mask.view(np.uint8), axis=0, out=self._spread)
+        np.add(logits, self._spread.reshape(-1)[: self._n_vocab], out=logits)
 
     def consume(self, token: int) -> None:
         self._matcher.consume_token(token)
