@@ -34,6 +34,7 @@ async def create_response(request: Request, principal: Principal) -> ASGIApp:
         sampling=body.sampling(),
         messages=messages,
         stream=body.stream,
+        response_format=body.output_format(),
     )
     plan = Plan.single(body.model, "responses", generation, tokens=body.token_charge(messages))
     shape = ResponseShape(body)

@@ -3,8 +3,10 @@
 What is served: ``input`` as a string or a list of messages, ``instructions``,
 ``max_output_tokens``, ``temperature``, ``top_p``, ``stream``, ``metadata``,
 ``user``; usage in the Response. Nothing is stored (every response behaves as
-``store: false``), so ``previous_response_id`` is refused; so are tools, reasoning,
-non-text formats and every other field, each by name, with a 400 — never ignored.
+``store: false``), so ``previous_response_id`` is refused; so are tools, reasoning
+and every other field, each by name, with a 400 — never ignored. ``text.format``
+may ask for JSON (``json_object``, or ``json_schema`` with its ``name`` and ``schema``):
+decoding is constrained as for chat's ``response_format``.
 
 A stream is the typed SSE events the OpenAI SDK parses, each with its
 ``sequence_number``: ``response.created``, ``response.in_progress``,
@@ -19,9 +21,9 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from backends.base import ChatMessage, GenerationChunk, SamplingParams
+from backends.base import ChatMessage, GenerationChunk, ResponseFormat, SamplingParams
 from gateway.errors import ErrorInfo
 from gateway.events import Finished, Result, Started
 from gateway.protocol.wire import UNSET_MAX_TOKENS_CHARGE, StrictBody, estimate_tokens, new_id
@@ -68,7 +70,35 @@ class MessageIn(StrictBody):
 
 
 class TextFormat(StrictBody):
-    type: Literal["text"]
+    """``text.format``: plain text, any JSON object, or JSON of a schema (flat, unlike
+    chat's ``response_format.json_schema``)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")] | None = (
+        None
+    )
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+    @model_validator(mode="after")
+    def _schema_when_asked(self) -> TextFormat:
+        if self.type == "json_schema" and (self.name is None or self.schema_ is None):
+            raise ValueError("a json_schema format needs a name and a schema")
+        return self
+
+    def spec(self) -> ResponseFormat | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return ResponseFormat("json_object")
+        return ResponseFormat(
+            "json_schema", schema=self.schema_, name=self.name, strict=self.strict
+        )
+
+    def echo(self) -> dict[str, Any]:
+        """The format as the Response object repeats it."""
+        return self.model_dump(by_alias=True, exclude_none=True)
 
 
 class TextOptions(StrictBody):
@@ -124,6 +154,10 @@ class ResponsesRequest(StrictBody):
             return (*system, ChatMessage("user", self.input))
         return (*system, *(m.flatten() for m in self.input))
 
+    def output_format(self) -> ResponseFormat | None:
+        fmt = self.text.format if self.text is not None else None
+        return None if fmt is None else fmt.spec()
+
     def sampling(self) -> SamplingParams:
         return SamplingParams(
             max_tokens=self.max_output_tokens, temperature=self.temperature, top_p=self.top_p
@@ -160,6 +194,8 @@ class ResponseShape:
         self.message_id = new_id("msg", "_")
         self.created = 0
         self.model = body.model
+        fmt = body.text.format if body.text is not None else None
+        self._format = {"type": "text"} if fmt is None else fmt.echo()
 
     def start(self, started: Started) -> None:
         self.response_id = started.request_id
@@ -209,7 +245,7 @@ class ResponseShape:
             "store": False,
             "temperature": 1.0 if b.temperature is None else b.temperature,
             "top_p": 1.0 if b.top_p is None else b.top_p,
-            "text": {"format": {"type": "text"}},
+            "text": {"format": self._format},
             "tool_choice": "auto",
             "tools": [],
             "truncation": "disabled",

@@ -112,7 +112,8 @@ async def test_a_failure_mid_stream_is_a_failed_response(sdk: openai.AsyncOpenAI
         ({"tools": [{"type": "web_search"}]}, "tools"),
         ({"previous_response_id": "resp_123"}, "previous_response_id"),
         ({"reasoning": {"effort": "low"}}, "reasoning"),
-        ({"text": {"format": {"type": "json_object"}}}, "text.format.type"),
+        ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format"),
+        ({"text": {"format": {"type": "xml"}}}, "text.format.type"),
         ({"made_up": 1}, "made_up"),
         ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, "input"),
     ],
@@ -124,6 +125,22 @@ async def test_what_the_subset_does_not_do_is_refused_by_name(
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"].startswith(param), error
+
+
+async def test_a_json_format_reaches_the_engine_and_is_echoed(
+    sdk: openai.AsyncOpenAI, fakes: dict[str, FakeBackend]
+) -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    text: Any = {"format": {"type": "json_schema", "name": "thing", "schema": schema}}
+    r = await sdk.responses.create(model="echo", input="x", text=text)
+    fmt = fakes["echo"].seen[-1].response_format
+    assert fmt is not None and (fmt.kind, fmt.name, fmt.schema) == ("json_schema", "thing", schema)
+    assert r.text is not None and r.text.format is not None
+    assert r.text.format.model_dump(exclude_none=True, by_alias=True) == {
+        "type": "json_schema", "name": "thing", "schema": schema}  # fmt: skip
+    await sdk.responses.create(model="echo", input="x", text={"format": {"type": "json_object"}})
+    last = fakes["echo"].seen[-1].response_format
+    assert last is not None and last.kind == "json_object"
 
 
 async def test_the_door_is_labelled_in_metrics(

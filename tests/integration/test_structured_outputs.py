@@ -5,6 +5,7 @@ max_tokens, which says "length")."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -51,8 +52,9 @@ ORDER = {
 
 
 @pytest.fixture
-def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="none", max_retries=0)
+def client(server: Server) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="none", max_retries=0) as c:
+        yield c
 
 
 @pytest.mark.parametrize("schema", [PERSON, ORDER], ids=["person", "order"])
@@ -87,6 +89,16 @@ def test_json_object_on_completions_is_an_object(client: openai.OpenAI) -> None:
     )
     assert reply.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(reply.choices[0].text), dict)
+
+
+def test_responses_text_format_is_enforced(client: openai.OpenAI) -> None:
+    text: Any = {"format": {"type": "json_schema", "name": "person", "schema": PERSON}}
+    reply = client.responses.create(
+        model="gemma", input="Describe a person.", text=text, max_output_tokens=200,
+        temperature=0.9,
+    )  # fmt: skip
+    assert reply.status == "completed"
+    jsonschema.validate(json.loads(reply.output_text), PERSON)
 
 
 def test_cut_by_max_tokens_says_length(client: openai.OpenAI) -> None:
