@@ -100,6 +100,8 @@ class OpenAIUser(HttpUser):
             key = KEYS[next(_NEXT_KEY) % len(KEYS)]
             self.client.headers["Authorization"] = f"Bearer {key}"
         self._questions = itertools.cycle(QUESTIONS)
+        # One completion first, so that even a short run has a row for every request kind.
+        self.completion()
 
     def _chat(self, **extra: Any) -> dict[str, Any]:
         return {

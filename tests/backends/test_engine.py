@@ -220,11 +220,19 @@ async def test_a_full_waiting_queue_rejects_at_once() -> None:
         await backend.close()
 
 
-async def test_tools_are_refused_by_the_embedded_engine(engine: EmbeddedBackend) -> None:
+async def test_a_tool_choice_naming_no_declared_tool_is_refused(engine: EmbeddedBackend) -> None:
     tool = {"type": "function", "function": {"name": "f"}}
-    req = GenerationRequest(request_id="t", prompt="x", sampling=SamplingParams(), tools=(tool,))
-    with pytest.raises(InvalidRequestError, match="tools"):
+    choice = {"type": "function", "function": {"name": "g"}}
+    req = GenerationRequest(
+        request_id="t",
+        messages=(ChatMessage("user", "x"),),
+        sampling=SamplingParams(),
+        tools=(tool,),
+        tool_choice=choice,
+    )
+    with pytest.raises(InvalidRequestError, match="not among the tools") as caught:
         await run(engine, req)
+    assert caught.value.param == "tool_choice"
 
 
 async def test_an_engine_failure_answers_every_request(monkeypatch: pytest.MonkeyPatch) -> None:
