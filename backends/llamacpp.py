@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from backends.base import BackendLoad, GenerationChunk, GenerationRequest
+from backends.base import BackendLoad, GenerationChunk, GenerationRequest, TokenLogprob
 from backends.llama.tools import call_schema, forced_tools, read_forced_call
 from backends.openai_compat import OpenAICompatBackend
 
@@ -75,16 +75,19 @@ class LlamaCppBackend(OpenAICompatBackend):
             return
         # The answer is the call's JSON: held back, then given as the call.
         text: list[str] = []
+        logprobs: list[TokenLogprob] = []
         async with contextlib.aclosing(super().generate(request)) as chunks:
             async for chunk in chunks:
                 text.append(chunk.text)
+                logprobs.extend(chunk.logprobs)
                 if chunk.finish_reason is None:
                     continue
+                whole = replace(chunk, logprobs=tuple(logprobs))
                 call = None if chunk.tool_calls else read_forced_call("".join(text))
                 if call is None:  # llama-server called natively, or the JSON was cut short
-                    yield replace(chunk, text="" if chunk.tool_calls else "".join(text))
+                    yield replace(whole, text="" if chunk.tool_calls else "".join(text))
                 else:
-                    yield replace(chunk, text="", tool_calls=(call,), finish_reason="tool_calls")
+                    yield replace(whole, text="", tool_calls=(call,), finish_reason="tool_calls")
 
     async def probe(self) -> bool:
         if (await self.get("/health"))[0] != 200:

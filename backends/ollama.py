@@ -72,6 +72,12 @@ def ollama_body(
     p = request.sampling
     if p.logit_bias:
         raise InvalidRequestError("logit_bias is not supported by Ollama", param="logit_bias")
+    if p.logprobs is not None:
+        raise InvalidRequestError("logprobs are not supported by Ollama", param="logprobs")
+    if request.tool_choice not in (None, "auto", "none"):  # Ollama has no tool_choice
+        raise InvalidRequestError(
+            "Ollama cannot be made to call a tool; send tool_choice auto", param="tool_choice"
+        )
     # Ollama's option names match OpenAI's, except max_tokens → num_predict.
     opts: dict[str, Any] = {"num_ctx": options.num_ctx, **p.explicit()}
     if p.max_tokens is not None:

@@ -137,13 +137,13 @@ class LlamaModel:
         return buf.raw[: max(n, 0)].decode("utf-8", errors="replace")
 
     def special_token(self, text: str) -> int | None:
-        """The one control or user-defined token spelled ``text``, if there is one."""
+        """The one user-defined token spelled ``text`` (Qwen's ``<tool_call>``), if there
+        is one. Control tokens are not: their text is never in the output (``piece``)."""
         tokens = self.tokenize(text, special=True, add_bos=False)
         if len(tokens) != 1:
             return None
         attr = C.llama_vocab_get_attr(self._vocab, tokens[0])
-        special = C.LLAMA_TOKEN_ATTR_CONTROL | C.LLAMA_TOKEN_ATTR_USER_DEFINED
-        return tokens[0] if attr & special else None
+        return tokens[0] if attr & C.LLAMA_TOKEN_ATTR_USER_DEFINED else None
 
     def is_end_of_generation(self, token: int) -> bool:
         return bool(C.llama_vocab_is_eog(self._vocab, token))

@@ -181,12 +181,15 @@ def forced_tools(
 def call_schema(tool: Mapping[str, Any], arguments_key: str = "arguments") -> dict[str, Any]:
     """The JSON Schema of one call to ``tool``: its name, then arguments of its schema."""
     function = tool["function"]
-    parameters = function.get("parameters") or {"type": "object"}
+    parameters = dict(function.get("parameters") or {"type": "object"})
+    # References are root-relative ("#/$defs/X"): the definitions move up to the new root.
+    hoisted = {k: parameters.pop(k) for k in ("$defs", "definitions") if k in parameters}
     return {
         "type": "object",
         "properties": {"name": {"const": function["name"]}, arguments_key: parameters},
         "required": ["name", arguments_key],
         "additionalProperties": False,
+        **hoisted,
     }
 
 
@@ -269,6 +272,8 @@ class _ValueScanner:
                 self.depth -= 1
                 if self.depth == 0:
                     return i + 1
+                if self.depth < 0:  # a bare number or literal, ended by its object's "}"
+                    return i
         return None
 
 
@@ -380,18 +385,19 @@ class ToolCallParser:
 
     def _in_text(self, content: list[str]) -> bool:
         fmt = self._fmt
-        if fmt.open:
-            at = self._buf.find(fmt.open)
+        marker = fmt.open.strip()  # the call's JSON may follow it with or without a newline
+        if marker:
+            at = self._buf.find(marker)
             # Whitespace alone is held: it is dropped if a call follows it.
             if at < 0:
-                keep = len(self._buf) - _held_prefix(self._buf, fmt.open)
+                keep = len(self._buf) - _held_prefix(self._buf, marker)
                 if self._buf[:keep].strip():
                     content.append(self._buf[:keep])
                     self._buf = self._buf[keep:]
                 return False
             if self._buf[:at].strip():
                 content.append(self._buf[:at])
-            self._buf = self._buf[at + len(fmt.open) :]
+            self._buf = self._buf[at + len(marker) :]
             self._state = "call"
             return True
         # A bare-JSON format: a call is the turn itself, so only where nothing was said.
@@ -407,8 +413,13 @@ class ToolCallParser:
 
     def _in_call(self, deltas: list[ToolCallDelta]) -> bool:
         header = _HEADER.match(self._buf)
+        name = None
         if header is not None:
-            name = json.loads(f'"{header.group(1)}"')
+            try:
+                name = json.loads(f'"{header.group(1)}"', strict=False)
+            except ValueError:  # a broken escape: the whole value decides what it was
+                header = None
+        if header is not None and isinstance(name, str):
             self._start(name, deltas)
             self._buf = self._buf[header.end() :]
             self._scanner = _ValueScanner()

@@ -190,3 +190,22 @@ def test_the_call_grammar_admits_valid_calls_only() -> None:
     single = llguidance.LLMatcher.grammar_from_lark(call_grammar(LLAMA3, [WEATHER], parallel=False))
     assert _accepts(single, '{"name": "get_weather", "parameters": {"city": "Oslo"}}')
     assert not _accepts(single, '{"name": "get_weather", "arguments": {"city": "Oslo"}}')
+
+
+def test_calls_the_model_writes_loosely_are_still_read() -> None:
+    # No newline after the marker; arguments that are not an object; a broken escape.
+    tight = '<tool_call>{"name": "f", "arguments": {}}</tool_call>'
+    assert [(c.name, c.arguments) for c in read(HERMES, tight, 3)[2]] == [("f", "{}")]
+    _, _, calls = read(HERMES, '<tool_call>\n{"name": "f", "arguments": null}\n</tool_call>', 1)
+    assert [(c.name, c.arguments) for c in calls] == [("f", "null")]
+    content, _, calls = read(HERMES, '<tool_call>\n{"name": "f\\u12", "arguments": {}}', 1)
+    assert calls == [] and "f\\u12" in content  # not a call (it is given as text), no crash
+
+
+def test_a_reference_in_the_parameters_still_resolves() -> None:
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"u": {"$ref": "#/$defs/U"}}, "required": ["u"],
+        "$defs": {"U": {"type": "string", "enum": ["a", "b"]}}}}}  # fmt: skip
+    grammar = llguidance.LLMatcher.grammar_from_lark(call_grammar(LLAMA3, [tool], parallel=False))
+    assert _accepts(grammar, '{"name": "f", "parameters": {"u": "a"}}')
+    assert not _accepts(grammar, '{"name": "f", "parameters": {"u": "c"}}')
