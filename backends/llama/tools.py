@@ -365,8 +365,16 @@ class ToolCallParser:
             return True
         # tail: the call object's "}" and the closing marker
         rest = self._buf.lstrip()
-        if not rest.startswith("}"):
-            return bool(rest) and self._end_call(rest)
+        if rest and not rest.startswith("}"):
+            # More keys after the arguments: skipped, up to the "}" that closes the call.
+            scanner = _ValueScanner()
+            scanner.depth = 1
+            end = scanner.end(rest)
+            if end is None:
+                return False
+            rest = rest[end - 1 :]
+        if not rest:
+            return False
         after = rest[1:]
         close = fmt.close.strip()
         if close:

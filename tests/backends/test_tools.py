@@ -209,3 +209,11 @@ def test_a_reference_in_the_parameters_still_resolves() -> None:
     grammar = llguidance.LLMatcher.grammar_from_lark(call_grammar(LLAMA3, [tool], parallel=False))
     assert _accepts(grammar, '{"name": "f", "parameters": {"u": "a"}}')
     assert not _accepts(grammar, '{"name": "f", "parameters": {"u": "c"}}')
+
+
+@pytest.mark.parametrize("step", [1, 4, 1000])
+def test_keys_after_the_arguments_are_not_content(step: int) -> None:
+    text = '<tool_call>\n{"name": "f", "arguments": {"a": 1}, "id": {"x": "}"}}\n</tool_call> ok'
+    content, _, calls = read(HERMES, text, step)
+    assert content.strip() == "ok"
+    assert [(c.name, c.arguments) for c in calls] == [("f", '{"a": 1}')]
