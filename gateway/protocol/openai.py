@@ -26,11 +26,13 @@ from backends.base import (
 )
 from gateway.errors import ErrorInfo, InvalidRequest
 from gateway.events import Finished, Result, Started
+from gateway.protocol.logprobs import chat_logprobs, text_logprobs
 from gateway.protocol.wire import (
     UNSET_MAX_TOKENS_CHARGE,
     ToolDef,
     WireModel,
     estimate_tokens,
+    output_format,
     tool_definitions,
 )
 
@@ -104,14 +106,11 @@ class ResponseFormatIn(WireModel):
         return self
 
     def spec(self) -> ResponseFormat | None:
-        if self.type == "text":
-            return None
-        if self.type == "json_object":
-            return ResponseFormat("json_object")
         spec = self.json_schema
-        assert spec is not None
-        return ResponseFormat("json_schema", schema=spec.schema_ or {}, name=spec.name,
-                              strict=spec.strict)  # fmt: skip
+        if spec is None:
+            return output_format(self.type)
+        return output_format(self.type, schema=spec.schema_ or {}, name=spec.name,
+                             strict=spec.strict)  # fmt: skip
 
 
 class _SamplingFields(WireModel):
@@ -317,39 +316,6 @@ def _completion(result: Result, obj: str, choices: list[dict[str, Any]]) -> dict
         "model": started.model,
         "choices": choices,
         "usage": usage(finished.prompt_tokens, finished.completion_tokens),
-    }
-
-
-def chat_logprobs(tokens: Sequence[TokenLogprob]) -> dict[str, Any]:
-    """Chat's ``logprobs``: one entry per token, its alternatives likeliest first."""
-    return {
-        "content": [
-            {
-                "token": t.token,
-                "logprob": t.logprob,
-                "bytes": list(t.raw),
-                "top_logprobs": [
-                    {"token": a, "logprob": lp, "bytes": list(b)} for a, b, lp in t.top
-                ],
-            }
-            for t in tokens
-        ],
-        "refusal": None,
-    }
-
-
-def text_logprobs(tokens: Sequence[TokenLogprob], offset: int = 0) -> dict[str, Any]:
-    """The legacy completions' ``logprobs``: parallel lists; ``text_offset`` in characters
-    from the start of the choice's text (``offset``: the characters before these tokens)."""
-    offsets = []
-    for t in tokens:
-        offsets.append(offset)
-        offset += len(t.token)
-    return {
-        "tokens": [t.token for t in tokens],
-        "token_logprobs": [t.logprob for t in tokens],
-        "top_logprobs": [{a: lp for a, _, lp in t.top} for t in tokens],
-        "text_offset": offsets,
     }
 
 

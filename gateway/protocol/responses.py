@@ -26,7 +26,13 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from backends.base import ChatMessage, GenerationChunk, ResponseFormat, SamplingParams
 from gateway.errors import ErrorInfo
 from gateway.events import Finished, Result, Started
-from gateway.protocol.wire import UNSET_MAX_TOKENS_CHARGE, StrictBody, estimate_tokens, new_id
+from gateway.protocol.wire import (
+    UNSET_MAX_TOKENS_CHARGE,
+    StrictBody,
+    estimate_tokens,
+    new_id,
+    output_format,
+)
 
 # Accepted by OpenAI, refused here by name: the text subset does not do them.
 UNSUPPORTED = (
@@ -88,13 +94,7 @@ class TextFormat(StrictBody):
         return self
 
     def spec(self) -> ResponseFormat | None:
-        if self.type == "text":
-            return None
-        if self.type == "json_object":
-            return ResponseFormat("json_object")
-        return ResponseFormat(
-            "json_schema", schema=self.schema_, name=self.name, strict=self.strict
-        )
+        return output_format(self.type, schema=self.schema_, name=self.name, strict=self.strict)
 
     def echo(self) -> dict[str, Any]:
         """The format as the Response object repeats it."""

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from backends.base import ResponseFormat
 from gateway.errors import InvalidRequest
 from gateway.validation import first_problem
 
@@ -88,3 +90,18 @@ def parse(model: type[M], body: bytes) -> M:
     except ValidationError as exc:
         where, message = first_problem(exc)
         raise InvalidRequest(message, param=where) from None
+
+
+def output_format(
+    kind: str,
+    *,
+    schema: Mapping[str, Any] | None = None,
+    name: str | None = None,
+    strict: bool | None = None,
+) -> ResponseFormat | None:
+    """A door's format type (``text``, ``json_object``, ``json_schema``) as engines take it."""
+    if kind == "json_object":
+        return ResponseFormat("json_object")
+    if kind == "json_schema":
+        return ResponseFormat("json_schema", schema=schema or {}, name=name, strict=strict)
+    return None
