@@ -6,10 +6,11 @@ real llama-server on the same GGUF (``--parallel 16``, 16 x 512 tokens of contex
 up; only one is sent requests at a time (two cores). Three phases:
 
 1. Throughput: at each of ``--clients``, that many clients send chats (48 tokens at most,
-   temperature 0.7) for ``--seconds`` per arm, the arms interleaved over ``--rounds``
-   (reversed every other round): Lockgate free text, ``json_object``, a 4-field
-   ``json_schema``; llama-server free text and the same schema. Reported: tokens/s (median
-   of rounds), the ratio to the engine's own free text, the share of answers that parse,
+   temperature 0.7) back to back, the arms interleaved over ``--rounds`` (reversed every
+   other round): Lockgate free text, ``json_object``, a 4-field ``json_schema``; llama-server
+   free text and the same schema. Steady state: only tokens produced in a ``--seconds``
+   window opened ``--warmup`` s in count (each answer's tokens spread over its time), and
+   the clients keep sending until the window closes. Reported: tokens/s (median of rounds), the ratio to the engine's own free text, the share of answers that parse,
    and Lockgate's schema tokens/s over llama-server's.
 2. Validity: the 30 schemas of loadtests/structured_schemas.py x ``--seeds`` seeds (sent
    together), ``strict: true``, temperature 0.8, 256 tokens at most. Per schema and engine:
@@ -74,8 +75,9 @@ FORMATS: dict[str, dict[str, Any] | None] = {
     "json_schema": {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}},
 }
 ARMS = {"lockgate": ("free", "json_object", "json_schema"), "llama-server": ("free", "json_schema")}
-FULL = {"clients": "1,16", "seconds": 20.0, "rounds": 3, "seeds": 5, "ttft_pairs": 20}
-QUICK = {"clients": "1", "seconds": 3.0, "rounds": 1, "seeds": 1, "ttft_pairs": 3}
+FULL = {"clients": "1,16", "seconds": 20.0, "warmup": 5.0, "rounds": 3, "seeds": 5,
+        "ttft_pairs": 20}  # fmt: skip
+QUICK = {"clients": "1", "seconds": 3.0, "warmup": 1.0, "rounds": 1, "seeds": 1, "ttft_pairs": 3}
 
 
 class Server:
@@ -121,17 +123,29 @@ def client_for(server: Server, connections: int, timeout: float = 180) -> httpx.
 # --- 1. throughput ---------------------------------------------------------------------
 
 
+def in_window(sent: float, done: float, tokens: int, window: tuple[float, float]) -> float:
+    """The share of a request's ``tokens`` produced inside ``window``, spread evenly."""
+    overlap = min(done, window[1]) - max(sent, window[0])
+    return tokens * max(overlap, 0.0) / (done - sent) if done > sent else 0.0
+
+
 async def throughput_arm(
-    server: Server, fmt: dict[str, Any] | None, clients: int, seconds: float
+    server: Server, fmt: dict[str, Any] | None, clients: int, seconds: float, warmup: float
 ) -> dict[str, float]:
-    tokens, times, parsed, answers = 0, [], 0, 0
-    stop = time.monotonic() + seconds
+    """Steady-state tokens/s: every client keeps one request open from the start until the
+    window (``warmup`` s in, ``seconds`` long) has closed, and only the tokens that fall
+    inside the window count. Arms whose answers end early are not charged for a ragged tail
+    in which fewer than ``clients`` requests are still running."""
+    done_at: list[tuple[float, float, int]] = []
+    times, parsed, answers = [], 0, 0
+    begin = time.perf_counter()
+    window = (begin + warmup, begin + warmup + seconds)
     async with client_for(server, clients) as http:
 
         async def client(i: int) -> None:
-            nonlocal tokens, parsed, answers
+            nonlocal parsed, answers
             n = 0
-            while time.monotonic() < stop:
+            while time.perf_counter() < window[1]:
                 n += 1
                 body = chat("Describe a person as JSON.", seed=i * 1000 + n, max_tokens=48,
                             temperature=0.7)  # fmt: skip
@@ -139,44 +153,46 @@ async def throughput_arm(
                     body["response_format"] = fmt
                 sent = time.perf_counter()
                 response = await http.post(CHAT, json=body)
-                took = time.perf_counter() - sent
+                done = time.perf_counter()
                 if response.status_code != 200:
                     raise RuntimeError(f"{server.name}: {response.status_code} {response.text}")
                 r = response.json()
                 produced = r["usage"]["completion_tokens"]
-                tokens += produced
+                done_at.append((sent, done, produced))
                 if produced:
-                    times.append(took / produced)
+                    times.append((done - sent) / produced)
                 answers += 1
                 if r["choices"][0]["finish_reason"] == "stop":
                     with contextlib.suppress(json.JSONDecodeError):
                         json.loads(r["choices"][0]["message"]["content"])
                         parsed += 1
 
-        started = time.monotonic()
         await asyncio.gather(*(client(i) for i in range(clients)))
-        elapsed = time.monotonic() - started
+    counted = sum(in_window(sent, done, tokens, window) for sent, done, tokens in done_at)
     return {
-        "tokens_per_s": tokens / elapsed,
+        "tokens_per_s": counted / seconds,
         "s_per_token_p50": statistics.median(times),
+        "tokens_per_answer": sum(t for _, _, t in done_at) / max(answers, 1),
         "answers": answers,
         "parsed_share": parsed / max(answers, 1),
     }
 
 
 def run_throughput(
-    servers: list[Server], levels: list[int], rounds: int, seconds: float
+    servers: list[Server], levels: list[int], rounds: int, seconds: float, warmup: float
 ) -> dict[str, Any]:
     arms = [(s, name) for s in servers for name in ARMS[s.name]]
     runs: dict[int, dict[str, list[dict[str, float]]]] = {
         c: {f"{s.name}/{name}": [] for s, name in arms} for c in levels
     }
     for server, name in arms:  # compiles the schema, builds Lockgate's tokenizer (~1.5 s)
-        asyncio.run(throughput_arm(server, FORMATS[name], 1, 0.1))
+        asyncio.run(throughput_arm(server, FORMATS[name], 1, 0.1, 0.0))
     for clients in levels:
         for r in range(rounds):
             for server, name in arms if r % 2 == 0 else reversed(arms):
-                result = asyncio.run(throughput_arm(server, FORMATS[name], clients, seconds))
+                result = asyncio.run(
+                    throughput_arm(server, FORMATS[name], clients, seconds, warmup)
+                )
                 runs[clients][f"{server.name}/{name}"].append(result)
                 print(f"  c={clients} round {r + 1} {server.name}/{name:12} "
                       f"{result['tokens_per_s']:6.1f} tok/s", flush=True)  # fmt: skip
@@ -444,6 +460,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--clients", help=f"client counts (default {FULL['clients']})")
     parser.add_argument("--seconds", type=float, help="per arm and round (default 20)")
+    parser.add_argument("--warmup", type=float, help="s before a throughput window (default 5)")
     parser.add_argument("--rounds", type=int, help="throughput rounds (default 3)")
     parser.add_argument("--seeds", type=int, help="validity seeds per schema (default 5)")
     parser.add_argument("--ttft-pairs", type=int, help="first-seen/cached pairs (default 20)")
@@ -486,7 +503,9 @@ def main() -> None:
             server.start()
         if "throughput" in phases:
             levels = [int(c) for c in args.clients.split(",")]
-            report["throughput"] = run_throughput(servers, levels, args.rounds, args.seconds)
+            report["throughput"] = run_throughput(
+                servers, levels, args.rounds, args.seconds, args.warmup
+            )
         if "validity" in phases:
             report["validity"] = {
                 s.name: run_validity(s, cases, args.seeds, args.suite_timeout) for s in servers

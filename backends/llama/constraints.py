@@ -180,3 +180,17 @@ class Constraint:
 
     def consume(self, token: int) -> None:
         self._matcher.consume_token(token)
+
+    def forced(self, limit: int) -> list[int]:
+        """Up to ``limit`` tokens the format allows no alternative to, now consumed."""
+        if limit <= 0:
+            return []
+        tokens = self._matcher.compute_ff_tokens()[:limit]
+        if tokens:
+            self._matcher.consume_tokens(tokens)
+        return tokens
+
+    @property
+    def finished(self) -> bool:
+        """The format is complete: nothing but the end of the output may follow."""
+        return self._matcher.is_stopped()

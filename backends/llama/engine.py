@@ -10,6 +10,11 @@ Each step decodes one token for every running sequence plus up to
 prompt delays the others by a bounded amount instead of stalling them. A new
 request joins at the next step; a finished or cancelled one frees its KV cells
 and its sequence slot at once.
+
+Under a constraint (``response_format``, a forced tool call), tokens the grammar allows
+no alternative to (``{"name": "``) are not sampled one step each: they are appended
+after the sampled token and decoded with it in the same step (jump-forward decoding),
+and a sequence whose grammar is complete finishes without a step to sample its end.
 """
 
 from __future__ import annotations
@@ -71,7 +76,7 @@ class _Sequence:
     deadline: float
     slot: int = -1
     fed: int = 0  # prompt tokens already in the KV cache
-    next_token: int = -1  # sampled, not yet decoded
+    pending: list[int] = field(default_factory=list)  # sampled or forced, not yet decoded
     completion_tokens: int = 0
     sampler: Sampler | None = None
     stop: StopMatcher = field(default_factory=lambda: StopMatcher(()))
@@ -114,6 +119,9 @@ class LlamaEngine:
         self._waiting: deque[_Sequence] = deque()
         self._running: dict[int, _Sequence] = {}
         self._free_slots: list[int] = list(range(config.max_sequences - 1, -1, -1))
+        # Forced tokens a sequence may add to one step, so that a step of every sequence
+        # decoding always fits the batch.
+        self._forced_per_step = max(0, config.batch_tokens // config.max_sequences - 1)
         self._outbox: list[tuple[Deliver, object]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._failed: BaseException | None = None
@@ -345,9 +353,12 @@ class LlamaEngine:
         outputs: list[tuple[_Sequence, int]] = []
         prefilling: list[_Sequence] = []
         for seq in self._running.values():
-            if seq.next_token >= 0:
-                pos = len(seq.prompt) + seq.completion_tokens - 1
-                outputs.append((seq, batch.add(seq.next_token, pos, seq.slot, logits=True)))
+            if seq.pending:
+                pos = len(seq.prompt) + seq.completion_tokens - len(seq.pending)
+                last = len(seq.pending) - 1
+                for i, token in enumerate(seq.pending):
+                    index = batch.add(token, pos + i, seq.slot, logits=i == last)
+                outputs.append((seq, index))
             else:
                 prefilling.append(seq)
         budget = min(self.config.prefill_chunk, batch.capacity - len(batch))
@@ -375,17 +386,28 @@ class LlamaEngine:
         if self.model.is_end_of_generation(token):
             self._finish(seq, seq.stop.flush() + seq.utf8.decode(b"", final=True), "stop")
             return
-        seq.completion_tokens += 1
-        seq.next_token = token
-        assert seq.sampler is not None
-        if seq.sampler.last_logprobs is not None:
-            seq.logprobs.append(self._logprob(token, *seq.sampler.last_logprobs))
+        sampler = seq.sampler
+        assert sampler is not None
+        tokens = [token]
+        if sampler.last_logprobs is not None:
+            seq.logprobs.append(self._logprob(token, *sampler.last_logprobs))
+        else:  # jump forward over what a constraint forces: decoded with it, not sampled
+            room = min(self._forced_per_step, seq.max_tokens - seq.completion_tokens - 1)
+            tokens += sampler.forced(room)
+        end = next((i for i, t in enumerate(tokens) if self.model.is_end_of_generation(t)), None)
+        if end is not None:  # a grammar that forces the end of generation
+            del tokens[end:]
+        seq.completion_tokens += len(tokens)
+        seq.pending = tokens
         at_limit = seq.completion_tokens >= seq.max_tokens
-        text, stopped = seq.stop.feed(seq.utf8.decode(self.model.piece(token), final=at_limit))
+        piece = b"".join(map(self.model.piece, tokens))
+        text, stopped = seq.stop.feed(seq.utf8.decode(piece, final=at_limit))
         if stopped:
             self._finish(seq, text, "stop")
         elif at_limit:
             self._finish(seq, text + seq.stop.flush(), "length")
+        elif end is not None or sampler.finished:  # only the end could be sampled next
+            self._finish(seq, text + seq.stop.flush() + seq.utf8.decode(b"", final=True), "stop")
         elif text:
             self._send(seq, self._chunk(seq, text))
 

@@ -324,6 +324,21 @@ class Sampler:
             self.last_logprobs = log_probabilities(raw, token, self._logprobs or 0)
         return token
 
+    def forced(self, limit: int) -> list[int]:
+        """Up to ``limit`` tokens that must come next (a constraint allows nothing else),
+        recorded as if sampled; none when logprobs are asked for, as those need logits."""
+        if self._constraint is None or self._logprobs is not None:
+            return []
+        tokens = self._constraint.forced(limit)
+        for token in tokens:
+            C.llama_sampler_accept(self._chain, token)  # the penalties see them
+        return tokens
+
+    @property
+    def finished(self) -> bool:
+        """The constraint is complete, so only the end of generation could be sampled."""
+        return self._constraint is not None and self._constraint.finished
+
     def close(self) -> None:
         if self._chain:
             C.llama_sampler_free(self._chain)
@@ -350,3 +365,6 @@ class Constraint(Protocol):
 
     def mask(self, ctx: Any, index: int) -> None: ...
     def consume(self, token: int) -> None: ...
+    def forced(self, limit: int) -> list[int]: ...
+    @property
+    def finished(self) -> bool: ...

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import math
 import threading
 import time
@@ -19,6 +21,7 @@ from backends.base import (
     GenerationChunk,
     GenerationRequest,
     InvalidRequestError,
+    ResponseFormat,
     SamplingParams,
 )
 from backends.llama import backend as backend_module
@@ -113,6 +116,53 @@ async def test_logit_bias_forces_a_token(engine: EmbeddedBackend) -> None:
     forced = engine.prompt_tokens(request(" banana"))[-1]
     chunks = await run(engine, request(max_tokens=4, temperature=0.0, logit_bias={forced: 100.0}))
     assert "".join(c.text for c in chunks).count("banana") == 4
+
+
+# Long keys the schema spells out: the model chooses only the values.
+FORCED = {
+    "type": "object",
+    "properties": {
+        "the_full_name_of_the_person": {"type": "string", "maxLength": 12},
+        "the_age_of_the_person_in_years": {"type": "integer", "minimum": 0, "maximum": 99},
+    },
+    "required": ["the_full_name_of_the_person", "the_age_of_the_person_in_years"],
+    "additionalProperties": False,
+}
+
+
+def forced_request(**sampling: object) -> GenerationRequest:
+    return dataclasses.replace(
+        request("A person as JSON: ", **sampling),
+        response_format=ResponseFormat("json_schema", schema=FORCED, strict=True),
+    )
+
+
+async def test_what_a_schema_forces_is_decoded_in_one_step_not_sampled(
+    engine: EmbeddedBackend,
+) -> None:
+    before = engine.load()
+    chunks = await run(engine, forced_request(max_tokens=64, temperature=0.0))
+    steps = engine.load().decode_steps - before.decode_steps
+    value = json.loads("".join(c.text for c in chunks))
+    assert sorted(value) == sorted(FORCED["properties"])  # type: ignore[call-overload]
+    assert chunks[-1].finish_reason == "stop"
+    # One step per sampled token would need a step for each of the ~25 tokens of the keys
+    # alone, and one more for the end; each key is decoded whole with the token before it.
+    assert steps < chunks[-1].completion_tokens / 2, (steps, chunks[-1].completion_tokens)
+
+
+async def test_forced_tokens_keep_max_tokens_stops_and_logprobs_exact(
+    engine: EmbeddedBackend,
+) -> None:
+    cut = await run(engine, forced_request(max_tokens=3, temperature=0.0))
+    assert (cut[-1].finish_reason, cut[-1].completion_tokens) == ("length", 3)
+    stopped = await run(engine, forced_request(max_tokens=64, temperature=0.0, stop=("of_the",)))
+    assert "".join(c.text for c in stopped) in ('{"the_full_name_', '{"the_age_')  # either order
+    assert stopped[-1].finish_reason == "stop"
+    # Logprobs need each token's logits, so nothing is skipped: one per completion token.
+    scored = await run(engine, forced_request(max_tokens=64, temperature=0.0, logprobs=0))
+    assert len([lp for c in scored for lp in c.logprobs]) == scored[-1].completion_tokens
+    assert sorted(json.loads("".join(c.text for c in scored))) == sorted(FORCED["properties"])  # type: ignore[call-overload]
 
 
 async def test_cancel_frees_the_sequence(engine: EmbeddedBackend) -> None:
