@@ -10,8 +10,9 @@ up; only one is sent requests at a time (two cores). Three phases:
    other round): Lockgate free text, ``json_object``, a 4-field ``json_schema``; llama-server
    free text and the same schema. Steady state: only tokens produced in a ``--seconds``
    window opened ``--warmup`` s in count (each answer's tokens spread over its time), and
-   the clients keep sending until the window closes. Reported: tokens/s (median of rounds), the ratio to the engine's own free text, the share of answers that parse,
-   and Lockgate's schema tokens/s over llama-server's.
+   the clients keep sending until the window closes. Reported: tokens/s (median of rounds),
+   the ratio to the engine's own free text, the share of answers that parse, and
+   Lockgate's schema tokens/s over llama-server's.
 2. Validity: the 30 schemas of loadtests/structured_schemas.py x ``--seeds`` seeds (sent
    together), ``strict: true``, temperature 0.8, 256 tokens at most. Per schema and engine:
    the HTTP status ("timeout" after ``--suite-timeout`` s, and the engine is restarted), how
