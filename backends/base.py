@@ -220,6 +220,7 @@ class GenerationRequest:
     stream: bool = True
     response_format: ResponseFormat | None = None
     parallel_tool_calls: bool | None = None  # None: the engine's default (allowed)
+    tenant: str | None = None  # whose request (set by the gateway): for per-tenant caches
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +236,7 @@ class GenerationChunk:
     # sends the whole calls (in a later chunk); streams then skip the whole ones.
     tool_deltas: tuple[ToolCallDelta, ...] = ()
     logprobs: tuple[TokenLogprob, ...] = ()  # of this chunk's tokens, when asked for
+    cached_tokens: int = 0  # of prompt_tokens, those a prefix cache had (not computed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +259,9 @@ class BackendLoad:
     decode_steps: int | None = None  # cumulative
     decoded_sequences: int | None = None  # cumulative sum of batch sizes
     kv_cache_usage: float | None = None  # 0..1
+    prefix_cache_hit_tokens: int | None = None  # cumulative: prompt tokens shared
+    prefix_cache_queried_tokens: int | None = None  # cumulative: prompt tokens looked up
+    prefix_cache_cells: int | None = None  # KV cells cached prefixes hold now
 
 
 @dataclass(frozen=True, slots=True)

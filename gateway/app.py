@@ -76,6 +76,7 @@ def build_backend(model: AnyModelSettings) -> Backend:
                 template=model.template,
                 prefill_chunk=model.prefill_chunk,
                 default_top_k=model.default_top_k,
+                prefix_cache=model.prefix_cache,
             )
         )
     if isinstance(model, FakeModelSettings):

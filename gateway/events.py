@@ -91,6 +91,7 @@ class Finished:
     timings: Timings
     # A non-streamed plan gets no Delta events: its whole choices come here.
     choices: list[Choice] | None = None
+    cached_tokens: int = 0  # of prompt_tokens, those the engine's prefix cache had
 
 
 @dataclass(frozen=True, slots=True)

@@ -73,6 +73,11 @@ class EngineCollector(Collector):
         ("capacity", "lockgate_engine_capacity_sequences", "Sequence slots"),
         ("last_batch_size", "lockgate_engine_batch_size", "Sequences in the last decode step"),
         ("kv_cache_usage", "lockgate_engine_kv_cache_usage", "KV cache in use, 0 to 1"),
+        (
+            "prefix_cache_cells",
+            "lockgate_prefix_cache_cells",
+            "KV cells cached prompt prefixes hold (shared with running sequences included)",
+        ),
     )
     _COUNTERS = (
         ("decode_steps", "lockgate_engine_decode_steps", "Decode steps run"),
@@ -80,6 +85,16 @@ class EngineCollector(Collector):
             "decoded_sequences",
             "lockgate_engine_decoded_sequences",
             "Sum of batch sizes over all decode steps (÷ steps = mean batch size)",
+        ),
+        (
+            "prefix_cache_hit_tokens",
+            "lockgate_prefix_cache_hit_tokens",
+            "Prompt tokens whose KV cells were shared from a cached or running sequence",
+        ),
+        (
+            "prefix_cache_queried_tokens",
+            "lockgate_prefix_cache_queried_tokens",
+            "Prompt tokens looked up in the prefix cache (÷ into hits = hit rate)",
         ),
     )
 

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from dataclasses import replace
 
 from backends.base import (
     BackendOverloaded,
@@ -116,6 +117,10 @@ class _Request:
             if s.counts_prompt:
                 prompt += s.latest.prompt_tokens
         return prompt, completion
+
+    def cached(self) -> int:
+        """Of the prompt tokens counted, those an engine's prefix cache already had."""
+        return sum(s.latest.cached_tokens for s in self.streams if s.counts_prompt)
 
     def timings(self) -> Timings:
         now = time.perf_counter()
@@ -240,7 +245,7 @@ class InferenceService:
                 yield Failed(exc)
                 return
             status = 200
-            yield Finished(*request.produced(), request.timings(), whole)
+            yield Finished(*request.produced(), request.timings(), whole, request.cached())
         except Exception as exc:
             status = status_of(exc)
             raise
@@ -364,7 +369,8 @@ class InferenceService:
             await served.backend.validate(r)
         request.grant = await self._queue(served, plan, principal, priority)
         request.dispatched = time.perf_counter()
-        pending = [served.backend.generate(r) for r in plan.requests]
+        tenant = principal.tenant.id
+        pending = [served.backend.generate(replace(r, tenant=tenant)) for r in plan.requests]
         try:
             return await first_chunks(pending), pending
         except BaseException:  # an early error, or the client left

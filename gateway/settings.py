@@ -93,6 +93,9 @@ class ModelSettings(_Instance):
     # top-k when a request sets none; 40 is llama.cpp's and Ollama's default. Sampling
     # the full 262k-token Gemma vocabulary costs ~25% of decode throughput; 0 disables.
     default_top_k: Annotated[int, Field(ge=0)] = 40
+    # Prompt prefixes decoded once and shared: "shared" whoever sends them (identical
+    # tokens only), "per_tenant" within a tenant, "off" (README: Prefix caching).
+    prefix_cache: Literal["shared", "per_tenant", "off"] = "shared"
 
 
 RemoteBackend = Literal["openai", "vllm", "llamacpp", "ollama"]

@@ -13,6 +13,7 @@ import os
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 from backends.base import (
     BackendError,
@@ -53,6 +54,9 @@ class EmbeddedConfig:
     prefill_chunk: int = 256
     batch_tokens: int = 512
     default_top_k: int = 40
+    # "shared": identical prompt prefixes are computed once, whoever sends them;
+    # "per_tenant": only within a tenant; "off": every prompt is prefilled whole.
+    prefix_cache: Literal["shared", "per_tenant", "off"] = "shared"
 
 
 # Past this many characters a prompt is tokenized (its template rendered too) in a worker
@@ -131,6 +135,7 @@ class EmbeddedBackend:
                 queue_timeout=cfg.queue_timeout,
                 max_waiting=cfg.max_waiting,
                 default_top_k=cfg.default_top_k,
+                prefix_cache=cfg.prefix_cache != "off",
             ),
         )
         await asyncio.to_thread(engine.start, asyncio.get_running_loop())
@@ -155,6 +160,7 @@ class EmbeddedBackend:
                 decode_steps=0,
                 decoded_sequences=0,
             )
+        cache = engine.prefix_cache
         return BackendLoad(
             running=engine.running_count,
             waiting=engine.waiting_count,
@@ -162,6 +168,9 @@ class EmbeddedBackend:
             last_batch_size=engine.last_batch_size,
             decode_steps=engine.decode_steps,
             decoded_sequences=engine.decoded_sequences,
+            prefix_cache_hit_tokens=None if cache is None else cache.hit_tokens,
+            prefix_cache_queried_tokens=None if cache is None else cache.queried_tokens,
+            prefix_cache_cells=None if cache is None else cache.cached_cells,
         )
 
     def describe(self) -> ModelInfo:
@@ -293,8 +302,14 @@ class EmbeddedBackend:
             parser = ToolCallParser(
                 self._tool_format, parallel=request.parallel_tool_calls is not False
             )
+        scope = (request.tenant or "") if self.config.prefix_cache == "per_tenant" else ""
         ticket = engine.submit(
-            prompt, request.sampling, max_tokens, inbox.put_nowait, constraint=constraint
+            prompt,
+            request.sampling,
+            max_tokens,
+            inbox.put_nowait,
+            constraint=constraint,
+            scope=scope,
         )
         finished = False
         try:

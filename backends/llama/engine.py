@@ -48,11 +48,13 @@ from backends.llama.native import (
     LlamaModel,
     Sampler,
 )
+from backends.llama.prefix_cache import Holder, PrefixCache, Share
 from backends.llama.stop import StopMatcher
 
 log = logging.getLogger(__name__)
 
 Deliver = Callable[[object], None]
+MAX_SEQUENCE_IDS = 256  # llama.cpp's LLAMA_MAX_SEQ
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +67,7 @@ class EngineConfig:
     queue_timeout: float = 30.0  # seconds a request may wait for a slot
     max_waiting: int = 256
     default_top_k: int = 40  # when a request names none (llama.cpp's and Ollama's default)
+    prefix_cache: bool = True  # share decoded prompt prefixes between sequences
 
 
 @dataclass(eq=False, slots=True)
@@ -84,6 +87,11 @@ class _Sequence:
     done: bool = False
     constraint: Constraint | None = None  # what the output must match (response_format)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet sent, when asked for
+    scope: str = ""  # who may share its prefix (prefix_cache.Holder.scope)
+    generated: list[int] = field(default_factory=list)  # sampled and forced tokens
+    holder: Holder | None = None  # its cells, with the prefix cache on
+    waits_for: Share | None = None  # a prefix another sequence is still prefilling
+    cached_tokens: int = 0  # prompt tokens shared, not computed
 
 
 @dataclass(eq=False, slots=True)
@@ -122,6 +130,10 @@ class LlamaEngine:
         # Forced tokens a sequence may add to one step, so that a step of every sequence
         # decoding always fits the batch.
         self._forced_per_step = max(0, config.batch_tokens // config.max_sequences - 1)
+        # Cached prefixes live under sequence ids above the running ones' slots.
+        cache_ids = min(config.max_sequences, MAX_SEQUENCE_IDS - config.max_sequences)
+        self._cache_ids = cache_ids if config.prefix_cache else 0
+        self.prefix_cache: PrefixCache | None = None
         self._outbox: list[tuple[Deliver, object]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._failed: BaseException | None = None
@@ -140,11 +152,15 @@ class LlamaEngine:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         cfg = self.config
         self._loop = loop
+        n_ctx = cfg.context_length * cfg.max_sequences
+        if cfg.prefix_cache:
+            ids = range(cfg.max_sequences, cfg.max_sequences + self._cache_ids)
+            self.prefix_cache = PrefixCache(n_ctx, ids)
         self._ctx = LlamaContext(
             self.model,
             ContextConfig(
-                n_ctx=cfg.context_length * cfg.max_sequences,
-                n_seq_max=cfg.max_sequences,
+                n_ctx=n_ctx,
+                n_seq_max=cfg.max_sequences + self._cache_ids,
                 n_batch=cfg.batch_tokens,
                 threads=cfg.threads,
             ),
@@ -182,6 +198,7 @@ class LlamaEngine:
         deliver: Deliver,
         *,
         constraint: Constraint | None = None,
+        scope: str = "",
     ) -> Ticket:
         """Queue a sequence; ``deliver`` receives chunks or a BackendError."""
         if not self.alive:
@@ -200,6 +217,7 @@ class LlamaEngine:
             deadline=time.monotonic() + self.config.queue_timeout,
             stop=StopMatcher(sampling.stop),
             constraint=constraint,
+            scope=scope,
         )
         self._put(seq)
         self._submitted += 1
@@ -344,7 +362,37 @@ class LlamaEngine:
                 logprobs=p.logprobs,
             )
             self._running[seq.slot] = seq
+            if self.prefix_cache is not None:
+                max_len = len(seq.prompt) + seq.max_tokens
+                seq.holder = self.prefix_cache.admit(seq.slot, seq.prompt, seq.scope, max_len)
+                self._place(seq)
         self.running_count = len(self._running)
+
+    def _place(self, seq: _Sequence) -> None:
+        """Start ``seq`` on the longest prefix it can share, or wait for one still being
+        prefilled; evict cached prefixes if its reservation needs their cells."""
+        cache, ctx, holder = self.prefix_cache, self._ctx, seq.holder
+        assert cache is not None and ctx is not None and holder is not None
+        share = cache.best(holder)
+        if share is not None and not share.ready:
+            seq.waits_for = share
+            return
+        seq.waits_for = None
+        cache.begin(holder, share)
+        if share is not None:
+            ctx.share(share.source.seq_id, seq.slot, share.tokens)
+            seq.fed = seq.cached_tokens = share.tokens
+        for seq_id in cache.make_room():
+            ctx.forget(seq_id)
+
+    def _waiting_for_prefix(self, seq: _Sequence) -> bool:
+        """Whether ``seq`` still waits for another sequence to prefill its prefix."""
+        share = seq.waits_for
+        if share is None:
+            return False
+        if share.ready or not share.source.running:  # decoded, or it will not be: look again
+            self._place(seq)
+        return seq.waits_for is not None
 
     def _step(self) -> None:
         batch, ctx = self._batch, self._ctx
@@ -352,6 +400,7 @@ class LlamaEngine:
         batch.clear()
         outputs: list[tuple[_Sequence, int]] = []
         prefilling: list[_Sequence] = []
+        advanced: list[tuple[Holder, int]] = []  # prefills not finished this step
         for seq in self._running.values():
             if seq.pending:
                 pos = len(seq.prompt) + seq.completion_tokens - len(seq.pending)
@@ -365,6 +414,8 @@ class LlamaEngine:
         for seq in prefilling:
             if budget <= 0:
                 break
+            if self._waiting_for_prefix(seq):
+                continue
             take = min(budget, len(seq.prompt) - seq.fed)
             end = seq.fed + take
             for pos in range(seq.fed, end):
@@ -374,7 +425,17 @@ class LlamaEngine:
             budget -= take
             if seq.fed == len(seq.prompt):
                 outputs.append((seq, index))
+            elif seq.holder is not None:
+                advanced.append((seq.holder, end))
+        if not len(batch):  # not expected: a sequence waits only for one that prefills
+            return
         ctx.decode(batch)
+        if self.prefix_cache is not None:
+            for holder, decoded in advanced:
+                self.prefix_cache.advance(holder, decoded)
+            for seq, _ in outputs:
+                if seq.holder is not None:
+                    self.prefix_cache.advance(seq.holder, len(seq.prompt) + seq.completion_tokens)
         self.decode_steps += 1
         self.last_batch_size = len(outputs)
         self.decoded_sequences += len(outputs)
@@ -399,6 +460,7 @@ class LlamaEngine:
             del tokens[end:]
         seq.completion_tokens += len(tokens)
         seq.pending = tokens
+        seq.generated += tokens
         at_limit = seq.completion_tokens >= seq.max_tokens
         piece = b"".join(map(self.model.piece, tokens))
         text, stopped = seq.stop.feed(seq.utf8.decode(piece, final=at_limit))
@@ -418,7 +480,12 @@ class LlamaEngine:
         if seq.logprobs:
             logprobs, seq.logprobs = tuple(seq.logprobs), []
         return GenerationChunk(
-            text, len(seq.prompt), seq.completion_tokens, reason, logprobs=logprobs
+            text,
+            len(seq.prompt),
+            seq.completion_tokens,
+            reason,
+            logprobs=logprobs,
+            cached_tokens=seq.cached_tokens,
         )
 
     def _logprob(self, token: int, logprob: float, top: list[tuple[int, float]]) -> TokenLogprob:
@@ -434,8 +501,17 @@ class LlamaEngine:
         self._free(seq)
 
     def _free(self, seq: _Sequence) -> None:
-        assert self._ctx is not None
-        self._ctx.forget(seq.slot)
+        ctx, cache = self._ctx, self.prefix_cache
+        assert ctx is not None
+        if cache is not None and seq.holder is not None:
+            # Its cells stay as a cached prefix (under another id) unless redundant.
+            keep, dropped = cache.release(seq.holder, seq.prompt + seq.generated)
+            for seq_id in dropped:
+                ctx.forget(seq_id)
+            if keep is not None:
+                ctx.share(seq.slot, keep, seq.holder.decoded)
+            seq.holder = None
+        ctx.forget(seq.slot)
         if seq.sampler is not None:
             seq.sampler.close()
             seq.sampler = None

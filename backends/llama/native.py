@@ -161,6 +161,7 @@ class ContextConfig:
     n_batch: int
     threads: int
     embeddings: bool = False
+    swa_full: bool = True
 
 
 class Batch:
@@ -207,8 +208,12 @@ class LlamaContext:
         params.n_seq_max = config.n_seq_max
         params.n_threads = config.threads
         params.n_threads_batch = config.threads
-        # One KV pool shared by all sequences: short requests leave room for long ones.
+        # One KV pool shared by all sequences: short requests leave room for long ones,
+        # and a cell can belong to several sequences (shared prefixes).
         params.kv_unified = True
+        # Sliding-window layers keep every position too, so that any cached prefix can be
+        # shared, not only one within a window of the sharer's end (README: prefix cache).
+        params.swa_full = config.swa_full
         params.no_perf = True
         if config.embeddings:
             params.embeddings = True
@@ -231,6 +236,11 @@ class LlamaContext:
     def forget(self, seq_id: int) -> None:
         """Free every KV cell of ``seq_id``."""
         C.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+
+    def share(self, source: int, target: int, positions: int) -> None:
+        """Give ``target`` the cells of ``source``'s positions below ``positions`` (the
+        unified cache adds the id to those cells; nothing is copied)."""
+        C.llama_memory_seq_cp(self._memory, source, target, 0, positions)
 
     def pooled_embedding(self, seq_id: int) -> list[float]:
         ptr = C.llama_get_embeddings_seq(self._ctx, seq_id)

@@ -290,11 +290,13 @@ def error_body(info: ErrorInfo) -> bytes:
     )
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(finished: Finished) -> dict[str, Any]:
+    prompt, completion = finished.prompt_tokens, finished.completion_tokens
     return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": finished.cached_tokens},
     }
 
 
@@ -315,7 +317,7 @@ def _completion(result: Result, obj: str, choices: list[dict[str, Any]]) -> dict
         "created": started.created,
         "model": started.model,
         "choices": choices,
-        "usage": usage(finished.prompt_tokens, finished.completion_tokens),
+        "usage": usage(finished),
     }
 
 
@@ -423,7 +425,7 @@ class _ChunkStream:
     def finish(self, finished: Finished) -> bytes:
         if not self._include_usage:
             return DONE
-        body = orjson.dumps(usage(finished.prompt_tokens, finished.completion_tokens))
+        body = orjson.dumps(usage(finished))
         return self._head + b'],"usage":' + body + b"}\n\n" + DONE
 
     def fail(self, info: ErrorInfo) -> bytes:
