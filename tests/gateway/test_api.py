@@ -55,7 +55,12 @@ async def test_chat_completion_shape_and_usage(client: httpx.AsyncClient) -> Non
             "finish_reason": "length",
         }
     ]
-    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
+    assert body["usage"] == {
+        "prompt_tokens": 4,
+        "completion_tokens": 3,
+        "total_tokens": 7,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
 
 
 async def test_max_completion_tokens_wins_over_max_tokens(client: httpx.AsyncClient) -> None:
@@ -78,7 +83,12 @@ async def test_chat_stream_is_openai_sse_with_usage(client: httpx.AsyncClient) -
     assert text == "a b c"
     assert events[-2]["choices"][0]["finish_reason"] == "stop"
     assert events[-1]["choices"] == []
-    assert events[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    assert events[-1]["usage"] == {
+        "prompt_tokens": 3,
+        "completion_tokens": 3,
+        "total_tokens": 6,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     assert all("usage" not in e for e in events[:-1])  # OpenAI's schema: an object or absent
 
 
@@ -96,7 +106,12 @@ async def test_completions_with_a_list_of_prompts(client: httpx.AsyncClient) -> 
     assert body["object"] == "text_completion"
     assert [c["text"] for c in body["choices"]] == ["x y", "p q r"]
     assert [c["index"] for c in body["choices"]] == [0, 1]
-    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}
+    assert body["usage"] == {
+        "prompt_tokens": 5,
+        "completion_tokens": 5,
+        "total_tokens": 10,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
 
 
 async def test_streamed_completions_interleave_choices(client: httpx.AsyncClient) -> None:
@@ -125,7 +140,12 @@ async def test_n_choices_count_the_prompt_once(client: httpx.AsyncClient) -> Non
     )
     body = r.json()
     assert len(body["choices"]) == 3
-    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 6, "total_tokens": 8}
+    assert body["usage"] == {
+        "prompt_tokens": 2,
+        "completion_tokens": 6,
+        "total_tokens": 8,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
 
 
 async def test_n_above_the_configured_limit_is_rejected(client: httpx.AsyncClient) -> None:

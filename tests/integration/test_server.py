@@ -74,6 +74,36 @@ def test_chat_stream_with_usage(client: openai.OpenAI) -> None:
     assert usage is not None and usage.completion_tokens == 12
 
 
+def test_a_repeated_system_prompt_is_computed_once_and_reported_cached(
+    server: Server, client: openai.OpenAI
+) -> None:
+    system = {"role": "system", "content": "You answer questions about tides. " * 20}
+    hits = server.metric("lockgate_prefix_cache_hit_tokens_total")
+    queried = server.metric("lockgate_prefix_cache_queried_tokens_total")
+    first = client.chat.completions.create(
+        model="gemma", messages=[system, {"role": "user", "content": "Why?"}], max_tokens=4
+    )
+    again = client.chat.completions.create(
+        model="gemma", messages=[system, {"role": "user", "content": "When?"}], max_tokens=4
+    )
+    assert first.usage is not None and again.usage is not None
+    details = again.usage.prompt_tokens_details
+    assert details is not None and details.cached_tokens is not None
+    assert again.usage.prompt_tokens - 12 < details.cached_tokens < again.usage.prompt_tokens
+    response = client.responses.create(
+        model="gemma", instructions=system["content"], input="Where?", max_output_tokens=4
+    )
+    assert response.usage is not None
+    assert response.usage.input_tokens_details.cached_tokens > 100
+    assert server.metric("lockgate_prefix_cache_hit_tokens_total") - hits >= (
+        details.cached_tokens + response.usage.input_tokens_details.cached_tokens
+    )
+    assert server.metric("lockgate_prefix_cache_queried_tokens_total") - queried >= (
+        first.usage.prompt_tokens + again.usage.prompt_tokens
+    )
+    assert server.metric("lockgate_prefix_cache_cells") > 100
+
+
 def test_completions_with_several_prompts(client: openai.OpenAI) -> None:
     r = client.completions.create(
         model="gemma",
