@@ -204,7 +204,16 @@ def whole_answer(data: dict[str, Any], *, chat: bool) -> GenerationChunk:
         _FINISH_REASONS.get(reason, "stop"),
         tool_calls=calls,
         logprobs=upstream_logprobs(choice),
+        cached_tokens=cached_tokens(usage),
     )
+
+
+def cached_tokens(usage: Mapping[str, Any]) -> int:
+    """What the upstream's own prefix cache had: OpenAI's ``prompt_tokens_details``
+    (vLLM, recent llama-server); 0 when it does not say."""
+    details = usage.get("prompt_tokens_details")
+    value = details.get("cached_tokens") if isinstance(details, Mapping) else None
+    return value if isinstance(value, int) and value >= 0 else 0
 
 
 class OpenAICompatBackend(RemoteBackend):
@@ -241,7 +250,7 @@ class OpenAICompatBackend(RemoteBackend):
         self, path: str, body: dict[str, Any], *, chat: bool
     ) -> AsyncGenerator[GenerationChunk, None]:
         tools = _ToolCallAssembler()
-        prompt_tokens = completion_tokens = 0
+        prompt_tokens = completion_tokens = cached = 0
         finish: FinishReason | None = None
         pieces = 0
         async with self.streaming_response(path, body) as response:
@@ -261,6 +270,7 @@ class OpenAICompatBackend(RemoteBackend):
                 if usage:
                     prompt_tokens = int(usage.get("prompt_tokens") or 0)
                     completion_tokens = int(usage.get("completion_tokens") or 0)
+                    cached = cached_tokens(usage)
                 for choice in event.get("choices") or ():
                     if chat:
                         delta = choice.get("delta") or {}
@@ -285,6 +295,7 @@ class OpenAICompatBackend(RemoteBackend):
             completion_tokens or pieces,
             finish,
             tool_calls=tools.calls(),
+            cached_tokens=cached,
         )
 
     async def embed(self, texts: Sequence[str]) -> EmbeddingResult:

@@ -111,6 +111,26 @@ def test_llama_server_stream_usage_only_when_asked(client: openai.OpenAI) -> Non
     assert without[-1].choices[0].finish_reason == "length"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_llama_server_prompt_cache_is_reported_as_cached_tokens(
+    client: openai.OpenAI, stream: bool
+) -> None:
+    system = {"role": "system", "content": f"Stream {stream}: you answer about tides. " * 20}
+    usages = []
+    for question in ("Why?", "When?"):
+        messages = [system, {"role": "user", "content": question}]
+        if stream:
+            usages.append(streamed_chat(client, "gemma-cpp", messages, 3)[-1].usage)
+        else:
+            usages.append(client.chat.completions.create(
+                model="gemma-cpp", messages=messages, max_tokens=3).usage)  # fmt: skip
+    first, again = usages
+    assert first is not None and again is not None and again.prompt_tokens_details is not None
+    # llama-server's own cache_prompt kept the system prompt in the slot it reused.
+    assert again.prompt_tokens_details.cached_tokens
+    assert again.prompt_tokens_details.cached_tokens > 100
+
+
 def test_llama_server_completions(client: openai.OpenAI) -> None:
     r = client.completions.create(
         model="gemma-cpp",
