@@ -95,7 +95,11 @@ class ModelSettings(_Instance):
     default_top_k: Annotated[int, Field(ge=0)] = 40
     # Prompt prefixes decoded once and shared: "shared" whoever sends them (identical
     # tokens only), "per_tenant" within a tenant, "off" (README: Prefix caching).
-    prefix_cache: Literal["shared", "per_tenant", "off"] = "shared"
+    # (YAML reads a bare off as false: that is "off" too.)
+    prefix_cache: Annotated[
+        Literal["shared", "per_tenant", "off"],
+        BeforeValidator(lambda v: "off" if v is False else v),
+    ] = "shared"
 
 
 RemoteBackend = Literal["openai", "vllm", "llamacpp", "ollama"]

@@ -133,7 +133,7 @@ def record(result: Result, ttft: float, usage: dict[str, Any], max_tokens: int) 
 
 
 async def shared(arm: Arm, tag: str, users: int, turns: int) -> Result:
-    system = system_prompt(tag, 70)
+    system = system_prompt(tag, 44)
     result = Result()
     async with client(arm, users) as http:
 
@@ -196,19 +196,21 @@ async def warm(arm: Arm) -> None:
         await chat(http, [{"role": "user", "content": "Hi."}], 4, 1)
 
 
-def cached_cells(arm: Arm) -> int | None:
-    """KV cells holding cached prompts once the workload is over."""
+def cached_cells(arm: Arm, result: Result, users: int, answer: int) -> tuple[int | None, str]:
+    """KV cells holding cached prompts once the workload is over, and how it is known."""
     if arm.kind == "lockgate":
         for line in httpx.get(arm.base + "/metrics", timeout=10).text.splitlines():
             if line.startswith("lockgate_prefix_cache_cells{"):
-                return int(float(line.rsplit(" ", 1)[1]))
-        return None  # cache off: no series
-    slots = httpx.get(arm.base + "/slots", timeout=10).json()
-    # Each idle slot keeps its last prompt and answer: n_past tokens (0 when unknown).
-    return sum(int(s.get("n_past") or s.get("n_ctx_used") or 0) for s in slots) or None
+                return int(float(line.rsplit(" ", 1)[1])), "lockgate_prefix_cache_cells"
+        return None, "cache off"
+    # llama-server says nothing of it (/slots has no token counts): each slot used keeps
+    # its last prompt and answer, so the last requests' lengths, one per slot, estimate it.
+    slots = min(users, SEQUENCES)
+    last = result.prompt_tokens[-slots:]
+    return sum(last) + slots * answer, "estimate: each used slot keeps its last prompt"
 
 
-def summary(results: list[Result], arm: Arm, cells: int | None) -> dict[str, Any]:
+def summary(results: list[Result], cells: tuple[int | None, str]) -> dict[str, Any]:
     def p(values: list[float], q: int) -> float:
         return harness.quantile(values, q) * 1000
 
@@ -226,12 +228,13 @@ def summary(results: list[Result], arm: Arm, cells: int | None) -> dict[str, Any
         k: None if rows[0][k] is None else statistics.median(float(x[k] or 0) for x in rows)
         for k in rows[0]
     }
-    out["cached_cells"] = cells
+    out["cached_cells"], out["cached_cells_source"] = cells
     out["rounds"] = rows
     return out
 
 
 WORKLOADS = {"shared": shared, "multi_turn": multi_turn, "distinct": distinct}
+ANSWER_TOKENS = {"shared": 32, "multi_turn": 48, "distinct": 64}
 
 
 def run(arms: list[Arm], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -239,17 +242,18 @@ def run(arms: list[Arm], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     report: dict[str, dict[str, Any]] = {}
     for workload in args.workloads.split(","):
         per_arm: dict[str, list[Result]] = {a.name: [] for a in arms}
-        cells: dict[str, int | None] = {}
+        cells: dict[str, tuple[int | None, str]] = {}
         for r in range(args.rounds):
             for arm in arms if r % 2 == 0 else list(reversed(arms)):
                 tag = f"{workload}-{arm.name}-{r}-{os.getpid()}"
                 result = asyncio.run(WORKLOADS[workload](arm, tag, *shape[workload]))
                 per_arm[arm.name].append(result)
-                cells[arm.name] = cached_cells(arm)
+                users = shape[workload][0]
+                cells[arm.name] = cached_cells(arm, result, users, ANSWER_TOKENS[workload])
                 print(f"  {workload} round {r + 1} {arm.name:16} TTFT p50 "
                       f"{statistics.median(result.ttft) * 1000:7.1f} ms  "
                       f"{result.tokens / result.seconds:6.1f} tok/s", flush=True)  # fmt: skip
-        report[workload] = {a.name: summary(per_arm[a.name], a, cells[a.name]) for a in arms}
+        report[workload] = {a.name: summary(per_arm[a.name], cells[a.name]) for a in arms}
     return report
 
 
@@ -278,7 +282,7 @@ def ratios(report: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 def print_tables(report: dict[str, dict[str, Any]], rows: dict[str, dict[str, float]]) -> None:
     print("\n| workload | arm | TTFT p50 | TTFT p99 | round 1 TTFT p50 | tokens/s "
-          "| prompt tokens | cached share | cells cached after |"
+          "| prompt tokens | cached share | KV cells kept after |"
           "\n|---|---|---:|---:|---:|---:|---:|---:|---:|")  # fmt: skip
     for workload, by_arm in report.items():
         for arm, s in by_arm.items():
@@ -286,11 +290,18 @@ def print_tables(report: dict[str, dict[str, Any]], rows: dict[str, dict[str, fl
             print(f"| {workload} | {arm} | {s['ttft_ms_p50']:.0f} ms | {s['ttft_ms_p99']:.0f} ms "
                   f"| {'-' if first is None else f'{first:.0f} ms'} | {s['tokens_per_s']:.1f} "
                   f"| {s['prompt_tokens_mean']:.0f} | {s['cached_share']:.0%} "
-                  f"| {s['cached_cells'] if s['cached_cells'] is not None else '-'} |")  # fmt: skip
+                  f"| {cells_cell(s)} |")  # fmt: skip
     print("\n| workload | ratio | value |\n|---|---|---:|")
     for workload, row in rows.items():
         for name, value in row.items():
             print(f"| {workload} | {name} | {value:.2f} |")
+
+
+def cells_cell(s: dict[str, Any]) -> str:
+    if s["cached_cells"] is None:
+        return "-"
+    estimated = s["cached_cells_source"].startswith("estimate")
+    return f"{s['cached_cells']}" + (" (est.)" if estimated else "")
 
 
 def plot(report: dict[str, dict[str, Any]], path: Path) -> None:

@@ -29,8 +29,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 # A prefix still being prefilled is worth waiting for when it is this much longer than
-# what could be shared at once; shorter, the waiting step costs more than it saves.
+# what could be shared at once; shorter, the waiting step costs more than it saves. Also
+# the least that makes a share count as reuse (a chat template's opening does not).
 FOLLOW_MIN_TOKENS = 16
+# Cached prefixes that nobody has shared yet may hold at most this share of the cache.
+# Every cell in use lengthens each decode step's attention (llama.cpp attends over the
+# used range): 6.6k idle cached cells cost 16 streams ~7% of their decode speed.
+PROBATION_SHARE = 8
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -60,6 +65,9 @@ class Holder:
     # (origin, start): segment i spans [start_i, start_i+1), the last one [start, decoded).
     segments: list[tuple[int, int]] = field(default_factory=list)
     running: bool = True
+    # It shared a prefix, or another shared its: traffic that repeats itself. A cached
+    # prefix that is not is on probation, in a small part of the cache.
+    reused: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +140,8 @@ class PrefixCache:
             n = share.tokens
             holder.segments = [(o, s) for o, s in share.source.segments if s < n]
             self.hit_tokens += n
+            if n >= FOLLOW_MIN_TOKENS:
+                holder.reused = share.source.reused = True
             if not share.source.running:
                 self._cached.move_to_end(share.source.seq_id)
         holder.segments.append((next(self._origins), n))
@@ -174,8 +184,17 @@ class PrefixCache:
             dropped.append(self._drop(next(iter(self._cached))))
         holder.seq_id = self._free_ids.pop()
         self._cached[holder.seq_id] = holder
+        dropped += self._limit_probation()
         self.cached_cells = cells_held(self._cached.values())
-        return holder.seq_id, dropped
+        return (holder.seq_id if holder.seq_id in self._cached else None), dropped
+
+    def _limit_probation(self) -> list[int]:
+        """Drop the oldest prefixes nobody has shared while they hold too much."""
+        waiting = [h for h in self._cached.values() if not h.reused]
+        dropped: list[int] = []
+        while waiting and cells_held(waiting) > self.capacity // PROBATION_SHARE:
+            dropped.append(self._drop(waiting.pop(0).seq_id))
+        return dropped
 
     def _covered(self, holder: Holder) -> bool:
         """Another holder of the same scope has decoded all of ``holder``'s tokens."""

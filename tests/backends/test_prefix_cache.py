@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from backends.llama.prefix_cache import (
     FOLLOW_MIN_TOKENS,
+    PROBATION_SHARE,
     PrefixCache,
     Share,
     cells_held,
@@ -95,15 +96,16 @@ def test_scopes_never_share() -> None:
 
 
 def test_reservations_evict_cached_prefixes_least_recently_used_first() -> None:
-    cache = PrefixCache(capacity=1000, cache_ids=range(16, 32))
-    a = run_to_end(cache, 0, [1] * 300, [])
-    b = run_to_end(cache, 0, [2] * 300, [])
-    assert cache.cached_cells == 600
-    # 500 reserved + 600 cached > 1000: the older prefix goes, the newer fits.
-    cache.admit(1, [3] * 400, "", 500)
+    cache = PrefixCache(capacity=4000, cache_ids=range(16, 32))
+    head = SYSTEM[:20]  # shared by both, so neither is on probation
+    a = run_to_end(cache, 0, [*head, *[1] * 280], [])
+    b = run_to_end(cache, 0, [*head, *[2] * 280], [])
+    assert cache.cached_cells == 300 + 280
+    # 3500 reserved + 580 cached > 4000: the older prefix goes, the newer fits.
+    cache.admit(1, [3] * 400, "", 3500)
     assert cache.make_room() == [a]
     assert cache.cached_cells == 300
-    cache.admit(2, [4] * 400, "", 500)  # 1000 reserved: nothing cached can stay
+    cache.admit(2, [4] * 400, "", 500)  # 4000 reserved: nothing cached can stay
     assert cache.make_room() == [b]
     assert cache.cached_cells == 0
 
@@ -135,3 +137,15 @@ def test_when_ids_run_out_the_least_recently_used_is_replaced() -> None:
     third = run_to_end(cache, 0, [3, 3, 3], [])
     assert third is not None and best(cache, [2, 2, 2, 9], "") is None
     assert best(cache, [1, 1, 1, 8], "") is not None and first is not None
+
+
+def test_prefixes_nobody_shares_hold_only_a_small_part_of_the_cache() -> None:
+    cache = PrefixCache(capacity=8000, cache_ids=range(16, 48))
+    for i in range(10):  # distinct prompts: nothing repeats
+        run_to_end(cache, 0, [i] * 300, [])
+    assert cache.cached_cells <= 8000 // PROBATION_SHARE
+    assert best(cache, [9] * 300 + [1]) is not None  # the newest stay
+    # Shared prompts are reuse: those stay whatever their size.
+    for i in range(10):
+        run_to_end(cache, 0, [*SYSTEM, *[i] * 200], [])
+    assert cache.cached_cells > 8000 // PROBATION_SHARE

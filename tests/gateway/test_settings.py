@@ -193,3 +193,13 @@ def test_an_override_into_an_entry_that_is_not_a_mapping_is_a_config_error(
         load_settings(config, {"LOCKGATE_MODELS__0__N_CTX": "512"})
     with pytest.raises(ConfigError, match="is a list; use an index"):
         load_settings(config, {"LOCKGATE_MODELS__²__N_CTX": "512"})
+
+
+def test_prefix_cache_modes_and_yamls_bare_off(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    for written, mode in [("off", "off"), ("per_tenant", "per_tenant"), ("shared", "shared")]:
+        config.write_text(f"models:\n  - {{name: m, prefix_cache: {written}}}\n")
+        assert load_settings(config).models[0].prefix_cache == mode  # type: ignore[union-attr]
+    config.write_text("models:\n  - {name: m, prefix_cache: sometimes}\n")
+    with pytest.raises(ConfigError, match=r"models\.0\.prefix_cache"):
+        load_settings(config)
