@@ -213,7 +213,9 @@ def cached_tokens(usage: Mapping[str, Any]) -> int:
     (vLLM, recent llama-server); 0 when it does not say."""
     details = usage.get("prompt_tokens_details")
     value = details.get("cached_tokens") if isinstance(details, Mapping) else None
-    return value if isinstance(value, int) and value >= 0 else 0
+    if type(value) is not int or value < 0:  # bool is an int too: not a count
+        return 0
+    return min(value, int(usage.get("prompt_tokens") or 0))
 
 
 class OpenAICompatBackend(RemoteBackend):

@@ -95,10 +95,10 @@ class ModelSettings(_Instance):
     default_top_k: Annotated[int, Field(ge=0)] = 40
     # Prompt prefixes decoded once and shared: "shared" whoever sends them (identical
     # tokens only), "per_tenant" within a tenant, "off" (README: Prefix caching).
-    # (YAML reads a bare off as false: that is "off" too.)
+    # (YAML reads a bare off as false and on as true: "off" and "shared".)
     prefix_cache: Annotated[
         Literal["shared", "per_tenant", "off"],
-        BeforeValidator(lambda v: "off" if v is False else v),
+        BeforeValidator(lambda v: "off" if v is False else "shared" if v is True else v),
     ] = "shared"
 
 

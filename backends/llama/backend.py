@@ -310,6 +310,7 @@ class EmbeddedBackend:
             inbox.put_nowait,
             constraint=constraint,
             scope=scope,
+            tenant=request.tenant or "",
         )
         finished = False
         try:

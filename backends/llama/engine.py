@@ -88,6 +88,7 @@ class _Sequence:
     constraint: Constraint | None = None  # what the output must match (response_format)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet sent, when asked for
     scope: str = ""  # who may share its prefix (prefix_cache.Holder.scope)
+    tenant: str = ""
     generated: list[int] = field(default_factory=list)  # sampled and forced tokens
     holder: Holder | None = None  # its cells, with the prefix cache on
     waits_for: Share | None = None  # a prefix another sequence is still prefilling
@@ -128,11 +129,14 @@ class LlamaEngine:
         self._running: dict[int, _Sequence] = {}
         self._free_slots: list[int] = list(range(config.max_sequences - 1, -1, -1))
         # Forced tokens a sequence may add to one step, so that a step of every sequence
-        # decoding always fits the batch.
-        self._forced_per_step = max(0, config.batch_tokens // config.max_sequences - 1)
+        # decoding still leaves a whole prefill chunk of the batch.
+        room = config.batch_tokens - config.prefill_chunk
+        self._forced_per_step = max(0, room // config.max_sequences - 1)
         # Cached prefixes live under sequence ids above the running ones' slots.
         cache_ids = min(config.max_sequences, MAX_SEQUENCE_IDS - config.max_sequences)
-        self._cache_ids = cache_ids if config.prefix_cache else 0
+        # Recurrent state cannot be shared by position: no prefix cache for such models.
+        self._cache_enabled = config.prefix_cache and not model.recurrent
+        self._cache_ids = cache_ids if self._cache_enabled else 0
         self.prefix_cache: PrefixCache | None = None
         self._outbox: list[tuple[Deliver, object]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -153,7 +157,7 @@ class LlamaEngine:
         cfg = self.config
         self._loop = loop
         n_ctx = cfg.context_length * cfg.max_sequences
-        if cfg.prefix_cache:
+        if self._cache_enabled:
             ids = range(cfg.max_sequences, cfg.max_sequences + self._cache_ids)
             self.prefix_cache = PrefixCache(n_ctx, ids)
         self._ctx = LlamaContext(
@@ -199,6 +203,7 @@ class LlamaEngine:
         *,
         constraint: Constraint | None = None,
         scope: str = "",
+        tenant: str = "",
     ) -> Ticket:
         """Queue a sequence; ``deliver`` receives chunks or a BackendError."""
         if not self.alive:
@@ -218,6 +223,7 @@ class LlamaEngine:
             stop=StopMatcher(sampling.stop),
             constraint=constraint,
             scope=scope,
+            tenant=tenant,
         )
         self._put(seq)
         self._submitted += 1
@@ -364,7 +370,9 @@ class LlamaEngine:
             self._running[seq.slot] = seq
             if self.prefix_cache is not None:
                 max_len = len(seq.prompt) + seq.max_tokens
-                seq.holder = self.prefix_cache.admit(seq.slot, seq.prompt, seq.scope, max_len)
+                seq.holder = self.prefix_cache.admit(
+                    seq.slot, seq.prompt, seq.scope, max_len, seq.tenant
+                )
                 self._place(seq)
         self.running_count = len(self._running)
 
@@ -381,7 +389,10 @@ class LlamaEngine:
         cache.begin(holder, share)
         if share is not None:
             ctx.share(share.source.seq_id, seq.slot, share.tokens)
-            seq.fed = seq.cached_tokens = share.tokens
+            seq.fed = share.tokens
+            # Usage tells a tenant only of its own tokens: another's shared system prompt
+            # would otherwise be readable a token at a time by guessing (README: Security).
+            seq.cached_tokens = share.tokens if share.source.tenant == seq.tenant else 0
         for seq_id in cache.make_room():
             ctx.forget(seq_id)
 
@@ -427,7 +438,8 @@ class LlamaEngine:
                 outputs.append((seq, index))
             elif seq.holder is not None:
                 advanced.append((seq.holder, end))
-        if not len(batch):  # not expected: a sequence waits only for one that prefills
+        if not len(batch):  # a guard: one waits only for a sequence that is prefilling
+            log.warning("a decode step with nothing to decode")
             return
         ctx.decode(batch)
         if self.prefix_cache is not None:

@@ -61,6 +61,8 @@ class LlamaModel:
         self._vocab = C.llama_model_get_vocab(self._model)
         self.n_vocab: int = C.llama_vocab_n_tokens(self._vocab)
         self.n_embd: int = C.llama_model_n_embd(self._model)
+        # State that is not per position (Mamba, RWKV): nothing to share by position.
+        self.recurrent: bool = bool(C.llama_model_is_recurrent(self._model))
         self.n_ctx_train: int = C.llama_model_n_ctx_train(self._model)
         self.n_params: int = C.llama_model_n_params(self._model)
         self.bos: int = C.llama_vocab_bos(self._vocab)

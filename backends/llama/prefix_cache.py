@@ -14,11 +14,14 @@ Memory. Each holder (a running sequence or a cached prefix) holds positions
 ``0..decoded-1``, as segments that each began in some sequence (an *origin*): a holder that
 shared ``n`` tokens of another holds the other's segments clipped to ``n``, then its own.
 Cells in use are, per origin, from its start to the furthest any holder reaches, so a
-prefix shared by 16 sequences counts once. Running sequences reserve the cells they may
-still need (``max_len`` positions each); cached prefixes live in what is left, and the
-least recently used is evicted whenever a new sequence's reservation needs its room. As
-the engine's cache has room for every sequence's whole context, evicting every cached
-prefix always makes room: the cache can never refuse or delay a request.
+prefix shared by 16 sequences counts once. Cells only cached prefixes hold (*idle*) may be
+1/8 of the cache at most (each cell in use slows every step a little). Running sequences
+reserve the cells they may still need (``max_len`` positions each); cached prefixes live
+in what is left, and the least recently used is evicted whenever a new sequence's
+reservation needs its room. As the engine's cache has room for every sequence's whole
+context, evicting every cached prefix always makes room: cached prefixes never refuse a
+request or take its room. (A sequence may wait for another that is computing its prefix,
+never longer than computing the prefix itself would take.)
 """
 
 from __future__ import annotations
@@ -32,10 +35,11 @@ from dataclasses import dataclass, field
 # what could be shared at once; shorter, the waiting step costs more than it saves. Also
 # the least that makes a share count as reuse (a chat template's opening does not).
 FOLLOW_MIN_TOKENS = 16
-# Cached prefixes that nobody has shared yet may hold at most this share of the cache.
-# Every cell in use lengthens each decode step's attention (llama.cpp attends over the
-# used range): 6.6k idle cached cells cost 16 streams ~7% of their decode speed.
-PROBATION_SHARE = 8
+# Cells that only cached prefixes hold (no running sequence shares them) may be at most
+# this share of the cache. Every cell in use lengthens each decode step's attention
+# (llama.cpp attends over the used range): 6.6k idle cached cells cost 16 streams ~7%
+# of their decode speed; cells a running sequence shares cost nothing more.
+IDLE_SHARE = 8
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -65,9 +69,7 @@ class Holder:
     # (origin, start): segment i spans [start_i, start_i+1), the last one [start, decoded).
     segments: list[tuple[int, int]] = field(default_factory=list)
     running: bool = True
-    # It shared a prefix, or another shared its: traffic that repeats itself. A cached
-    # prefix that is not is on probation, in a small part of the cache.
-    reused: bool = False
+    tenant: str = ""  # whose sequence it was (what usage may tell of a share)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,15 +121,20 @@ class PrefixCache:
             now = min(n, other.decoded)
             if now > 0 and (ready is None or now > ready.tokens):
                 ready = Share(other, now)
-            if other.running and n > now and (pending is None or n > pending.tokens):
+            # Only one that has begun prefilling will get there: a sequence that waits
+            # itself is no source (two could wait for each other).
+            begun = other.running and bool(other.segments)
+            if begun and n > now and (pending is None or n > pending.tokens):
                 pending = Share(other, n)
         floor = (ready.tokens if ready else 0) + FOLLOW_MIN_TOKENS
         return pending if pending is not None and pending.tokens >= floor else ready
 
-    def admit(self, seq_id: int, prompt: list[int], scope: str, max_len: int) -> Holder:
+    def admit(
+        self, seq_id: int, prompt: list[int], scope: str, max_len: int, tenant: str = ""
+    ) -> Holder:
         """A new running sequence, holding nothing yet and reserving ``max_len`` cells."""
         self.queried_tokens += len(prompt)
-        holder = Holder(seq_id, prompt, scope, max_len=max_len)
+        holder = Holder(seq_id, prompt, scope, max_len=max_len, tenant=tenant)
         self._running[seq_id] = holder
         return holder
 
@@ -140,8 +147,6 @@ class PrefixCache:
             n = share.tokens
             holder.segments = [(o, s) for o, s in share.source.segments if s < n]
             self.hit_tokens += n
-            if n >= FOLLOW_MIN_TOKENS:
-                holder.reused = share.source.reused = True
             if not share.source.running:
                 self._cached.move_to_end(share.source.seq_id)
         holder.segments.append((next(self._origins), n))
@@ -178,31 +183,46 @@ class PrefixCache:
         dropped = [
             self._drop(seq_id)
             for seq_id, other in list(self._cached.items())
-            if other.scope == holder.scope and other.tokens == holder.tokens[: len(other.tokens)]
+            if self._alike(other, holder) and other.tokens == holder.tokens[: len(other.tokens)]
         ]
         if not self._free_ids:
+            if not self._cached:  # no id to keep anything under
+                holder.decoded = 0
+                return None, dropped
             dropped.append(self._drop(next(iter(self._cached))))
         holder.seq_id = self._free_ids.pop()
         self._cached[holder.seq_id] = holder
-        dropped += self._limit_probation()
+        dropped += self._limit_idle(holder)
         self.cached_cells = cells_held(self._cached.values())
         return (holder.seq_id if holder.seq_id in self._cached else None), dropped
 
-    def _limit_probation(self) -> list[int]:
-        """Drop the oldest prefixes nobody has shared while they hold too much."""
-        waiting = [h for h in self._cached.values() if not h.reused]
+    def _limit_idle(self, newest: Holder) -> list[int]:
+        """Drop the least recently used prefixes while the cells only cached prefixes hold
+        are over the limit; the newest alone over it is dropped instead."""
+        limit = self.capacity // IDLE_SHARE
+        running = list(self._running.values())
+        busy = cells_held(running)
+        idle = cells_held([*running, newest]) - busy
+        if idle > limit:
+            return [self._drop(newest.seq_id)]
         dropped: list[int] = []
-        while waiting and cells_held(waiting) > self.capacity // PROBATION_SHARE:
-            dropped.append(self._drop(waiting.pop(0).seq_id))
+        while cells_held([*running, *self._cached.values()]) - busy > limit:
+            dropped.append(self._drop(next(iter(self._cached))))
         return dropped
 
     def _covered(self, holder: Holder) -> bool:
-        """Another holder of the same scope has decoded all of ``holder``'s tokens."""
+        """Another holder like it has decoded all of ``holder``'s tokens."""
         n = len(holder.tokens)
         return any(
-            other.scope == holder.scope and other.decoded >= n and other.tokens[:n] == holder.tokens
+            self._alike(other, holder) and other.decoded >= n and other.tokens[:n] == holder.tokens
             for other in itertools.chain(self._running.values(), self._cached.values())
         )
+
+    @staticmethod
+    def _alike(a: Holder, b: Holder) -> bool:
+        """One can stand for the other: same scope, and same tenant (usage reports a share
+        as cached only from the tenant's own tokens)."""
+        return a.scope == b.scope and a.tenant == b.tenant
 
     def _drop(self, seq_id: int) -> int:
         holder = self._cached.pop(seq_id)

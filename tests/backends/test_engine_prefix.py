@@ -103,6 +103,22 @@ async def test_per_tenant_caches_share_only_within_a_tenant() -> None:
         await backend.close()
 
 
+async def test_a_shared_cache_reports_only_a_tenants_own_tokens_as_cached(
+    cached: EmbeddedBackend,
+) -> None:
+    secret = [ChatMessage("system", "Tenant A's own instructions. " + SYSTEM),
+              ChatMessage("user", QUESTIONS[0])]  # fmt: skip
+    await run(cached, dataclasses.replace(chat(""), messages=tuple(secret), tenant="team-a"))
+    hits = cached.load().prefix_cache_hit_tokens or 0
+    probe = dataclasses.replace(chat(""), messages=tuple(secret), tenant="team-b")
+    other = await run(cached, probe)
+    # The cells are shared (identical tokens), but usage does not tell team-b so.
+    assert (cached.load().prefix_cache_hit_tokens or 0) - hits > 200
+    assert other[-1].cached_tokens == 0
+    again = await run(cached, probe)  # now team-b's own tokens too
+    assert again[-1].cached_tokens > 200
+
+
 async def test_cached_prefixes_give_way_to_requests_that_need_the_cells() -> None:
     # 4 sequences x 256 cells; each request below reserves a whole sequence's context.
     backend = await started(context_length=256, max_sequences=4)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from backends.llama.prefix_cache import (
     FOLLOW_MIN_TOKENS,
-    PROBATION_SHARE,
+    IDLE_SHARE,
     PrefixCache,
     Share,
     cells_held,
@@ -96,16 +96,16 @@ def test_scopes_never_share() -> None:
 
 
 def test_reservations_evict_cached_prefixes_least_recently_used_first() -> None:
-    cache = PrefixCache(capacity=4000, cache_ids=range(16, 32))
-    head = SYSTEM[:20]  # shared by both, so neither is on probation
+    cache = PrefixCache(capacity=8000, cache_ids=range(16, 32))
+    head = SYSTEM[:20]
     a = run_to_end(cache, 0, [*head, *[1] * 280], [])
     b = run_to_end(cache, 0, [*head, *[2] * 280], [])
-    assert cache.cached_cells == 300 + 280
-    # 3500 reserved + 580 cached > 4000: the older prefix goes, the newer fits.
-    cache.admit(1, [3] * 400, "", 3500)
+    assert cache.cached_cells == 300 + 280  # idle, within 8000 / 8
+    # 7500 reserved + 580 cached > 8000: the older prefix goes, the newer fits.
+    cache.admit(1, [3] * 400, "", 7500)
     assert cache.make_room() == [a]
     assert cache.cached_cells == 300
-    cache.admit(2, [4] * 400, "", 500)  # 4000 reserved: nothing cached can stay
+    cache.admit(2, [4] * 400, "", 500)  # 8000 reserved: nothing cached can stay
     assert cache.make_room() == [b]
     assert cache.cached_cells == 0
 
@@ -139,13 +139,43 @@ def test_when_ids_run_out_the_least_recently_used_is_replaced() -> None:
     assert best(cache, [1, 1, 1, 8], "") is not None and first is not None
 
 
-def test_prefixes_nobody_shares_hold_only_a_small_part_of_the_cache() -> None:
+def test_cells_only_cached_prefixes_hold_are_a_small_part_of_the_cache() -> None:
     cache = PrefixCache(capacity=8000, cache_ids=range(16, 48))
     for i in range(10):  # distinct prompts: nothing repeats
         run_to_end(cache, 0, [i] * 300, [])
-    assert cache.cached_cells <= 8000 // PROBATION_SHARE
+    assert cache.cached_cells <= 8000 // IDLE_SHARE
     assert best(cache, [9] * 300 + [1]) is not None  # the newest stay
-    # Shared prompts are reuse: those stay whatever their size.
-    for i in range(10):
-        run_to_end(cache, 0, [*SYSTEM, *[i] * 200], [])
-    assert cache.cached_cells > 8000 // PROBATION_SHARE
+    # Cells a running sequence shares are not idle: a long shared prompt stays cached.
+    running = cache.admit(1, [*SYSTEM * 9, 1], "", 1000)
+    cache.begin(running, None)
+    cache.advance(running, 901)
+    assert run_to_end(cache, 2, [*SYSTEM * 9, 2], []) is not None
+    assert cache.cached_cells > 8000 // IDLE_SHARE
+
+
+def test_a_sequence_that_waits_is_no_source_so_two_never_wait_for_each_other() -> None:
+    cache = PrefixCache(capacity=10_000, cache_ids=range(16, 32))
+    a = cache.admit(0, SYSTEM[:60], "", 200)
+    cache.begin(a, None)
+    cache.advance(a, 10)  # prefilling
+    b = cache.admit(1, [*SYSTEM, 1], "", 200)
+    waits = cache.best(b)
+    assert waits is not None and waits.source is a and not waits.ready
+    c = cache.admit(2, [*SYSTEM, 1, 2], "", 200)
+    # b has the longer prefix in its prompt, but it has not begun: c waits for a too.
+    share = cache.best(c)
+    assert share is not None and share.source is a
+
+
+def test_without_ids_to_spare_nothing_is_kept_and_nothing_fails() -> None:
+    cache = PrefixCache(capacity=10_000, cache_ids=range(0))  # max_sequences 256
+    assert run_to_end(cache, 0, [*SYSTEM, 1], [2]) is None
+    assert cache.cached_cells == 0
+
+
+def test_one_prefix_too_large_to_keep_idle_leaves_the_others() -> None:
+    cache = PrefixCache(capacity=8000, cache_ids=range(16, 48))
+    small = [run_to_end(cache, 0, [i] * 100, []) for i in range(3)]
+    assert None not in small
+    assert run_to_end(cache, 0, [7] * 2000, []) is None  # idle, over 8000 / 8 on its own
+    assert cache.cached_cells == 300

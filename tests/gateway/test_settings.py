@@ -197,7 +197,7 @@ def test_an_override_into_an_entry_that_is_not_a_mapping_is_a_config_error(
 
 def test_prefix_cache_modes_and_yamls_bare_off(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
-    for written, mode in [("off", "off"), ("per_tenant", "per_tenant"), ("shared", "shared")]:
+    for written, mode in [("off", "off"), ("on", "shared"), ("per_tenant", "per_tenant")]:
         config.write_text(f"models:\n  - {{name: m, prefix_cache: {written}}}\n")
         assert load_settings(config).models[0].prefix_cache == mode  # type: ignore[union-attr]
     config.write_text("models:\n  - {name: m, prefix_cache: sometimes}\n")
