@@ -15,7 +15,8 @@ Memory. Each holder (a running sequence or a cached prefix) holds positions
 shared ``n`` tokens of another holds the other's segments clipped to ``n``, then its own.
 Cells in use are, per origin, from its start to the furthest any holder reaches, so a
 prefix shared by 16 sequences counts once. Cells only cached prefixes hold (*idle*) may be
-1/8 of the cache at most (each cell in use slows every step a little). Running sequences
+1/8 of the cache at most, times the share of recent prompts found cached (idle cells slow
+every step: traffic that does not repeat keeps almost none). Running sequences
 reserve the cells they may still need (``max_len`` positions each); cached prefixes live
 in what is left, and the least recently used is evicted whenever a new sequence's
 reservation needs its room. As the engine's cache has room for every sequence's whole
@@ -36,10 +37,13 @@ from dataclasses import dataclass, field
 # the least that makes a share count as reuse (a chat template's opening does not).
 FOLLOW_MIN_TOKENS = 16
 # Cells that only cached prefixes hold (no running sequence shares them) may be at most
-# this share of the cache. Every cell in use lengthens each decode step's attention
-# (llama.cpp attends over the used range): 6.6k idle cached cells cost 16 streams ~7%
-# of their decode speed; cells a running sequence shares cost nothing more.
+# this share of the cache, scaled by how much of recent prompts was found cached. Every
+# cell in use widens the range each step attends over (llama.cpp attends over the used
+# range, and scattered cached cells keep it wide): traffic that does not repeat itself
+# keeps almost nothing idle (bench_prefix.py, "distinct"); cells a running sequence
+# shares cost nothing more.
 IDLE_SHARE = 8
+REUSE_WINDOW = 16  # admissions the share found cached is averaged over (exponentially)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -104,6 +108,7 @@ class PrefixCache:
         self.hit_tokens = 0
         self.queried_tokens = 0
         self.cached_cells = 0  # cells cached prefixes hold (shared ones included)
+        self._reuse = 1.0  # recent prompts' share found cached; optimistic when new
 
     def best(self, holder: Holder) -> Share | None:
         """The longest prefix of ``holder``'s prompt that another holder of its scope has
@@ -151,6 +156,7 @@ class PrefixCache:
                 self._cached.move_to_end(share.source.seq_id)
         holder.segments.append((next(self._origins), n))
         holder.decoded = n
+        self._reuse += (n / max(1, len(holder.tokens)) - self._reuse) / REUSE_WINDOW
 
     def advance(self, holder: Holder, decoded: int) -> None:
         """``holder``'s positions up to ``decoded`` are in the cache."""
@@ -198,15 +204,14 @@ class PrefixCache:
 
     def _limit_idle(self, newest: Holder) -> list[int]:
         """Drop the least recently used prefixes while the cells only cached prefixes hold
-        are over the limit; the newest alone over it is dropped instead."""
-        limit = self.capacity // IDLE_SHARE
+        are over the limit; the newest, if over it alone, first."""
+        limit = int(self.capacity / IDLE_SHARE * self._reuse)
         running = list(self._running.values())
         busy = cells_held(running)
-        idle = cells_held([*running, newest]) - busy
-        if idle > limit:
-            return [self._drop(newest.seq_id)]
         dropped: list[int] = []
-        while cells_held([*running, *self._cached.values()]) - busy > limit:
+        if cells_held([*running, newest]) - busy > limit:  # not at others' expense
+            dropped.append(self._drop(newest.seq_id))
+        while self._cached and cells_held([*running, *self._cached.values()]) - busy > limit:
             dropped.append(self._drop(next(iter(self._cached))))
         return dropped
 

@@ -141,15 +141,18 @@ def test_when_ids_run_out_the_least_recently_used_is_replaced() -> None:
 
 def test_cells_only_cached_prefixes_hold_are_a_small_part_of_the_cache() -> None:
     cache = PrefixCache(capacity=8000, cache_ids=range(16, 48))
-    for i in range(10):  # distinct prompts: nothing repeats
+    for i in range(3):  # distinct prompts: nothing repeats
         run_to_end(cache, 0, [i] * 300, [])
     assert cache.cached_cells <= 8000 // IDLE_SHARE
-    assert best(cache, [9] * 300 + [1]) is not None  # the newest stay
+    assert best(cache, [2] * 300 + [1]) is not None  # the newest stay
+    for i in range(3, 40):  # ...and as nothing ever does, ever less stays idle
+        run_to_end(cache, 0, [i] * 300, [])
+    assert cache.cached_cells == 0
     # Cells a running sequence shares are not idle: a long shared prompt stays cached.
-    running = cache.admit(1, [*SYSTEM * 9, 1], "", 1000)
+    running = cache.admit(1, [*SYSTEM * 12, 1], "", 1300)
     cache.begin(running, None)
-    cache.advance(running, 901)
-    assert run_to_end(cache, 2, [*SYSTEM * 9, 2], []) is not None
+    cache.advance(running, 1201)
+    assert run_to_end(cache, 2, [*SYSTEM * 12, 2], []) is not None
     assert cache.cached_cells > 8000 // IDLE_SHARE
 
 
