@@ -33,9 +33,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 # A prefix still being prefilled is worth waiting for when it is this much longer than
-# what could be shared at once; shorter, the waiting step costs more than it saves. Also
-# the least that makes a share count as reuse (a chat template's opening does not).
+# what could be shared at once; shorter, the waiting step costs more than it saves.
 FOLLOW_MIN_TOKENS = 16
+# Shorter shares are not made: a chat template's opening saves little prefill, and the few
+# cells it pins after their sequence ends, scattered, keep the range every step attends
+# over wide (bench_prefix.py, "distinct").
+MIN_SHARE_TOKENS = 64
 # Cells that only cached prefixes hold (no running sequence shares them) may be at most
 # this share of the cache, scaled by how much of recent prompts was found cached. Every
 # cell in use widens the range each step attends over (llama.cpp attends over the used
@@ -123,8 +126,10 @@ class PrefixCache:
             if other is holder or other.scope != scope or limit <= 0:
                 continue
             n = min(common_prefix(prompt, other.tokens), limit)
+            if n < MIN_SHARE_TOKENS:
+                continue
             now = min(n, other.decoded)
-            if now > 0 and (ready is None or now > ready.tokens):
+            if now >= MIN_SHARE_TOKENS and (ready is None or now > ready.tokens):
                 ready = Share(other, now)
             # Only one that has begun prefilling will get there: a sequence that waits
             # itself is no source (two could wait for each other).

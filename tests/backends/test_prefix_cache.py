@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from backends.llama.prefix_cache import (
     FOLLOW_MIN_TOKENS,
     IDLE_SHARE,
+    MIN_SHARE_TOKENS,
     PrefixCache,
     Share,
     cells_held,
@@ -77,12 +78,12 @@ def test_a_prompt_being_prefilled_is_waited_for_not_computed_twice() -> None:
     assert share.ready
     # Barely longer than what is there now: not worth a wait.
     other = PrefixCache(capacity=10_000, cache_ids=range(16, 32))
-    run_to_end(other, 0, SYSTEM[:50], [9])
-    head = SYSTEM[: 50 + FOLLOW_MIN_TOKENS - 1]
+    run_to_end(other, 0, SYSTEM[:70], [9])
+    head = SYSTEM[: 70 + FOLLOW_MIN_TOKENS - 1]
     going = other.admit(1, [*head, 1], "", 300)
     other.begin(going, None)
     later = best(other, [*head, 2], "")
-    assert later is not None and later.ready and later.tokens == 50
+    assert later is not None and later.ready and later.tokens == 70
 
 
 def test_scopes_never_share() -> None:
@@ -97,11 +98,10 @@ def test_scopes_never_share() -> None:
 
 def test_reservations_evict_cached_prefixes_least_recently_used_first() -> None:
     cache = PrefixCache(capacity=8000, cache_ids=range(16, 32))
-    head = SYSTEM[:20]
-    a = run_to_end(cache, 0, [*head, *[1] * 280], [])
-    b = run_to_end(cache, 0, [*head, *[2] * 280], [])
-    assert cache.cached_cells == 300 + 280  # idle, within 8000 / 8
-    # 7500 reserved + 580 cached > 8000: the older prefix goes, the newer fits.
+    a = run_to_end(cache, 0, [1] * 300, [])
+    b = run_to_end(cache, 0, [2] * 300, [])
+    assert cache.cached_cells == 600  # idle, within 8000 / 8
+    # 7500 reserved + 600 cached > 8000: the older prefix goes, the newer fits.
     cache.admit(1, [3] * 400, "", 7500)
     assert cache.make_room() == [a]
     assert cache.cached_cells == 300
@@ -128,15 +128,15 @@ def test_a_prefix_of_a_newer_prefix_is_dropped_and_an_identical_one_not_kept() -
 
 def test_when_ids_run_out_the_least_recently_used_is_replaced() -> None:
     cache = PrefixCache(capacity=10_000, cache_ids=range(16, 18))
-    first = run_to_end(cache, 0, [1, 1, 1], [])
-    run_to_end(cache, 0, [2, 2, 2], [])
-    share = best(cache, [1, 1, 1, 9], "")  # touching the first makes the second the oldest
+    first = run_to_end(cache, 0, [1] * 100, [])
+    run_to_end(cache, 0, [2] * 100, [])
+    share = best(cache, [1] * 100 + [9])  # touching the first makes the second the oldest
     assert share is not None
-    touched = cache.admit(1, [1, 1, 1, 9], "", 10)
+    touched = cache.admit(1, [1] * 100 + [9], "", 200)
     cache.begin(touched, share)
-    third = run_to_end(cache, 0, [3, 3, 3], [])
-    assert third is not None and best(cache, [2, 2, 2, 9], "") is None
-    assert best(cache, [1, 1, 1, 8], "") is not None and first is not None
+    third = run_to_end(cache, 0, [3] * 100, [])
+    assert third is not None and best(cache, [2] * 100 + [9]) is None
+    assert best(cache, [1] * 100 + [8]) is not None and first is not None
 
 
 def test_cells_only_cached_prefixes_hold_are_a_small_part_of_the_cache() -> None:
@@ -158,16 +158,16 @@ def test_cells_only_cached_prefixes_hold_are_a_small_part_of_the_cache() -> None
 
 def test_a_sequence_that_waits_is_no_source_so_two_never_wait_for_each_other() -> None:
     cache = PrefixCache(capacity=10_000, cache_ids=range(16, 32))
-    a = cache.admit(0, SYSTEM[:60], "", 200)
+    a = cache.admit(0, [*SYSTEM, 7], "", 300)
     cache.begin(a, None)
     cache.advance(a, 10)  # prefilling
-    b = cache.admit(1, [*SYSTEM, 1], "", 200)
+    b = cache.admit(1, [*SYSTEM, *SYSTEM, 1], "", 300)
     waits = cache.best(b)
     assert waits is not None and waits.source is a and not waits.ready
-    c = cache.admit(2, [*SYSTEM, 1, 2], "", 200)
+    c = cache.admit(2, [*SYSTEM, *SYSTEM, 1, 2], "", 300)
     # b has the longer prefix in its prompt, but it has not begun: c waits for a too.
     share = cache.best(c)
-    assert share is not None and share.source is a
+    assert share is not None and share.source is a and share.tokens == 100
 
 
 def test_without_ids_to_spare_nothing_is_kept_and_nothing_fails() -> None:
@@ -182,3 +182,9 @@ def test_one_prefix_too_large_to_keep_idle_leaves_the_others() -> None:
     assert None not in small
     assert run_to_end(cache, 0, [7] * 2000, []) is None  # idle, over 8000 / 8 on its own
     assert cache.cached_cells == 300
+
+
+def test_a_few_common_tokens_are_not_shared() -> None:
+    cache = PrefixCache(capacity=10_000, cache_ids=range(16, 32))
+    run_to_end(cache, 0, [*SYSTEM[: MIN_SHARE_TOKENS - 1], 1], [2])
+    assert best(cache, [*SYSTEM[: MIN_SHARE_TOKENS - 1], 3]) is None
