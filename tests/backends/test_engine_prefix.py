@@ -92,7 +92,7 @@ async def test_requests_arriving_together_compute_the_shared_prompt_once(
 
 
 async def test_per_tenant_caches_share_only_within_a_tenant() -> None:
-    backend = await started(prefix_cache="per_tenant")
+    backend = await started(prefix_cache="per_tenant", context_length=2048)
     try:
         await run(backend, chat(QUESTIONS[0], tenant="team-a"))
         other = await run(backend, chat(QUESTIONS[1], tenant="team-b"))

@@ -141,6 +141,10 @@ def test_seed_reproducibility(client: openai.OpenAI) -> None:
         )
         return r.choices[0].message.content
 
+    # Once the prompt is cached (the first request computes it whole; later ones share its
+    # cells and compute only its last token, whose logits may differ in their last bits),
+    # a seed gives the same text every time (README: Prefix caching).
+    sample(42)
     assert sample(42) == sample(42)
     assert sample(42) != sample(43)
 
