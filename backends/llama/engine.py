@@ -27,7 +27,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,7 @@ from backends.base import (
     SamplingParams,
     TokenLogprob,
 )
+from backends.llama.embedding import Embedder
 from backends.llama.native import (
     Batch,
     Constraint,
@@ -123,7 +124,12 @@ class LlamaEngine:
         self._commands: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._ctx: LlamaContext | None = None
-        self._embed_ctx: LlamaContext | None = None
+        self._embedder = Embedder(
+            model,
+            context_length=config.context_length,
+            max_sequences=config.max_sequences,
+            threads=config.threads,
+        )
         self._batch: Batch | None = None
         self._waiting: deque[_Sequence] = deque()
         self._running: dict[int, _Sequence] = {}
@@ -179,10 +185,11 @@ class LlamaEngine:
         self._commands.put(_Stop())
         self._thread.join()
         self._thread = None
-        for resource in (self._batch, self._ctx, self._embed_ctx):
+        for resource in (self._batch, self._ctx):
             if resource is not None:
                 resource.close()
-        self._batch = self._ctx = self._embed_ctx = None
+        self._batch = self._ctx = None
+        self._embedder.close()
 
     @property
     def waiting_count(self) -> int:
@@ -533,51 +540,10 @@ class LlamaEngine:
 
     def _run_embedding(self, job: _EmbedJob) -> None:
         try:
-            ctx = self._embedding_context()
-            vectors: list[list[float]] = []
-            group: list[list[int]] = []
-            for tokens in job.token_lists:
-                if group and (
-                    sum(map(len, group)) + len(tokens) > self.config.context_length
-                    or len(group) == self.config.max_sequences
-                ):
-                    vectors.extend(self._embed_group(ctx, group))
-                    group = []
-                group.append(tokens)
-            if group:
-                vectors.extend(self._embed_group(ctx, group))
-            self._outbox.append((job.deliver, vectors))
+            self._outbox.append((job.deliver, self._embedder.embed(job.token_lists)))
         except Exception:
             log.exception("embedding failed")
             self._outbox.append((job.deliver, BackendUnavailable("the embedding step failed")))
-
-    def _embedding_context(self) -> LlamaContext:
-        if self._embed_ctx is None:
-            n = self.config.context_length
-            self._embed_ctx = LlamaContext(
-                self.model,
-                ContextConfig(
-                    n_ctx=n,
-                    n_seq_max=self.config.max_sequences,
-                    n_batch=n,
-                    threads=self.config.threads,
-                    embeddings=True,
-                ),
-            )
-        return self._embed_ctx
-
-    def _embed_group(self, ctx: LlamaContext, group: Sequence[list[int]]) -> list[list[float]]:
-        batch = Batch(sum(map(len, group)), len(group))
-        try:
-            for seq_id, tokens in enumerate(group):
-                for pos, token in enumerate(tokens):
-                    batch.add(token, pos, seq_id, logits=True)
-            ctx.decode(batch)
-            return [ctx.pooled_embedding(seq_id) for seq_id in range(len(group))]
-        finally:
-            for seq_id in range(len(group)):
-                ctx.forget(seq_id)
-            batch.close()
 
     # -- delivery ----------------------------------------------------------
 
