@@ -38,6 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -132,63 +133,58 @@ def record(result: Result, ttft: float, usage: dict[str, Any], max_tokens: int) 
     result.cached_tokens += details.get("cached_tokens") or 0
 
 
-async def shared(arm: Arm, tag: str, users: int, turns: int) -> Result:
-    system = system_prompt(tag, 44)
+Client = Callable[[httpx.AsyncClient, int, Result], Awaitable[None]]
+
+
+async def timed(arm: Arm, clients: int, one: Client) -> Result:
+    """``clients`` copies of ``one`` at once (its index each), timed together."""
     result = Result()
-    async with client(arm, users) as http:
-
-        async def user(u: int) -> None:
-            for t in range(turns):
-                question = (
-                    f"Visitor {u} asks question {t}: where is the {WORDS[(u + t) % len(WORDS)]}?"
-                )
-                messages = [{"role": "system", "content": system},
-                            {"role": "user", "content": question}]  # fmt: skip
-                ttft, _, usage = await chat(http, messages, 32, seed=u * 100 + t)
-                record(result, ttft, usage, 32)
-                if t == 0:
-                    result.first_round_ttft.append(ttft)
-
+    async with client(arm, clients) as http:
         started = time.perf_counter()
-        await asyncio.gather(*(user(u) for u in range(users)))
+        await asyncio.gather(*(one(http, i, result) for i in range(clients)))
         result.seconds = time.perf_counter() - started
     return result
+
+
+async def shared(arm: Arm, tag: str, users: int, turns: int) -> Result:
+    system = system_prompt(tag, 44)
+
+    async def user(http: httpx.AsyncClient, u: int, result: Result) -> None:
+        for t in range(turns):
+            thing = WORDS[(u + t) % len(WORDS)]
+            question = f"Visitor {u} asks question {t}: where is the {thing}?"
+            messages = [{"role": "system", "content": system},
+                        {"role": "user", "content": question}]  # fmt: skip
+            ttft, _, usage = await chat(http, messages, 32, seed=u * 100 + t)
+            record(result, ttft, usage, 32)
+            if t == 0:
+                result.first_round_ttft.append(ttft)
+
+    return await timed(arm, users, user)
 
 
 async def multi_turn(arm: Arm, tag: str, conversations: int, turns: int) -> Result:
-    result = Result()
-    async with client(arm, conversations) as http:
+    async def conversation(http: httpx.AsyncClient, c: int, result: Result) -> None:
+        messages = [{"role": "system", "content": system_prompt(f"{tag}-{c}", 12)}]
+        for t in range(turns):
+            messages.append({"role": "user", "content": f"Turn {t}: tell me about the "
+                             f"{WORDS[(c * 3 + t) % len(WORDS)]}."})  # fmt: skip
+            ttft, answer, usage = await chat(http, messages, 48, seed=c * 100 + t)
+            record(result, ttft, usage, 48)
+            messages.append({"role": "assistant", "content": answer})
 
-        async def conversation(c: int) -> None:
-            messages = [{"role": "system", "content": system_prompt(f"{tag}-{c}", 12)}]
-            for t in range(turns):
-                messages.append({"role": "user", "content": f"Turn {t}: tell me about the "
-                                 f"{WORDS[(c * 3 + t) % len(WORDS)]}."})  # fmt: skip
-                ttft, answer, usage = await chat(http, messages, 48, seed=c * 100 + t)
-                record(result, ttft, usage, 48)
-                messages.append({"role": "assistant", "content": answer})
-
-        started = time.perf_counter()
-        await asyncio.gather(*(conversation(c) for c in range(conversations)))
-        result.seconds = time.perf_counter() - started
-    return result
+    return await timed(arm, conversations, conversation)
 
 
 async def distinct(arm: Arm, tag: str, users: int, turns: int) -> Result:
-    result = Result()
-    async with client(arm, users) as http:
+    async def user(http: httpx.AsyncClient, u: int, result: Result) -> None:
+        for t in range(turns):
+            messages = [{"role": "system", "content": system_prompt(f"{tag}-{u}-{t}", 16)},
+                        {"role": "user", "content": "Tell me a story."}]  # fmt: skip
+            ttft, _, usage = await chat(http, messages, 64, seed=u * 100 + t)
+            record(result, ttft, usage, 64)
 
-        async def user(u: int) -> None:
-            for t in range(turns):
-                messages = [{"role": "system", "content": system_prompt(f"{tag}-{u}-{t}", 16)},
-                            {"role": "user", "content": "Tell me a story."}]  # fmt: skip
-                ttft, _, usage = await chat(http, messages, 64, seed=u * 100 + t)
-                record(result, ttft, usage, 64)
-
-        started = time.perf_counter()
-        await asyncio.gather(*(user(u) for u in range(users)))
-        result.seconds = time.perf_counter() - started
-    return result
+    return await timed(arm, users, user)
 
 
 async def warm(arm: Arm) -> None:
