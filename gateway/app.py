@@ -34,13 +34,25 @@ from backends.base import Backend, BackendError
 from backends.fake import FakeBackend
 from backends.llama.backend import EmbeddedBackend, EmbeddedConfig
 from gateway.access import AccessLog
-from gateway.api import admin, health, ollama, openai, responses
+from gateway.api import admin, batches, health, ollama, openai, responses
 from gateway.api.disconnect import ClientDisconnected
 from gateway.api.endpoint import Endpoint, ErrorFormat, FastDispatch
 from gateway.api.health import Readiness
 from gateway.api.openapi import openapi_document
 from gateway.api.security import GUARDS, PUBLIC
-from gateway.errors import ErrorInfo, GatewayError, InvalidRequest, MethodNotAllowed, NotFound
+from gateway.batch.files import FileStorage
+from gateway.batch.redis_store import RedisBatchStore
+from gateway.batch.runner import BatchRunner, RunnerSettings
+from gateway.batch.service import BatchService, FileLimits
+from gateway.batch.store import BatchStore, SQLiteBatchStore
+from gateway.errors import (
+    ErrorInfo,
+    GatewayError,
+    InvalidRequest,
+    MethodNotAllowed,
+    ModelNotFound,
+    NotFound,
+)
 from gateway.limits import BodySizeLimit
 from gateway.metrics import Metrics
 from gateway.outliers_redis import RedisBoard
@@ -59,6 +71,7 @@ from gateway.settings import (
     RemoteModelSettings,
     Settings,
 )
+from gateway.tenancy.records import ANONYMOUS, Tenant
 from gateway.tenancy.runtime import Tenancy
 from gateway.tenancy.store import StoreUnavailable
 
@@ -298,9 +311,14 @@ def create_app(settings: Settings, *, backends: Mapping[str, Backend] | None = N
         loading = asyncio.create_task(load_models())
         if board is not None:
             await board.start()
+        await batch_store.open()
+        if settings.batches.enabled:
+            await runner.start()
         try:
             yield
         finally:
+            await runner.stop()  # its claims go back: another replica resumes at once
+            await batch_store.close()
             if board is not None:
                 await board.stop()
             loading.cancel()
@@ -339,13 +357,53 @@ def create_app(settings: Settings, *, backends: Mapping[str, Backend] | None = N
         ]
     )
     app.state.router = router
-    app.state.service = InferenceService(registry, metrics, tenancy.admission, router)
+    app.state.service = service = InferenceService(registry, metrics, tenancy.admission, router)
+    b = settings.batches
+    batch_store: BatchStore = (
+        SQLiteBatchStore(b.database) if tenancy.link is None else RedisBatchStore(tenancy.link)
+    )
+    files = FileStorage(b.files_dir)
+
+    def slots_of(model: str) -> int:
+        try:
+            return sum(m.scheduler.load(m.pool).capacity for m in registry.instances_of(model))
+        except ModelNotFound:
+            return 1
+
+    async def tenant_of(tenant_id: str) -> Tenant | None:
+        """A batch's tenant now (limits may have changed); without keys, the anonymous one."""
+        if tenant_id == ANONYMOUS.tenant.id and not tenancy.auth.enabled:
+            return ANONYMOUS.tenant
+        return await tenancy.store.tenant(tenant_id)
+
+    runner = BatchRunner(
+        batch_store,
+        files,
+        service,
+        tenant=tenant_of,
+        capacity=slots_of,
+        metrics=metrics,
+        settings=RunnerSettings(
+            lease_seconds=b.lease_seconds,
+            poll_seconds=b.poll_seconds,
+            max_active=b.max_active,
+            interactive_reserve=b.interactive_reserve,
+        ),
+    )
+    app.state.batches = BatchService(
+        batch_store,
+        files,
+        limits=FileLimits(max_bytes=b.max_file_bytes, max_lines=b.max_file_lines),
+        wake=runner.wake,
+    )
     app.state.auth = tenancy.auth
     app.state.admin_key = tenancy.admin_key
     app.state.tenant_admin = tenancy.admin
     app.state.ledger = tenancy.ledger
     # The generation routes first: the router tries routes in order, and they are the hot ones.
-    app.router.routes.extend([*openai.ROUTES, *responses.ROUTES, *ollama.ROUTES])
+    app.router.routes.extend(
+        [*openai.ROUTES, *responses.ROUTES, *ollama.ROUTES, *batches.ROUTES]
+    )
     for routes in (admin.router, health.router):
         app.include_router(routes)
     require_guards(app)
@@ -366,7 +424,13 @@ def create_app(settings: Settings, *, backends: Mapping[str, Backend] | None = N
     # fixed paths dispatched ahead of FastAPI's own layers, inside the size guard, which
     # sees a request before anything reads its body. Middleware users add wraps them all.
     app.add_middleware(FastDispatch, routes=app.router.routes)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.server.max_body_bytes, body=_error_body)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.server.max_body_bytes,
+        body=_error_body,
+        # An upload's multipart body: the file's limit plus room for the form around it.
+        larger={("POST", "/v1/files"): b.max_file_bytes + 64 * 1024},
+    )
     app.add_middleware(
         AccessLog, metrics=metrics, routes=app.router.routes, format=settings.server.access_log
     )

@@ -22,6 +22,11 @@ from gateway.scheduler.base import PoolLoad
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 
+BATCH_STATUSES = (
+    "validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling",
+    "cancelled",
+)  # fmt: skip
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -299,6 +304,34 @@ class Metrics:
             buckets=(0, *_LATENCY_BUCKETS),
             registry=r,
         )
+
+        self.batches = Gauge(
+            "lockgate_batches",
+            "Batches by status, in the store every replica shares (a replica's view, polled)",
+            ["status"],
+            registry=r,
+        )
+        self.batch_lines = _Counter(
+            "lockgate_batch_lines",
+            "Batch lines this replica finished, by outcome (completed or failed)",
+            ["outcome"],
+            registry=r,
+        )
+        self.batch_tokens = Counter(
+            "lockgate_batch_tokens",
+            "Prompt and completion tokens of the batch lines this replica ran (rate: tokens/s)",
+            registry=r,
+        )
+        self.batch_oldest_pending = Gauge(
+            "lockgate_batch_oldest_pending_seconds",
+            "Age of the oldest batch not finished yet (0: none)",
+            registry=r,
+        )
+
+    def batch_status(self, counts: dict[str, int]) -> None:
+        """Set the by-status gauge; every status is exported, 0 when it has no batch."""
+        for status in BATCH_STATUSES:
+            self.batches.labels(status).set(counts.get(status, 0))
 
     def watch(
         self,

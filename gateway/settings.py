@@ -227,6 +227,24 @@ class SchedulerSettings(_Strict):
     lease_ttl: Annotated[float, Field(ge=1, le=600)] = 10.0
 
 
+class BatchSettings(_Strict):
+    """Offline batches (``/v1/files``, ``/v1/batches``; ``gateway/batch``)."""
+
+    # Uploaded and produced files. Replicas sharing Redis must share this directory too.
+    files_dir: Path = Field(default_factory=lambda: _state_dir() / "files")
+    # Batches, leases and finished lines when no redis_url is set.
+    database: Path = Field(default_factory=lambda: _state_dir() / "batches.db")
+    max_file_bytes: Annotated[int, Field(ge=1024, le=1 << 40)] = 200 * 1024 * 1024
+    max_file_lines: Annotated[int, Field(ge=1, le=10_000_000)] = 50_000
+    # A replica renews its claim on a batch every third of this; dead, it loses it after.
+    lease_seconds: Annotated[float, Field(ge=1, le=3600)] = 30.0
+    poll_seconds: Annotated[float, Field(gt=0, le=600)] = 1.0
+    max_active: Annotated[int, Field(ge=1, le=1000)] = 4  # batches per replica at once
+    # Slots per model that batch lines leave free, so interactive requests never wait.
+    interactive_reserve: Annotated[int, Field(ge=0, le=10_000)] = 2
+    enabled: bool = True  # off: this replica serves the APIs but runs no batch lines
+
+
 def _redis_scheme(url: SecretStr) -> SecretStr:
     # A secret (it may hold a password), so the message never repeats it.
     value = url.get_secret_value()
@@ -269,6 +287,7 @@ class Settings(_Strict):
     auth: AuthSettings = AuthSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
     routing: RoutingSettings = RoutingSettings()
+    batches: BatchSettings = BatchSettings()
     tenants: list[ConfiguredTenant] = []
     # Shared state for several replicas: tenants, keys, usage, counters, remote models' queues.
     redis_url: Annotated[SecretStr, AfterValidator(_redis_scheme)] | None = None

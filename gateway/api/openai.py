@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import struct
 from functools import partial
+from typing import Any
 
 from pydantic import BaseModel
 from starlette.requests import Request
@@ -21,7 +22,7 @@ from starlette.types import ASGIApp
 from backends.base import GenerationRequest
 from gateway.api.endpoint import ErrorFormat, Handler, route
 from gateway.api.serving import embed, json_response, read_body, serve, service_of
-from gateway.events import EmbedPlan, Plan
+from gateway.events import Embedded, EmbedPlan, Plan
 from gateway.protocol.openai import (
     ChatCompletionRequest,
     ChatStream,
@@ -40,13 +41,12 @@ from gateway.tenancy.records import Principal
 OPENAI_ERRORS = ErrorFormat("openai", error_body)
 
 
-async def chat_completions(request: Request, principal: Principal) -> ASGIApp:
-    """Create a chat completion (streamed as SSE with ``stream: true``)."""
-    body = parse(ChatCompletionRequest, await read_body(request, principal))
+def chat_plan(body: ChatCompletionRequest) -> Plan:
+    """The plan of a chat completion (also a batch line's, :mod:`gateway.batch.lines`)."""
     rid = new_id("chatcmpl")
     messages = body.chat_messages()
     tools = body.tool_definitions()
-    plan = Plan(
+    return Plan(
         model=body.model,
         endpoint="chat",
         request_id=rid,
@@ -69,17 +69,13 @@ async def chat_completions(request: Request, principal: Principal) -> ASGIApp:
         n=body.n,
         session=body.user,
     )
-    encoder = ChatStream(choices=body.n, include_usage=body.include_usage)
-    answer = partial(chat_completion, logprobs=bool(body.logprobs))
-    return await serve(request, principal, plan, body=answer, stream=encoder)
 
 
-async def completions(request: Request, principal: Principal) -> ASGIApp:
-    """Create a text completion (legacy); ``prompt`` may be a list."""
-    body = parse(CompletionRequest, await read_body(request, principal))
+def completion_plan(body: CompletionRequest) -> Plan:
+    """The plan of a text completion; ``prompt`` may be a list."""
     rid = new_id("cmpl")
     prompts = body.prompts()
-    plan = Plan(
+    return Plan(
         model=body.model,
         endpoint="completions",
         request_id=rid,
@@ -98,6 +94,42 @@ async def completions(request: Request, principal: Principal) -> ASGIApp:
         n=body.n,
         session=body.user,
     )
+
+
+def embedding_plan(body: EmbeddingRequest) -> EmbedPlan:
+    return EmbedPlan(
+        model=body.model,
+        endpoint="embeddings",
+        request_id=new_id("embd"),
+        texts=tuple(body.texts()),
+        tokens=body.token_charge(),
+    )
+
+
+def embedding_body(body: EmbeddingRequest, done: Embedded) -> dict[str, Any]:
+    """The answer to an embeddings request, in its ``encoding_format``."""
+    vectors: list[list[float]] | list[str] = done.result.vectors
+    if body.encoding_format == "base64":
+        # OpenAI's base64 format: little-endian float32 bytes.
+        vectors = [base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() for v in vectors]
+    return embedding_list(
+        model=done.model, vectors=vectors, prompt_tokens=done.result.prompt_tokens
+    )
+
+
+async def chat_completions(request: Request, principal: Principal) -> ASGIApp:
+    """Create a chat completion (streamed as SSE with ``stream: true``)."""
+    body = parse(ChatCompletionRequest, await read_body(request, principal))
+    plan = chat_plan(body)
+    encoder = ChatStream(choices=body.n, include_usage=body.include_usage)
+    answer = partial(chat_completion, logprobs=bool(body.logprobs))
+    return await serve(request, principal, plan, body=answer, stream=encoder)
+
+
+async def completions(request: Request, principal: Principal) -> ASGIApp:
+    """Create a text completion (legacy); ``prompt`` may be a list."""
+    body = parse(CompletionRequest, await read_body(request, principal))
+    plan = completion_plan(body)
     encoder = TextStream(choices=len(plan.requests), include_usage=body.include_usage)
     answer = partial(text_completion, logprobs=body.logprobs is not None)
     return await serve(request, principal, plan, body=answer, stream=encoder)
@@ -106,22 +138,8 @@ async def completions(request: Request, principal: Principal) -> ASGIApp:
 async def embeddings(request: Request, principal: Principal) -> Response:
     """Create embeddings: mean-pooled, unit-length vectors."""
     body = parse(EmbeddingRequest, await read_body(request, principal))
-    plan = EmbedPlan(
-        model=body.model,
-        endpoint="embeddings",
-        request_id=new_id("embd"),
-        texts=tuple(body.texts()),
-        tokens=body.token_charge(),
-    )
-    done = await embed(request, principal, plan)
-    vectors: list[list[float]] | list[str] = done.result.vectors
-    if body.encoding_format == "base64":
-        # OpenAI's base64 format: little-endian float32 bytes.
-        vectors = [base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() for v in vectors]
-    return json_response(
-        embedding_list(model=done.model, vectors=vectors, prompt_tokens=done.result.prompt_tokens),
-        done.headers,
-    )
+    done = await embed(request, principal, embedding_plan(body))
+    return json_response(embedding_body(body, done), done.headers)
 
 
 async def list_models(request: Request, principal: Principal) -> Response:

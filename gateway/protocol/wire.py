@@ -83,6 +83,11 @@ def parse(model: type[M], body: bytes) -> M:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
         raise InvalidRequest("The request body is not valid JSON.") from None
+    return parse_object(model, data)
+
+
+def parse_object(model: type[M], data: object) -> M:
+    """Validate a decoded JSON body (a batch line's ``body``), raising :class:`InvalidRequest`."""
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     try:
