@@ -3,9 +3,9 @@
 Layout (under the prefix, default ``lg:``)::
 
     file:<id>              JSON of the FileRecord
-    files:<tenant>         zset (score 0) of "<created_at:012d>:<id>", for newest-first pages
+    files:<tenant>         zset (score 0) of ids (they sort by creation), for pages
     batch:<id>             hash: body (JSON), status, owner, until, gen
-    batches:<tenant>       zset (score 0) of "<created_at:012d>:<id>"
+    batches:<tenant>       zset (score 0) of ids
     batches:active         set of the ids of batches not ended yet
     batches:status         hash: status → count
     batch-idem:<tenant>:<key>   "<id> <body hash>" (Idempotency-Key)
@@ -50,8 +50,8 @@ local ids = redis.call('SMEMBERS', KEYS[1])
 table.sort(ids)
 for _, id in ipairs(ids) do
   local key = ARGV[1] .. 'batch:' .. id
-  local until = tonumber(redis.call('HGET', key, 'until') or '0')
-  if until < tonumber(ARGV[3]) then
+  local lease_end = tonumber(redis.call('HGET', key, 'until') or '0')
+  if lease_end < tonumber(ARGV[3]) then
     local gen = redis.call('HINCRBY', key, 'gen', 1)
     redis.call('HSET', key, 'owner', ARGV[2], 'until', ARGV[4])
     return {id, gen}
@@ -87,10 +87,6 @@ return 1
 """
 
 
-def _order(created_at: int, item_id: str) -> str:
-    return f"{created_at:012d}:{item_id}"
-
-
 class RedisBatchStore:
     def __init__(self, link: RedisLink, *, prefix: str = "lg:") -> None:
         self._link = link
@@ -114,7 +110,7 @@ class RedisBatchStore:
         async def put(r: Any) -> None:
             pipe = r.pipeline(transaction=True)
             pipe.set(f"{self._p}file:{record.id}", record.model_dump_json())
-            pipe.zadd(f"{self._p}files:{record.tenant}", {_order(record.created_at, record.id): 0})
+            pipe.zadd(f"{self._p}files:{record.tenant}", {record.id: 0})
             await pipe.execute()
 
         await self._call(put)
@@ -129,16 +125,14 @@ class RedisBatchStore:
     async def files(
         self, tenant: str, *, purpose: str | None, after: str | None, limit: int
     ) -> list[FileRecord]:
-        start = await self._start(tenant, after, self.file)
-        if start is None:
-            return []
+        start = self._start(after)
         found: list[FileRecord] = []
         key = f"{self._p}files:{tenant}"
         while len(found) < limit:
             members = await self._call(partial(_page, key, start, limit))
             if not members:
                 break
-            names = [f"{self._p}file:{m.decode().split(':', 1)[1]}" for m in members]
+            names = [f"{self._p}file:{m.decode()}" for m in members]
             bodies = await self._call(partial(_mget, names))
             for body in bodies:
                 if body is not None:
@@ -148,14 +142,10 @@ class RedisBatchStore:
             start = "(" + members[-1].decode()
         return found[:limit]
 
-    async def _start(
-        self, tenant: str, after: str | None, get: Callable[[str, str], Awaitable[Any]]
-    ) -> str | None:
-        """The lex bound a newest-first page starts from (None: ``after`` is unknown)."""
-        if after is None:
-            return "+"
-        record = await get(tenant, after)
-        return None if record is None else "(" + _order(record.created_at, record.id)
+    @staticmethod
+    def _start(after: str | None) -> str:
+        """The lex bound a newest-first page starts below."""
+        return "+" if after is None else "(" + after
 
     async def delete_file(self, tenant: str, file_id: str) -> bool:
         record = await self.file(tenant, file_id)
@@ -165,7 +155,7 @@ class RedisBatchStore:
         async def delete(r: Any) -> None:
             pipe = r.pipeline(transaction=True)
             pipe.delete(f"{self._p}file:{file_id}")
-            pipe.zrem(f"{self._p}files:{tenant}", _order(record.created_at, file_id))
+            pipe.zrem(f"{self._p}files:{tenant}", file_id)
             await pipe.execute()
 
         await self._call(delete)
@@ -205,7 +195,7 @@ class RedisBatchStore:
                 },
             )
             pipe.zadd(
-                f"{self._p}batches:{record.tenant}", {_order(record.created_at, record.id): 0}
+                f"{self._p}batches:{record.tenant}", {record.id: 0}
             )
             pipe.sadd(f"{self._p}batches:active", record.id)
             pipe.hincrby(f"{self._p}batches:status", record.status, 1)
@@ -221,15 +211,10 @@ class RedisBatchStore:
         record = BatchRecord.model_validate_json(body)
         return record if tenant is None or record.tenant == tenant else None
 
-    async def _batch_of(self, tenant: str, batch_id: str) -> BatchRecord | None:
-        return await self.batch(batch_id, tenant)
-
     async def batches(self, tenant: str, *, after: str | None, limit: int) -> list[BatchRecord]:
-        start = await self._start(tenant, after, self._batch_of)
-        if start is None:
-            return []
+        start = self._start(after)
         members = await self._call(partial(_page, f"{self._p}batches:{tenant}", start, limit))
-        ids = [m.decode().split(":", 1)[1] for m in members]
+        ids = [m.decode() for m in members]
         found = [await self.batch(i, tenant) for i in ids]
         return [b for b in found if b is not None]
 

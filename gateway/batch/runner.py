@@ -292,8 +292,6 @@ class BatchRunner:
                 await self._flush(work, out, err)
             await out.close()
             await err.close()
-        if work.stop == "expired":
-            work.record = work.record.model_copy(update={"status": "expired"})
 
     async def _run_one(
         self,
@@ -374,7 +372,7 @@ class BatchRunner:
     async def _finalize(self, work: _Work) -> None:
         record = work.record
         cancelled = work.stop == "cancelled" or record.status == "cancelling"
-        expired = record.status == "expired"
+        expired = work.stop == "expired"
         if not cancelled and not expired:
             finalizing = record.model_copy(
                 update={

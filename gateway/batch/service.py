@@ -24,6 +24,11 @@ from gateway.tenancy.records import Principal
 WINDOW_SECONDS = {"24h": 24 * 3600}
 
 
+def sortable_id(prefix: str) -> str:
+    """Unique, and in creation order when sorted: pages are ranges of ids."""
+    return f"{prefix}{time.time_ns():016x}{uuid.uuid4().hex[:12]}"
+
+
 @dataclass(frozen=True, slots=True)
 class FileLimits:
     max_bytes: int = 200 * 1024 * 1024  # OpenAI's limit for a batch input file
@@ -51,7 +56,7 @@ class BatchService:
     ) -> FileRecord:
         if purpose != "batch":
             raise InvalidRequest("Only purpose 'batch' is supported for uploads.", param="purpose")
-        file_id = f"file-{uuid.uuid4().hex}"
+        file_id = sortable_id("file-")
         size, lines = await self.files.save(
             file_id, upload, max_bytes=self.limits.max_bytes, max_lines=self.limits.max_lines
         )
@@ -105,7 +110,7 @@ class BatchService:
             raise InvalidRequest("The input file's purpose must be 'batch'.", param="input_file_id")
         now = int(time.time())
         record = BatchRecord(
-            id=f"batch_{uuid.uuid4().hex}",
+            id=sortable_id("batch_"),
             tenant=principal.tenant.id,
             key_id=principal.key_id,
             endpoint=body.endpoint,

@@ -36,7 +36,7 @@ class BatchStore(Protocol):
     async def files(
         self, tenant: str, *, purpose: str | None, after: str | None, limit: int
     ) -> list[FileRecord]:
-        """Newest first; ``after``: the id of the last one of the page before."""
+        """Newest first (ids sort by creation); ``after``: the last id of the page before."""
 
     async def delete_file(self, tenant: str, file_id: str) -> bool: ...
 
@@ -80,14 +80,14 @@ CREATE TABLE IF NOT EXISTS files (
     id TEXT PRIMARY KEY, tenant TEXT NOT NULL, purpose TEXT NOT NULL,
     created_at INTEGER NOT NULL, body TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS files_by_tenant ON files (tenant, created_at, id);
+CREATE INDEX IF NOT EXISTS files_by_tenant ON files (tenant, id);
 CREATE TABLE IF NOT EXISTS batches (
     id TEXT PRIMARY KEY, tenant TEXT NOT NULL, created_at INTEGER NOT NULL,
     status TEXT NOT NULL, body TEXT NOT NULL,
     lease_owner TEXT, lease_until REAL NOT NULL DEFAULT 0, generation INTEGER NOT NULL DEFAULT 0,
     idem_key TEXT, idem_hash TEXT, UNIQUE (tenant, idem_key)
 );
-CREATE INDEX IF NOT EXISTS batches_by_tenant ON batches (tenant, created_at, id);
+CREATE INDEX IF NOT EXISTS batches_by_tenant ON batches (tenant, id);
 CREATE INDEX IF NOT EXISTS batches_by_status ON batches (status);
 CREATE TABLE IF NOT EXISTS batch_lines (
     batch_id TEXT NOT NULL, line INTEGER NOT NULL, ok INTEGER NOT NULL,
@@ -165,10 +165,8 @@ class SQLiteBatchStore:
         rows = await self._run(
             lambda db: db.execute(
                 "SELECT body FROM files WHERE tenant = ? AND (? IS NULL OR purpose = ?)"
-                " AND (? IS NULL OR (created_at, id) <"
-                " (SELECT created_at, id FROM files WHERE id = ? AND tenant = ?))"
-                " ORDER BY created_at DESC, id DESC LIMIT ?",
-                (tenant, purpose, purpose, after, after, tenant, limit),
+                " AND (? IS NULL OR id < ?) ORDER BY id DESC LIMIT ?",
+                (tenant, purpose, purpose, after, after, limit),
             ).fetchall()
         )
         return [FileRecord.model_validate_json(r[0]) for r in rows]
@@ -230,10 +228,9 @@ class SQLiteBatchStore:
     async def batches(self, tenant: str, *, after: str | None, limit: int) -> list[BatchRecord]:
         rows = await self._run(
             lambda db: db.execute(
-                "SELECT body FROM batches WHERE tenant = ? AND (? IS NULL OR (created_at, id) <"
-                " (SELECT created_at, id FROM batches WHERE id = ? AND tenant = ?))"
-                " ORDER BY created_at DESC, id DESC LIMIT ?",
-                (tenant, after, after, tenant, limit),
+                "SELECT body FROM batches WHERE tenant = ? AND (? IS NULL OR id < ?)"
+                " ORDER BY id DESC LIMIT ?",
+                (tenant, after, after, limit),
             ).fetchall()
         )
         return [BatchRecord.model_validate_json(r[0]) for r in rows]

@@ -29,24 +29,24 @@ class CreateBatchRequest(WireModel):
 
 
 def file_object(record: FileRecord) -> dict[str, Any]:
-    return {
+    return {  # no expires_at: files are kept until deleted
         "id": record.id,
         "object": "file",
         "bytes": record.bytes,
         "created_at": record.created_at,
-        "expires_at": None,
         "filename": record.filename,
         "purpose": record.purpose,
         "status": "processed",
-        "status_details": None,
     }
 
 
 def batch_object(record: BatchRecord, progress: Progress) -> dict[str, Any]:
+    """OpenAI's batch object; fields not set yet (``failed_at``...) are left out, as
+    OpenAI's schema has them as integers when present."""
     errors = None
     if record.errors:
         errors = {"object": "list", "data": [e.model_dump() for e in record.errors]}
-    return {
+    found = {
         "id": record.id,
         "object": "batch",
         "endpoint": record.endpoint,
@@ -80,6 +80,7 @@ def batch_object(record: BatchRecord, progress: Progress) -> dict[str, Any]:
             "total_tokens": progress.input_tokens + progress.output_tokens,
         },
     }
+    return {k: v for k, v in found.items() if v is not None}
 
 
 def page(data: list[dict[str, Any]], *, has_more: bool) -> dict[str, Any]:
