@@ -401,9 +401,7 @@ def create_app(settings: Settings, *, backends: Mapping[str, Backend] | None = N
     app.state.tenant_admin = tenancy.admin
     app.state.ledger = tenancy.ledger
     # The generation routes first: the router tries routes in order, and they are the hot ones.
-    app.router.routes.extend(
-        [*openai.ROUTES, *responses.ROUTES, *ollama.ROUTES, *batches.ROUTES]
-    )
+    app.router.routes.extend([*openai.ROUTES, *responses.ROUTES, *ollama.ROUTES, *batches.ROUTES])
     for routes in (admin.router, health.router):
         app.include_router(routes)
     require_guards(app)

@@ -194,9 +194,7 @@ class RedisBatchStore:
                     "gen": "0",
                 },
             )
-            pipe.zadd(
-                f"{self._p}batches:{record.tenant}", {record.id: 0}
-            )
+            pipe.zadd(f"{self._p}batches:{record.tenant}", {record.id: 0})
             pipe.sadd(f"{self._p}batches:active", record.id)
             pipe.hincrby(f"{self._p}batches:status", record.status, 1)
             await pipe.execute()

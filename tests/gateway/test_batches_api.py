@@ -91,14 +91,13 @@ async def gateway(
             yield clients
 
 
-async def finished(client: openai.AsyncOpenAI, batch_id: str, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        batch = await client.batches.retrieve(batch_id)
-        if batch.status in ENDS:
-            return batch
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"batch {batch_id} did not end: {batch.status}")
+async def finished(client: openai.AsyncOpenAI, batch_id: str) -> Any:
+    async with asyncio.timeout(20):
+        while True:
+            batch = await client.batches.retrieve(batch_id)
+            if batch.status in ENDS:
+                return batch
+            await asyncio.sleep(0.05)
 
 
 async def lines_of(client: openai.AsyncOpenAI, file_id: str | None) -> list[dict[str, Any]]:
@@ -237,8 +236,11 @@ async def test_cancel_ends_the_batch_and_every_line_appears_once(gateway: Client
     client = gateway(KEY_A)
     lines = [chat_line(i, model="slow", max_tokens=20) for i in range(40)]
     batch = await submit(client, lines)
-    while (await client.batches.retrieve(batch.id)).request_counts.completed < 2:
-        await asyncio.sleep(0.05)
+    async with asyncio.timeout(20):
+        while True:
+            if (await client.batches.retrieve(batch.id)).request_counts.completed >= 2:
+                break
+            await asyncio.sleep(0.05)
     cancelling = await client.batches.cancel(batch.id)
     assert cancelling.status == "cancelling" and cancelling.cancelling_at is not None
     done = await finished(client, batch.id)
