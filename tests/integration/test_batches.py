@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -158,3 +160,31 @@ def test_a_second_replica_on_redis_resumes_a_killed_ones_batch(
     survivor = sdk(replicas[1 - victim])
     done = wait_for(survivor, batch.id, lambda b: b.status not in ("in_progress", "finalizing"))
     check_output(survivor, done)
+
+
+def test_the_cli_submits_watches_lists_and_downloads(
+    tmp_path: Path, replicas: list[Server]
+) -> None:
+    replicas.append(lockgate(config(tmp_path), tmp_path))
+    url = replicas[0].base_url
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(lines(4))
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "gateway", "batch", *args, "--url", url]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=240, check=False)
+
+    submitted = cli("submit", str(source), "--wait")
+    assert submitted.returncode == 0, submitted.stderr
+    batch_id = submitted.stdout.splitlines()[0]
+    assert "completed: 4 completed, 0 failed" in submitted.stdout
+    assert "line" in submitted.stderr  # the progress bar
+    listed = cli("list")
+    assert batch_id in listed.stdout and "4/4 done" in listed.stdout
+    answers = tmp_path / "out.jsonl"
+    assert cli("download", batch_id, "-o", str(answers)).returncode == 0
+    assert sorted(json.loads(x)["custom_id"] for x in answers.read_text().splitlines()) == [
+        f"q{i}" for i in range(4)
+    ]
+    refused = cli("cancel", batch_id)
+    assert refused.returncode == 1 and "completed cannot be cancelled" in refused.stderr
