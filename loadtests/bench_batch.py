@@ -68,13 +68,12 @@ async def chat_user(base: str, stop: asyncio.Event, ttfts: list[float], u: int) 
         while not stop.is_set():
             body = {**line_body(10_000 + 100 * u + i, 16), "stream": True}
             began = time.perf_counter()
+            seen = False
             async with http.stream("POST", "/v1/chat/completions", json=body) as r:
-                async for raw in r.aiter_lines():
-                    if raw.startswith("data: ") and '"content"' in raw:
+                async for raw in r.aiter_lines():  # read to the end: the user waits for it all
+                    if not seen and raw.startswith("data: ") and '"content"' in raw:
                         ttfts.append((time.perf_counter() - began) * 1000)
-                        break
-                async for _ in r.aiter_lines():
-                    pass
+                        seen = True
             i += 1
             await asyncio.sleep(0.5)  # a user reads the answer
 

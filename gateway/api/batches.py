@@ -7,6 +7,8 @@ runner's (what runs); errors render in the OpenAI door's shape.
 from __future__ import annotations
 
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.responses import FileResponse
 from starlette.routing import Route
@@ -42,7 +44,13 @@ async def create_file(request: Request, principal: Principal) -> ASGIApp:
     """Upload a file (multipart: ``file`` and ``purpose``, which must be ``batch``)."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise InvalidRequest("Upload the file as multipart/form-data.", param="file")
-    async with request.form(max_files=1, max_fields=8) as form:
+    try:
+        form = await request.form(max_files=1, max_fields=8)
+    except (HTTPException, MultiPartException) as exc:  # Starlette's words for a bad form
+        raise InvalidRequest(
+            f"The multipart body could not be read: {getattr(exc, 'detail', exc)}", param="file"
+        ) from None
+    async with form:
         upload, purpose = form.get("file"), form.get("purpose")
         if not isinstance(upload, UploadFile):
             raise InvalidRequest("The form has no 'file' part.", param="file")

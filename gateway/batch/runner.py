@@ -168,6 +168,8 @@ class BatchRunner:
                 await self._finalize(work)
         except asyncio.CancelledError:
             raise
+        except FileNotFoundError:  # its input file was deleted: nothing left to run
+            await self._input_gone(work)
         except Exception:
             log.exception(
                 "batch %s failed on this replica; another claim resumes it", claim.batch_id
@@ -178,6 +180,14 @@ class BatchRunner:
             if not work.lost:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self.store.release(claim))
+
+    async def _input_gone(self, work: _Work) -> None:
+        error = BatchError(code="input_file_deleted", message="The input file was deleted.")
+        update = work.record.model_copy(
+            update={"status": "failed", "failed_at": int(time.time()), "errors": [error]}
+        )
+        await self.store.transition(update, expect=("validating", "in_progress", "cancelling"))
+        log.warning("batch %s failed: its input file was deleted", work.record.id)
 
     async def _keep(self, work: _Work) -> None:
         """Renew the lease; notice a cancel, the window's end, or a lost lease."""
@@ -384,7 +394,9 @@ class BatchRunner:
                 return  # cancelled meanwhile: the next claim finishes it as cancelled
             record = finalizing
         done = await self.store.done_lines(record.id)
-        if len(done) < record.total:
+        if cancelled:  # every line not run was written as cancelled, even unvalidated ones
+            record = record.model_copy(update={"total": len(done)})
+        elif len(done) < record.total:
             return  # lines still to run: a later claim runs them
         outputs: dict[str, str | None] = {}
         for kind, ok in (("output", True), ("error", False)):
