@@ -50,7 +50,7 @@ async def create_file(request: Request, principal: Principal) -> ASGIApp:
         raise InvalidRequest(
             f"The multipart body could not be read: {getattr(exc, 'detail', exc)}", param="file"
         ) from None
-    async with form:
+    try:
         upload, purpose = form.get("file"), form.get("purpose")
         if not isinstance(upload, UploadFile):
             raise InvalidRequest("The form has no 'file' part.", param="file")
@@ -59,6 +59,8 @@ async def create_file(request: Request, principal: Principal) -> ASGIApp:
         record = await _batches(request).upload(
             principal, upload, filename=upload.filename or "", purpose=purpose
         )
+    finally:
+        await form.close()  # the spooled temporary file
     return json_response(file_object(record))
 
 
