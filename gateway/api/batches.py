@@ -35,7 +35,7 @@ def _limit(request: Request, *, default: int, most: int) -> int:
     raw = request.query_params.get("limit")
     if raw is None:
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= most:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= most:
         raise InvalidRequest(f"limit must be an integer from 1 to {most}.", param="limit")
     return int(raw)
 

@@ -102,15 +102,17 @@ class FileStorage:
         return PartWriter(await asyncio.to_thread(path.open, "ab"))
 
     async def merge(
-        self, batch_id: str, file_id: str, keep: Callable[[str], bool]
+        self, batch_id: str, kind: str, file_id: str, keep: Callable[[str], bool]
     ) -> tuple[int, int]:
-        """Every claim's parts of the batch (and the file itself, if an earlier merge
-        wrote it) into one file: the lines whose output ``id`` ``keep`` accepts, each id
+        """Every claim's ``kind`` parts of the batch (and the file itself, if an earlier
+        merge wrote it) into one file: the lines whose output ``id`` ``keep`` accepts, each id
         once. Its size and line count."""
         parts_dir = self.root / "parts"
 
         def gather() -> list[Path]:
-            parts = sorted(parts_dir.glob(f"{batch_id}.*"), key=lambda p: int(p.suffixes[0][1:]))
+            parts = sorted(
+                parts_dir.glob(f"{batch_id}.*.{kind}"), key=lambda p: int(p.suffixes[0][1:])
+            )
             target = self.path(file_id)
             return [target, *parts] if target.exists() else parts
 

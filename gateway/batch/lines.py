@@ -5,7 +5,9 @@
 :func:`check` reads the file once before the batch starts and refuses it, with the
 line numbers, when lines name another endpoint than the batch's, a model the tenant
 may not use, or a ``custom_id`` used twice. A line that is not such an object at all
-is not the batch's failure: it goes to the error file when its turn comes.
+is not the batch's failure: it goes to the error file when its turn comes. A batch has one
+model, as OpenAI's do. Embedding lines do not queue in the scheduler (embeddings never
+do): only the batch's own slot limit spaces them.
 :func:`run_line` plans a line with the OpenAI door's own functions and runs it
 through :meth:`~gateway.service.InferenceService.run` at ``batch`` priority, so it
 meets the same admission, limits, routing and scheduler as an HTTP request.
@@ -122,7 +124,10 @@ async def check(
         name = body.get("model") if isinstance(body, dict) else None
         if isinstance(name, str):
             model = model or name
-            if not allowed(name):
+            if name != model:
+                message = f"Every line must name one model ('{model}'); this one names '{name}'."
+                error("mismatched_model", message, index, "body.model")
+            elif not allowed(name):
                 error(
                     "model_not_found",
                     f"The model '{name}' does not exist or you do not have access to it.",

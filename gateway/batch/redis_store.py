@@ -18,6 +18,7 @@ Status changes, claims and line marks are Lua scripts, so each is atomic.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any, TypeVar
@@ -29,15 +30,16 @@ from gateway.tenancy.store import StoreUnavailable
 
 T = TypeVar("T")
 
-# KEYS: batch, by status; ARGV: new status, body, expected...
+# KEYS: batch, by status, active set; ARGV: new status, body, id, still active (0/1), expected...
 _TRANSITION = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 0 end
-for i = 3, #ARGV do
+for i = 5, #ARGV do
   if ARGV[i] == status then
     redis.call('HSET', KEYS[1], 'status', ARGV[1], 'body', ARGV[2])
     redis.call('HINCRBY', KEYS[2], status, -1)
     redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+    if ARGV[4] == '0' then redis.call('SREM', KEYS[3], ARGV[3]) end
     return 1
   end
 end
@@ -169,7 +171,10 @@ class RedisBatchStore:
         if idempotency is not None:
             key, digest = idempotency
             idem = f"{self._p}batch-idem:{record.tenant}:{key}"
-            won = await self._call(lambda r: r.set(idem, f"{record.id} {digest}", nx=True))
+            # Kept as long as the batch's window and a day: OpenAI's keys are not forever either.
+            won = await self._call(
+                lambda r: r.set(idem, f"{record.id} {digest}", nx=True, ex=2 * 86400)
+            )
             if not won:
                 held = await self._call(lambda r: r.get(idem))
                 held_id, held_digest = held.decode().split(" ", 1)
@@ -199,7 +204,13 @@ class RedisBatchStore:
             pipe.hincrby(f"{self._p}batches:status", record.status, 1)
             await pipe.execute()
 
-        await self._call(create)
+        try:
+            await self._call(create)
+        except BaseException:
+            if idempotency is not None:  # the key must not name a batch that does not exist
+                with contextlib.suppress(StoreUnavailable):
+                    await self._call(lambda r: r.delete(idem))
+            raise
         return record
 
     async def batch(self, batch_id: str, tenant: str | None = None) -> BatchRecord | None:
@@ -221,23 +232,16 @@ class RedisBatchStore:
         status_key = f"{self._p}batches:status"
         active = f"{self._p}batches:active"
 
+        still = "1" if record.status in ACTIVE else "0"
+
         async def move(r: Any) -> int:
+            body = record.model_dump_json()
+            keys = (key, status_key, active)
             return int(
-                await r.eval(
-                    _TRANSITION,
-                    2,
-                    key,
-                    status_key,
-                    record.status,
-                    record.model_dump_json(),
-                    *expect,
-                )
+                await r.eval(_TRANSITION, 3, *keys, record.status, body, record.id, still, *expect)
             )
 
-        moved = await self._call(move)
-        if moved and record.status not in ACTIVE:
-            await self._call(lambda r: r.srem(active, record.id))
-        return bool(moved)
+        return bool(await self._call(move))
 
     # -- leases ------------------------------------------------------------------
 

@@ -272,6 +272,11 @@ class BatchRunner:
         async def one(index: int, raw: bytes) -> None:
             try:
                 await self._run_one(work, principal, index, raw, out, err, deadline)
+            except Exception as exc:  # never a line left unwritten: it would block the end
+                log.exception("batch %s line %d failed", record.id, index)
+                outcome = failure(exc)
+                err.write(output_line(record.id, index, None, outcome, None))
+                work.written.append(LineResult(line=index, ok=False))
             finally:
                 slots.release()
 
@@ -290,12 +295,11 @@ class BatchRunner:
                 task.add_done_callback(running.discard)
             while running and not work.stop:
                 await asyncio.wait(set(running), timeout=1.0)
-            for task in running:
-                task.cancel()
-            await asyncio.gather(*running, return_exceptions=True)
+            await _cancel_all(running)
             if work.stop in ("cancelled", "expired"):
                 await self._write_remaining(work, err)
         finally:
+            await _cancel_all(running)  # also when the runner itself is stopped
             flusher.cancel()
             await asyncio.gather(flusher, return_exceptions=True)
             if not work.lost:
@@ -369,13 +373,16 @@ class BatchRunner:
         if not work.written:
             return
         results, work.written = work.written, []
-        await out.sync()
-        await err.sync()
         try:
+            await out.sync()
+            await err.sync()
             await self.store.record_lines(work.record.id, results)
         except StoreUnavailable:
             work.written[:0] = results  # marked at the next flush
             return
+        except BaseException:  # cancelled mid-way: the final flush marks them
+            work.written[:0] = results
+            raise
         for r in results:
             work.done[r.line] = r.ok
 
@@ -399,14 +406,14 @@ class BatchRunner:
         elif len(done) < record.total:
             return  # lines still to run: a later claim runs them
         outputs: dict[str, str | None] = {}
-        for kind, ok in (("output", True), ("error", False)):
+        for kind, part, ok in (("output", "out", True), ("error", "err", False)):
             file_id = f"file-{record.id.removeprefix('batch_')}-{kind}"
 
             def keep(line_id: str, ok: bool = ok) -> bool:
                 index = int(line_id.rsplit("_", 1)[1])
                 return done.get(index) is ok
 
-            size, lines = await self.files.merge(record.id, file_id, keep)
+            size, lines = await self.files.merge(record.id, part, file_id, keep)
             if lines:
                 await self.store.put_file(
                     FileRecord(
@@ -441,3 +448,9 @@ class BatchRunner:
             n = max(1, self._capacity(model) - self.settings.interactive_reserve)
             slots = self._slots[model] = asyncio.Semaphore(n)
         return slots
+
+
+async def _cancel_all(tasks: set[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

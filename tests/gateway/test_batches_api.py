@@ -210,8 +210,14 @@ async def test_a_file_that_names_another_endpoint_model_or_id_twice_is_refused(
     done = await finished(client, (await submit(client, lines)).id)
     assert done.status == "failed" and done.failed_at is not None
     found = {(e.code, e.line) for e in done.errors.data}
-    assert found == {("mismatched_endpoint", 1), ("model_not_found", 2), ("duplicate_custom_id", 4)}
+    assert found == {
+        ("mismatched_endpoint", 1),
+        ("mismatched_model", 2),
+        ("duplicate_custom_id", 4),
+    }
     assert done.output_file_id is None and done.request_counts.completed == 0
+    denied = await finished(client, (await submit(client, [chat_line(0, model="echo")])).id)
+    assert [(e.code, e.line) for e in denied.errors.data] == [("model_not_found", 1)]
 
 
 async def test_embeddings_and_completions_batches(gateway: Clients) -> None:
