@@ -97,17 +97,25 @@ class BatchRunner:
         self._working: dict[str, asyncio.Task[None]] = {}
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._wake = asyncio.Event()
+        self._stopping = False
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="lockgate-batches")
 
     async def stop(self) -> None:
         """Stop working; claims are given back so that another replica resumes at once."""
-        tasks = [t for t in (self._task, *self._working.values()) if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._task = None
+        self._stopping = True  # the loop ends even if a cancel is lost
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        while self._working:  # the loop is gone: no claim starts after this
+            tasks = list(self._working.values())
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for task in tasks:
+                self._working = {b: t for b, t in self._working.items() if t is not task}
 
     def wake(self) -> None:
         """A batch was created or cancelled: look now rather than at the next poll."""
@@ -116,7 +124,7 @@ class BatchRunner:
     # -- claiming --------------------------------------------------------------
 
     async def _loop(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self._claim_more()
                 await self._report()
@@ -124,12 +132,15 @@ class BatchRunner:
                 log.warning("batch store unreachable; batches wait")
             except Exception:
                 log.exception("batch runner loop failed; retrying")
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the cancel that
+            # stop() sends when the event is set at the same moment (CPython gh-86296).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.settings.poll_seconds)
+                async with asyncio.timeout(self.settings.poll_seconds):
+                    await self._wake.wait()
             self._wake.clear()
 
     async def _claim_more(self) -> None:
-        while len(self._working) < self.settings.max_active:
+        while not self._stopping and len(self._working) < self.settings.max_active:
             claim = await self.store.claim(
                 self.owner, lease=self.settings.lease_seconds, now=time.time()
             )
