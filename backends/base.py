@@ -221,6 +221,9 @@ class GenerationRequest:
     response_format: ResponseFormat | None = None
     parallel_tool_calls: bool | None = None  # None: the engine's default (allowed)
     tenant: str | None = None  # whose request (set by the gateway): for per-tenant caches
+    # Batch work (set by the gateway): an engine may hold it back while an interactive
+    # prompt is prefilled, so that chat users' first token does not wait behind it.
+    background: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -369,8 +369,11 @@ class InferenceService:
             await served.backend.validate(r)
         request.grant = await self._queue(served, plan, principal, priority)
         request.dispatched = time.perf_counter()
-        tenant = principal.tenant.id
-        pending = [served.backend.generate(replace(r, tenant=tenant)) for r in plan.requests]
+        tenant, background = principal.tenant.id, priority == "batch"
+        pending = [
+            served.backend.generate(replace(r, tenant=tenant, background=background))
+            for r in plan.requests
+        ]
         try:
             return await first_chunks(pending), pending
         except BaseException:  # an early error, or the client left

@@ -311,6 +311,7 @@ class EmbeddedBackend:
             constraint=constraint,
             scope=scope,
             tenant=request.tenant or "",
+            background=request.background,
         )
         finished = False
         try:

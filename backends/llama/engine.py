@@ -94,6 +94,7 @@ class _Sequence:
     holder: Holder | None = None  # its cells, with the prefix cache on
     waits_for: Share | None = None  # a prefix another sequence is still prefilling
     cached_tokens: int = 0  # prompt tokens shared, not computed
+    background: bool = False  # batch work: held back while an interactive prompt prefills
 
 
 @dataclass(eq=False, slots=True)
@@ -211,6 +212,7 @@ class LlamaEngine:
         constraint: Constraint | None = None,
         scope: str = "",
         tenant: str = "",
+        background: bool = False,
     ) -> Ticket:
         """Queue a sequence; ``deliver`` receives chunks or a BackendError."""
         if not self.alive:
@@ -231,6 +233,7 @@ class LlamaEngine:
             constraint=constraint,
             scope=scope,
             tenant=tenant,
+            background=background,
         )
         self._put(seq)
         self._submitted += 1
@@ -419,7 +422,16 @@ class LlamaEngine:
         outputs: list[tuple[_Sequence, int]] = []
         prefilling: list[_Sequence] = []
         advanced: list[tuple[Holder, int]] = []  # prefills not finished this step
+        # An interactive prompt to prefill: this step is its alone with the other
+        # interactive sequences, and batch work waits one step (a step of every batch
+        # sequence would otherwise come first and delay that prompt's first token).
+        urgent = any(
+            not s.pending and not s.background and s.waits_for is None
+            for s in self._running.values()
+        )
         for seq in self._running.values():
+            if urgent and seq.background:
+                continue
             if seq.pending:
                 pos = len(seq.prompt) + seq.completion_tokens - len(seq.pending)
                 last = len(seq.pending) - 1

@@ -341,3 +341,33 @@ async def test_ordinary_chats_tokenize_as_the_whole_rendering_would(
     assert engine._template is not None and engine._model is not None
     whole = engine._model.tokenize(engine._template.render(messages), special=True)
     assert engine.prompt_tokens(chat_request(*messages)) == whole
+
+
+@pytest.mark.parametrize("background", [True, False])
+async def test_batch_work_waits_while_an_interactive_prompt_prefills(background: bool) -> None:
+    """A long interactive prompt (4 prefill steps of 64 tokens) beside a running sequence:
+    batch work stands still until the prompt's first token; interactive work keeps
+    decoding through those steps (so the test can tell the two apart)."""
+    backend = EmbeddedBackend(EmbeddedConfig(context_length=512, max_sequences=2, prefill_chunk=64))
+    await backend.start()
+    try:
+        running = dataclasses.replace(
+            request(max_tokens=200, logit_bias=NO_EOG, temperature=0.0), background=background
+        )
+        stream = backend.generate(running)
+        first = await anext(stream)
+        long_prompt = " ".join(["harbour lamp keeper"] * 80)  # ~240 tokens
+        chat = backend.generate(request(long_prompt, max_tokens=2))
+        waiting = asyncio.ensure_future(anext(chat))
+        seen = first.completion_tokens
+        while not waiting.done():
+            seen = (await anext(stream)).completion_tokens
+        produced = seen - first.completion_tokens
+        await chat.aclose()
+        await stream.aclose()
+    finally:
+        await backend.close()
+    if background:
+        assert produced <= 2, produced  # the step in flight, at most
+    else:
+        assert produced >= 3, produced
