@@ -2,6 +2,8 @@
 
 One Lockgate on the default model (16 sequences), driven over HTTP, in one run:
 
+Baselines run before and after the batch and are averaged (the machine's speed drifts).
+
 - ``saturated``: 16 closed-loop clients send the batch's own lines as plain requests
   (non-streamed): the engine's throughput when nothing else runs (completion tokens/s).
 - ``idle``: 2 interactive users chat (streamed, one request after another): TTFT.
@@ -145,6 +147,10 @@ async def batch_arm(base: str, source: Path) -> dict[str, Any]:
     }
 
 
+def mean_of(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {k: (a[k] + b[k]) / 2 for k in a}
+
+
 def vllm_run_batch(source: Path, root: Path) -> dict[str, Any] | None:
     out = root / "vllm-out.jsonl"
     log = root / "vllm.log"
@@ -194,12 +200,20 @@ def main() -> None:
         base = f"http://127.0.0.1:{port}"
         harness.wait_http(f"{base}/health/ready", proc)
         report: dict[str, Any] = {}
-        print("idle interactive TTFT...", flush=True)
-        report["idle"] = asyncio.run(idle(base, args.idle_seconds))
-        print("saturated engine...", flush=True)
-        report["saturated"] = asyncio.run(saturated(base, args.lines, args.tokens, 16))
-        print("batch with 2 interactive users...", flush=True)
-        report["batch"] = asyncio.run(batch_arm(base, source))
+        # The baselines run before and after the batch, and their mean is what the batch
+        # is compared with: this machine's speed drifts by tens of percent over minutes.
+        before, after = {}, {}
+        for when, into in (("before", before), ("after", after)):
+            if when == "after":
+                print("batch with 2 interactive users...", flush=True)
+                report["batch"] = asyncio.run(batch_arm(base, source))
+            print(f"idle interactive TTFT ({when})...", flush=True)
+            into["idle"] = asyncio.run(idle(base, args.idle_seconds))
+            print(f"saturated engine ({when})...", flush=True)
+            into["saturated"] = asyncio.run(saturated(base, args.lines, args.tokens, 16))
+        report["idle"] = mean_of(before["idle"], after["idle"])
+        report["saturated"] = mean_of(before["saturated"], after["saturated"])
+        report["baselines"] = {"before": before, "after": after}
         stack.close()  # the gateway stops before vLLM starts: one engine on the CPU at a time
         if not args.skip_vllm:
             print("vLLM run_batch...", flush=True)
@@ -216,7 +230,7 @@ def main() -> None:
         )
     print(f"\n{'arm':<16} {'tok/s':>8} {'TTFT p50':>10} {'TTFT p99':>10}")
     for name, row in report.items():
-        if row:
+        if row and name != "baselines":
             p50 = f"{row['ttft_ms_p50']:.0f} ms" if "ttft_ms_p50" in row else "-"
             p99 = f"{row['ttft_ms_p99']:.0f} ms" if "ttft_ms_p99" in row else "-"
             rate = f"{row['tokens_per_s']:.1f}" if "tokens_per_s" in row else "-"
