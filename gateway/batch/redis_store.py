@@ -25,7 +25,8 @@ from typing import Any, TypeVar
 
 from gateway.batch.records import ACTIVE, BatchRecord, Claim, FileRecord, LineResult, Progress
 from gateway.batch.store import IdempotencyMismatch
-from gateway.tenancy.redis_link import RedisDown, RedisLink
+from gateway.tenancy.redis_link import RedisLink
+from gateway.tenancy.redis_store import store_call
 from gateway.tenancy.store import StoreUnavailable
 
 T = TypeVar("T")
@@ -95,10 +96,7 @@ class RedisBatchStore:
         self._p = prefix
 
     async def _call(self, work: Callable[[Any], Awaitable[T]]) -> T:
-        try:
-            return await self._link.call(work)
-        except RedisDown:
-            raise StoreUnavailable("redis is unreachable") from None
+        return await store_call(self._link, work)
 
     async def open(self) -> None:
         return None

@@ -238,25 +238,12 @@ class BatchRunner:
                 0,
                 BatchError(code="tenant_not_found", message="The batch's tenant no longer exists."),
             )
+        fields: dict[str, object] = {"total": checked.lines, "model": checked.model}
         if checked.errors:
-            update = record.model_copy(
-                update={
-                    "status": "failed",
-                    "failed_at": now,
-                    "errors": checked.errors,
-                    "total": checked.lines,
-                    "model": checked.model,
-                }
-            )
+            fields |= {"status": "failed", "failed_at": now, "errors": checked.errors}
         else:
-            update = record.model_copy(
-                update={
-                    "status": "in_progress",
-                    "in_progress_at": now,
-                    "total": checked.lines,
-                    "model": checked.model,
-                }
-            )
+            fields |= {"status": "in_progress", "in_progress_at": now}
+        update = record.model_copy(update=fields)
         if await self.store.transition(update, expect=("validating",)):
             work.record = update
         else:  # cancelled while it was checked

@@ -11,14 +11,13 @@ a line counts once however often it was written (``gateway/batch/runner.py``).
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, TypeVar
 
 from gateway.batch.records import ACTIVE, BatchRecord, Claim, FileRecord, LineResult, Progress
+from gateway.tenancy.store import SQLiteFile
 
 T = TypeVar("T")
 
@@ -100,41 +99,12 @@ _ACTIVE_SQL = "('validating', 'in_progress', 'finalizing', 'cancelling')"
 assert {s.strip(" '") for s in _ACTIVE_SQL.strip("()").split(",")} == ACTIVE
 
 
-class SQLiteBatchStore:
-    """A SQLite file, used from one worker thread so the event loop never blocks on it.
-
-    Replicas on one machine may share the file (WAL; every claim is one statement).
-    """
+class SQLiteBatchStore(SQLiteFile):
+    """Batches in a SQLite file. Replicas on one machine may share it (WAL; every claim
+    is one statement)."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lockgate-batches")
-        self._db: sqlite3.Connection | None = None
-
-    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        def call() -> T:
-            assert self._db is not None, "SQLiteBatchStore.open() was not awaited"
-            with self._db:  # one transaction per call
-                return work(self._db)
-
-        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
-
-    async def open(self) -> None:
-        def connect() -> None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
-            self._db.executescript(_SCHEMA)
-
-        await asyncio.get_running_loop().run_in_executor(self._pool, connect)
-
-    async def close(self) -> None:
-        def disconnect() -> None:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
-
-        await asyncio.get_running_loop().run_in_executor(self._pool, disconnect)
-        self._pool.shutdown(wait=True)
+        super().__init__(path, schema=_SCHEMA, thread="lockgate-batches")
 
     # -- files -------------------------------------------------------------------
 

@@ -41,10 +41,7 @@ class RedisStore:
         self._lookup = Script(_LOOKUP)
 
     async def _call(self, work: Callable[[Any], Awaitable[T]]) -> T:
-        try:
-            return await self._link.call(work)
-        except RedisDown:
-            raise StoreUnavailable("redis is unreachable") from None
+        return await store_call(self._link, work)
 
     async def open(self) -> None:
         return None
@@ -180,3 +177,11 @@ class RedisStore:
 
 async def _none() -> None:
     return None
+
+
+async def store_call(link: RedisLink, work: Callable[[Any], Awaitable[T]]) -> T:
+    """An admin-side call; Redis unreachable is :class:`StoreUnavailable` (the stores' error)."""
+    try:
+        return await link.call(work)
+    except RedisDown:
+        raise StoreUnavailable("redis is unreachable") from None

@@ -105,20 +105,19 @@ CREATE TABLE IF NOT EXISTS usage (
 """
 
 
-class SQLiteStore:
-    """A SQLite file, used from one worker thread so the event loop never blocks on it.
+class SQLiteFile:
+    """A SQLite file used from one worker thread, so the event loop never blocks on it;
+    every :meth:`_run` is one transaction. The stores below build on it."""
 
-    Every statement is parameterised; key lookups are by the indexed hash.
-    """
-
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, schema: str, thread: str) -> None:
         self.path = path
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lockgate-sqlite")
+        self._schema = schema
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread)
         self._db: sqlite3.Connection | None = None
 
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         def call() -> T:
-            assert self._db is not None, "SQLiteStore.open() was not awaited"
+            assert self._db is not None, f"{type(self).__name__}.open() was not awaited"
             with self._db:  # one transaction per call
                 return work(self._db)
 
@@ -127,8 +126,9 @@ class SQLiteStore:
     async def open(self) -> None:
         def connect() -> None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, check_same_thread=False)
-            self._db.executescript(_SCHEMA)
+            # A busy timeout: replicas on one machine may share a file.
+            self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
+            self._db.executescript(self._schema)
 
         await asyncio.get_running_loop().run_in_executor(self._pool, connect)
 
@@ -140,6 +140,14 @@ class SQLiteStore:
 
         await asyncio.get_running_loop().run_in_executor(self._pool, disconnect)
         self._pool.shutdown(wait=True)
+
+
+class SQLiteStore(SQLiteFile):
+    """Tenants, keys and usage in a SQLite file. Every statement is parameterised; key
+    lookups are by the indexed hash."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, schema=_SCHEMA, thread="lockgate-sqlite")
 
     async def lookup(self, key_hash: str) -> tuple[KeyRecord, Tenant] | None:
         def query(db: sqlite3.Connection) -> tuple[str, str] | None:
