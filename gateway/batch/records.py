@@ -97,9 +97,8 @@ class Progress(_Record):
 
 
 class Claim(_Record):
-    """A replica's lease on a batch: it alone works on it until ``until``."""
+    """A replica's lease on a batch: it alone works on it while it renews the lease."""
 
     batch_id: str
     owner: str
     generation: int  # raised by every claim; names the claim's output parts
-    until: float

@@ -251,9 +251,7 @@ class RedisBatchStore:
         )
         if not found:
             return None
-        return Claim(
-            batch_id=found[0].decode(), owner=owner, generation=int(found[1]), until=now + lease
-        )
+        return Claim(batch_id=found[0].decode(), owner=owner, generation=int(found[1]))
 
     async def renew(self, claim: Claim, *, lease: float, now: float) -> bool:
         return await self._renew(claim, repr(now + lease))

@@ -257,8 +257,9 @@ class BatchRunner:
         record, claim = work.record, work.claim
         work.done = await self.store.done_lines(record.id)
         principal = await self._principal(record)
-        out = await self.files.open_part(record.id, claim.generation, "out")
-        err = await self.files.open_part(record.id, claim.generation, "err")
+        # No await from here to the try below: its finally closes what is opened here.
+        out = self.files.open_part(record.id, claim.generation, "out")
+        err = self.files.open_part(record.id, claim.generation, "err")
         slots = self._slots_for(record.model or "")
         # The window's end as a monotonic deadline: lines refused "for now" retry until then.
         deadline = time.monotonic() + max(0.0, record.expires_at - time.time())
@@ -297,13 +298,15 @@ class BatchRunner:
             if work.stop in ("cancelled", "expired"):
                 await self._write_remaining(work, err)
         finally:
-            await _cancel_all(running)  # also when the runner itself is stopped
-            flusher.cancel()
-            await asyncio.gather(flusher, return_exceptions=True)
-            if not work.lost:
-                await self._flush(work, out, err)
-            await out.close()
-            await err.close()
+            try:
+                await _cancel_all(running)  # also when the runner itself is stopped
+                flusher.cancel()
+                await asyncio.gather(flusher, return_exceptions=True)
+                if not work.lost:
+                    await self._flush(work, out, err)  # fsyncs what it marks
+            finally:
+                out.close()  # without an await, so that a second cancel cannot skip it
+                err.close()
 
     async def _run_one(
         self,

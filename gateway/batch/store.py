@@ -232,7 +232,7 @@ class SQLiteBatchStore(SQLiteFile):
         taken = await self._run(take)
         if taken is None:
             return None
-        return Claim(batch_id=taken[0], owner=owner, generation=taken[1], until=now + lease)
+        return Claim(batch_id=taken[0], owner=owner, generation=taken[1])
 
     async def renew(self, claim: Claim, *, lease: float, now: float) -> bool:
         cursor = await self._run(
