@@ -32,7 +32,7 @@ from starlette.routing import BaseRoute, Route
 
 from backends.base import Backend, BackendError
 from backends.fake import FakeBackend
-from backends.llama.backend import EmbeddedBackend, EmbeddedConfig
+from backends.llama.backend import EmbeddedBackend
 from gateway.access import AccessLog
 from gateway.api import admin, batches, health, ollama, openai, responses
 from gateway.api.disconnect import ClientDisconnected
@@ -54,6 +54,7 @@ from gateway.errors import (
     NotFound,
 )
 from gateway.limits import BodySizeLimit
+from gateway.memory_plan import embedded_config
 from gateway.metrics import Metrics
 from gateway.outliers_redis import RedisBoard
 from gateway.registry import ModelRegistry, ServedModel
@@ -80,18 +81,7 @@ log = logging.getLogger(__name__)
 
 def build_backend(model: AnyModelSettings) -> Backend:
     if isinstance(model, ModelSettings):
-        return EmbeddedBackend(
-            EmbeddedConfig(
-                path=model.path,
-                context_length=model.n_ctx,
-                max_sequences=model.max_sequences,
-                threads=model.threads,
-                template=model.template,
-                prefill_chunk=model.prefill_chunk,
-                default_top_k=model.default_top_k,
-                prefix_cache=model.prefix_cache,
-            )
-        )
+        return EmbeddedBackend(embedded_config(model))
     if isinstance(model, FakeModelSettings):
         return FakeBackend(
             model.behaviour or model.name,

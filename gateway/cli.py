@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from backends.model_store import ModelFileError, resolve_model_path
-from gateway import admin_cli, batch_cli
+from gateway import admin_cli, batch_cli, plan_cli
 from gateway.settings import ConfigError, ModelSettings, Settings, load_settings
 
 app = typer.Typer(
@@ -26,6 +26,7 @@ app.add_typer(admin_cli.keys, name="keys")
 app.add_typer(admin_cli.models, name="models")
 app.command("usage")(admin_cli.usage)
 app.add_typer(batch_cli.batch, name="batch")
+app.command("plan")(plan_cli.plan)
 
 
 def _version(asked: bool) -> None:
@@ -63,7 +64,8 @@ def _model_name(path: Path) -> str:
     return path.name.removesuffix(".gguf").lower()
 
 
-def _prepare_models(settings: Settings) -> None:
+def _prepare_models(settings: Settings) -> dict[str, Path]:
+    paths = {}
     for model in settings.models:
         if not isinstance(model, ModelSettings):
             continue
@@ -73,6 +75,30 @@ def _prepare_models(settings: Settings) -> None:
             typer.echo(f"lockgate: model '{model.name}': {exc}", err=True)
             raise typer.Exit(2) from None
         typer.echo(f"model '{model.name}': {path}", err=True)
+        paths[model.name] = path
+    return paths
+
+
+def _refuse_what_cannot_fit(settings: Settings, paths: dict[str, Path]) -> None:
+    """The embedded models' memory, planned from their GGUF headers, against what this
+    process may allocate: refused with the numbers rather than failing inside llama.cpp."""
+    from gateway.memory_plan import Planned, embedded_config, plan_embedded, shortfall
+    from quantization.plan import PlanError, available_memory, read_gguf
+
+    planned = []
+    for model in settings.models:
+        if isinstance(model, ModelSettings):
+            try:
+                gguf = read_gguf(paths[model.name])
+            except PlanError as exc:
+                typer.echo(f"lockgate: model '{model.name}': {exc}", err=True)
+                raise typer.Exit(2) from None
+            cfg = embedded_config(model)
+            planned.append(Planned(model.name, gguf, cfg, plan_embedded(gguf, cfg)))
+    problem = shortfall(planned, available_memory()) if planned else None
+    if problem is not None:
+        typer.echo(f"lockgate: {problem}", err=True)
+        raise typer.Exit(2)
 
 
 def _refuse_open_bind(settings: Settings) -> None:
@@ -110,6 +136,9 @@ def serve(
             dir_okay=False,
         ),
     ] = None,
+    skip_memory_check: Annotated[
+        bool, typer.Option(help="start even if the models' planned memory exceeds what is free")
+    ] = False,
 ) -> None:
     """Start the gateway."""
     import uvicorn
@@ -129,7 +158,9 @@ def serve(
         level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     _refuse_open_bind(settings)
-    _prepare_models(settings)
+    paths = _prepare_models(settings)
+    if not skip_memory_check:
+        _refuse_what_cannot_fit(settings, paths)
     app = create_app(settings)
     # What exists now (modules, schemas, the app) lives as long as the process: keep it
     # out of the collector's full scans, and collect young objects less often. Under 64

@@ -89,6 +89,9 @@ class ModelSettings(_Instance):
     threads: Annotated[int, Field(ge=1, le=512)] | None = None
     template: BuiltinTemplate | None = None
     prefill_chunk: Annotated[int, Field(ge=16, le=8192)] = 256
+    # Of prefill_chunk, the most batch-priority prompts may take in one step (README:
+    # Offline batches): what a chat request arriving mid-step waits for stays short.
+    background_prefill: Annotated[int, Field(ge=1, le=8192)] = 64
     max_n: Annotated[int, Field(ge=1, le=128)] = 1
     # top-k when a request sets none; 40 is llama.cpp's and Ollama's default. Sampling
     # the full 262k-token Gemma vocabulary costs ~25% of decode throughput; 0 disables.

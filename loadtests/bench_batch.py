@@ -176,6 +176,8 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=5000)
     parser.add_argument("--tokens", type=int, default=16, help="completion tokens per line")
     parser.add_argument("--reserve", type=int, default=2, help="batches.interactive_reserve")
+    parser.add_argument("--background-prefill", type=int, default=64,
+                        help="models[].background_prefill")  # fmt: skip
     parser.add_argument("--idle-seconds", type=float, default=60)
     parser.add_argument("--skip-vllm", action="store_true")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "bench_batch.json")
@@ -189,7 +191,8 @@ def main() -> None:
         config = root / "lockgate.yaml"
         config.write_text(
             f"server: {{port: {port}, log_level: warning, access_log: 'off'}}\nmodels:\n"
-            f"  - {{name: gemma, n_ctx: 512, max_sequences: 16, threads: {cores}}}\n"
+            f"  - {{name: gemma, n_ctx: 512, max_sequences: 16, threads: {cores},"
+            f" background_prefill: {args.background_prefill}}}\n"
             f"batches: {{interactive_reserve: {args.reserve}, files_dir: {root}/files,"
             f" database: {root}/batches.db}}\n"
         )

@@ -88,7 +88,7 @@ def run_llama(gguf: Path, out: Path) -> None:
     arrays: dict[str, Any] = {}
     for i, prompt in enumerate(PROMPTS):
         ids = llm.tokenize(prompt.encode(), add_bos=True, special=True)
-        llm.reset()
+        llm.reset()  # type: ignore[no-untyped-call]
         llm.eval(ids)
         arrays[f"ids{i}"] = np.array(ids, dtype=np.int64)
         arrays[f"logits{i}"] = np.array(llm.scores[: len(ids)], dtype=np.float32)

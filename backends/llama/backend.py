@@ -52,11 +52,29 @@ class EmbeddedConfig:
     queue_timeout: float = 30.0
     max_waiting: int = 256
     prefill_chunk: int = 256
+    background_prefill: int = 64
     batch_tokens: int = 512
     default_top_k: int = 40
     # "shared": identical prompt prefixes are computed once, whoever sends them;
     # "per_tenant": only within a tenant; "off": every prompt is prefilled whole.
     prefix_cache: Literal["shared", "per_tenant", "off"] = "shared"
+
+
+def engine_config(cfg: EmbeddedConfig) -> EngineConfig:
+    """The engine's settings for a configured model (the memory plan reads them too)."""
+    return EngineConfig(
+        context_length=cfg.context_length,
+        max_sequences=cfg.max_sequences,
+        threads=cfg.threads or os.cpu_count() or 1,
+        # Room for one decode token per sequence plus a full prefill chunk.
+        batch_tokens=max(cfg.batch_tokens, cfg.max_sequences + cfg.prefill_chunk),
+        prefill_chunk=cfg.prefill_chunk,
+        background_prefill=cfg.background_prefill,
+        queue_timeout=cfg.queue_timeout,
+        max_waiting=cfg.max_waiting,
+        default_top_k=cfg.default_top_k,
+        prefix_cache=cfg.prefix_cache != "off",
+    )
 
 
 # Past this many characters a prompt is tokenized (its template rendered too) in a worker
@@ -123,21 +141,7 @@ class EmbeddedBackend:
         )
         found = {m: model.special_token(m) for m in self._tool_format.markers}
         self._special_markers = {m: t for m, t in found.items() if t is not None}
-        engine = LlamaEngine(
-            model,
-            EngineConfig(
-                context_length=cfg.context_length,
-                max_sequences=cfg.max_sequences,
-                threads=cfg.threads or os.cpu_count() or 1,
-                # Room for one decode token per sequence plus a full prefill chunk.
-                batch_tokens=max(cfg.batch_tokens, cfg.max_sequences + cfg.prefill_chunk),
-                prefill_chunk=cfg.prefill_chunk,
-                queue_timeout=cfg.queue_timeout,
-                max_waiting=cfg.max_waiting,
-                default_top_k=cfg.default_top_k,
-                prefix_cache=cfg.prefix_cache != "off",
-            ),
-        )
+        engine = LlamaEngine(model, engine_config(cfg))
         await asyncio.to_thread(engine.start, asyncio.get_running_loop())
         self._engine = engine
 

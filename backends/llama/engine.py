@@ -65,10 +65,28 @@ class EngineConfig:
     threads: int
     batch_tokens: int = 512  # llama_batch capacity per step
     prefill_chunk: int = 256  # prompt tokens admitted per step
+    # Of those, at most this many for batch work: a step in flight when a chat request
+    # arrives is one it must wait for, so batch prompts never make that step long.
+    background_prefill: int = 64
     queue_timeout: float = 30.0  # seconds a request may wait for a slot
     max_waiting: int = 256
     default_top_k: int = 40  # when a request names none (llama.cpp's and Ollama's default)
     prefix_cache: bool = True  # share decoded prompt prefixes between sequences
+
+
+def cache_ids(config: EngineConfig) -> int:
+    """Sequence ids for cached prefixes: above the running ones' slots."""
+    return min(config.max_sequences, MAX_SEQUENCE_IDS - config.max_sequences)
+
+
+def context_config(config: EngineConfig, *, prefix_cache: bool) -> ContextConfig:
+    """The llama.cpp context the engine makes: one KV pool of every sequence's context."""
+    return ContextConfig(
+        n_ctx=config.context_length * config.max_sequences,
+        n_seq_max=config.max_sequences + (cache_ids(config) if prefix_cache else 0),
+        n_batch=config.batch_tokens,
+        threads=config.threads,
+    )
 
 
 @dataclass(eq=False, slots=True)
@@ -139,11 +157,9 @@ class LlamaEngine:
         # decoding still leaves a whole prefill chunk of the batch.
         room = config.batch_tokens - config.prefill_chunk
         self._forced_per_step = max(0, room // config.max_sequences - 1)
-        # Cached prefixes live under sequence ids above the running ones' slots.
-        cache_ids = min(config.max_sequences, MAX_SEQUENCE_IDS - config.max_sequences)
         # Recurrent state cannot be shared by position: no prefix cache for such models.
         self._cache_enabled = config.prefix_cache and not model.recurrent
-        self._cache_ids = cache_ids if self._cache_enabled else 0
+        self._cache_ids = cache_ids(config) if self._cache_enabled else 0
         self.prefix_cache: PrefixCache | None = None
         self._outbox: list[tuple[Deliver, object]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -163,19 +179,11 @@ class LlamaEngine:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         cfg = self.config
         self._loop = loop
-        n_ctx = cfg.context_length * cfg.max_sequences
+        context = context_config(cfg, prefix_cache=self._cache_enabled)
         if self._cache_enabled:
-            ids = range(cfg.max_sequences, cfg.max_sequences + self._cache_ids)
-            self.prefix_cache = PrefixCache(n_ctx, ids)
-        self._ctx = LlamaContext(
-            self.model,
-            ContextConfig(
-                n_ctx=n_ctx,
-                n_seq_max=cfg.max_sequences + self._cache_ids,
-                n_batch=cfg.batch_tokens,
-                threads=cfg.threads,
-            ),
-        )
+            ids = range(cfg.max_sequences, context.n_seq_max)
+            self.prefix_cache = PrefixCache(context.n_ctx, ids)
+        self._ctx = LlamaContext(self.model, context)
         self._batch = Batch(cfg.batch_tokens, cfg.max_sequences)
         self._thread = threading.Thread(target=self._run, name="lockgate-engine", daemon=True)
         self._thread.start()
@@ -441,12 +449,16 @@ class LlamaEngine:
             else:
                 prefilling.append(seq)
         budget = min(self.config.prefill_chunk, batch.capacity - len(batch))
+        background = self.config.background_prefill
         for seq in prefilling:
             if budget <= 0:
                 break
-            if self._waiting_for_prefix(seq):
+            if (seq.background and background <= 0) or self._waiting_for_prefix(seq):
                 continue
             take = min(budget, len(seq.prompt) - seq.fed)
+            if seq.background:
+                take = min(take, background)
+                background -= take
             end = seq.fed + take
             for pos in range(seq.fed, end):
                 last = pos == len(seq.prompt) - 1
