@@ -199,28 +199,33 @@ class Batch:
         C.llama_batch_free(self._batch)
 
 
+def context_params(config: ContextConfig) -> Any:
+    """llama.cpp's parameters for a context of this configuration."""
+    params = C.llama_context_default_params()
+    params.n_ctx = config.n_ctx
+    params.n_batch = config.n_batch
+    params.n_ubatch = config.n_batch
+    params.n_seq_max = config.n_seq_max
+    params.n_threads = config.threads
+    params.n_threads_batch = config.threads
+    # One KV pool shared by all sequences: short requests leave room for long ones,
+    # and a cell can belong to several sequences (shared prefixes).
+    params.kv_unified = True
+    # Sliding-window layers keep every position too, so that any cached prefix can be
+    # shared, not only one within a window of the sharer's end (README: prefix cache).
+    params.swa_full = config.swa_full
+    params.no_perf = True
+    if config.embeddings:
+        params.embeddings = True
+        params.pooling_type = C.LLAMA_POOLING_TYPE_MEAN
+    return params
+
+
 class LlamaContext:
     """One llama.cpp context: KV cache for ``n_seq_max`` sequences."""
 
     def __init__(self, model: LlamaModel, config: ContextConfig) -> None:
-        params = C.llama_context_default_params()
-        params.n_ctx = config.n_ctx
-        params.n_batch = config.n_batch
-        params.n_ubatch = config.n_batch
-        params.n_seq_max = config.n_seq_max
-        params.n_threads = config.threads
-        params.n_threads_batch = config.threads
-        # One KV pool shared by all sequences: short requests leave room for long ones,
-        # and a cell can belong to several sequences (shared prefixes).
-        params.kv_unified = True
-        # Sliding-window layers keep every position too, so that any cached prefix can be
-        # shared, not only one within a window of the sharer's end (README: prefix cache).
-        params.swa_full = config.swa_full
-        params.no_perf = True
-        if config.embeddings:
-            params.embeddings = True
-            params.pooling_type = C.LLAMA_POOLING_TYPE_MEAN
-        self._ctx = C.llama_init_from_model(model.handle, params)
+        self._ctx = C.llama_init_from_model(model.handle, context_params(config))
         if not self._ctx:
             raise RuntimeError("llama.cpp could not create a context (out of memory?)")
         self._memory = C.llama_get_memory(self._ctx)
