@@ -29,8 +29,11 @@ WHEELS := $(CACHE)/wheels/$(BUILD_TAG)
 # Only the library is needed; skipping llama.cpp's tests/examples/tools halves the build.
 LLAMA_CMAKE_ARGS := $(GGML_CPU_ARGS) -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 DEPS := $(VENV)/.deps-installed
+# Defined before the rules that name it: a prerequisite is expanded when its rule is read.
+LOCUST_VENV := $(CACHE)/locust-venv
+LOCUST := $(LOCUST_VENV)/bin/locust
 
-.PHONY: setup serve test lint unit bench bench-overhead locust redis llama-server vllm clean
+.PHONY: quantize-report setup serve test lint unit bench bench-overhead locust redis llama-server vllm clean
 
 setup: $(DEPS)
 
@@ -103,6 +106,15 @@ vllm: setup
 bench: llama-server
 	$(BIN)/python loadtests/bench_engine.py
 
+# The full quantization ladder of the default model, with and without an importance matrix
+# (~10 min): loadtests/results/quantize-ladder/ladder.{md,json,png}.
+quantize-report: llama-server
+	$(BIN)/lockgate fetch-model --config $(CONFIG)
+	$(BIN)/lockgate quantize ladder $$($(BIN)/python -c 'from backends.model_store import default_model_path as p; print(p())') \
+	  --imatrix --out $(CACHE)/quantize-ladder
+	mkdir -p loadtests/results/quantize-ladder
+	cp $(CACHE)/quantize-ladder/ladder.{md,json,png} loadtests/results/quantize-ladder/
+
 # What a gateway costs a client: Lockgate vs LiteLLM proxy vs nginx vs direct, against a mock
 # upstream (~20 min). Debian's nginx and LiteLLM (its own virtualenv) are installed on first use.
 # BASELINE=REV adds that revision's Lockgate as an arm (lockgate-prev): a change's cost, side by side.
@@ -113,8 +125,6 @@ bench-overhead: setup
 # Locust in a virtualenv of its own (its gevent stack stays out of the gateway's), run
 # headless for 60 s against a running gateway: `make serve` in another shell first.
 # tests/integration/test_locust.py runs the locustfile from this venv too.
-LOCUST_VENV := $(CACHE)/locust-venv
-LOCUST := $(LOCUST_VENV)/bin/locust
 LOCKGATE_URL ?= http://127.0.0.1:8000
 $(LOCUST):
 	$(PYTHON) -m venv $(LOCUST_VENV) && $(LOCUST_VENV)/bin/pip install --quiet "locust>=2.47,<3"

@@ -27,6 +27,7 @@ app.add_typer(admin_cli.models, name="models")
 app.command("usage")(admin_cli.usage)
 app.add_typer(batch_cli.batch, name="batch")
 app.command("plan")(plan_cli.plan)
+app.add_typer(plan_cli.quantize, name="quantize")
 
 
 def _version(asked: bool) -> None:

@@ -32,6 +32,37 @@ from quantization.plan import (
     read_hf,
 )
 
+quantize = typer.Typer(
+    no_args_is_help=True,
+    help="Offline GGUF tools: the quantization ladder (quality, speed and memory per type).",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@quantize.command("ladder")
+def ladder(
+    source: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="a GGUF file")],
+    types: Annotated[str, typer.Option(help="comma-separated llama-quantize types")] = (
+        "q8_0,q6_k,q5_k_m,q4_k_m,q4_0,q3_k_m,q2_k"
+    ),
+    imatrix: Annotated[bool, typer.Option(help="also with an importance matrix")] = False,
+    out: Annotated[Path, typer.Option(help="where the files and the report go")] = Path(
+        "quantize-ladder"
+    ),
+    llama_bin: Annotated[Path | None, typer.Option(help="llama.cpp's tools")] = None,
+) -> None:
+    """Quantize SOURCE to each type and measure each: size, KLD, PPL, speed, memory."""
+    from quantization.ladder import LadderConfig, LadderError
+    from quantization.ladder import ladder as run_ladder
+
+    chosen = tuple(t.strip().lower() for t in types.split(",") if t.strip())
+    try:
+        run_ladder(LadderConfig(source, chosen, out, imatrix, bin_dir=llama_bin))
+    except LadderError as exc:
+        typer.echo(f"lockgate: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo((out / "ladder.md").read_text())
+
 
 def _size(text: str | None) -> int | None:
     if text is None:
