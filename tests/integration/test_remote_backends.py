@@ -165,17 +165,19 @@ def test_llama_server_load_capacity_and_disconnect(gateway: Server, llama_server
     body = {
         "model": "gemma-cpp",
         "messages": STORY,
-        "max_tokens": 400,
+        "max_tokens": 480,  # nearly all of a slot's 512 tokens: outlasts a stalled machine
         "stream": True,
         "logit_bias": NO_EOG,
     }
     with streaming(f"{gateway.base_url}/v1/chat/completions", body, lines=4):
         assert busy_slots(llama_server) == 1
         eventually(
-            lambda: gateway.metric("lockgate_engine_running_sequences", "gemma-cpp", instance) == 1
+            lambda: gateway.metric("lockgate_engine_running_sequences", "gemma-cpp", instance)
+            == 1,
+            timeout=30,
         )
     # Closing our client closed the upstream connection: llama-server frees the slot.
-    eventually(lambda: busy_slots(llama_server) == 0)
+    eventually(lambda: busy_slots(llama_server) == 0, timeout=30)
 
 
 def test_first_healthy_backend_serves_a_shared_name(client: openai.OpenAI) -> None:
@@ -216,17 +218,21 @@ def test_vllm_load_from_its_metrics_and_disconnect(gateway: Server, vllm_server:
     body = {
         "model": "gemma-vllm",
         "messages": STORY,
-        "max_tokens": 400,
+        # Nearly all of vLLM's 1,024-token context: a machine that stalls for half a
+        # minute (CI shares two cores) must not let the stream finish under the checks.
+        "max_tokens": 960,
         "stream": True,
         "logit_bias": NO_EOG,
     }
     with streaming(f"{gateway.base_url}/v1/chat/completions", body, lines=4):
-        eventually(lambda: vllm_running(vllm_server) == 1)
+        eventually(lambda: vllm_running(vllm_server) == 1, timeout=30)
         eventually(
-            lambda: gateway.metric("lockgate_engine_running_sequences", "gemma-vllm", instance) == 1
+            lambda: gateway.metric("lockgate_engine_running_sequences", "gemma-vllm", instance)
+            == 1,
+            timeout=30,
         )
     # Closing the client closed the upstream connection: vLLM aborts the request.
-    eventually(lambda: vllm_running(vllm_server) == 0)
+    eventually(lambda: vllm_running(vllm_server) == 0, timeout=30)
 
 
 # -- the same structured outputs, tools and logprobs, whichever engine serves ----------
