@@ -33,7 +33,7 @@ DEPS := $(VENV)/.deps-installed
 LOCUST_VENV := $(CACHE)/locust-venv
 LOCUST := $(LOCUST_VENV)/bin/locust
 
-.PHONY: quantize-report setup serve test lint unit bench bench-overhead locust redis llama-server vllm clean
+.PHONY: quantize-report setup serve test lint unit bench bench-overhead locust redis deploy-tools llama-server vllm clean
 
 setup: $(DEPS)
 
@@ -67,10 +67,10 @@ serve: setup
 	$(BIN)/lockgate serve --config $(CONFIG)
 
 lint: setup
-	$(BIN)/ruff check gateway backends quantization tests loadtests
+	$(BIN)/ruff check gateway backends quantization tests loadtests deploy
 	$(BIN)/mypy
 
-test: setup lint redis llama-server vllm $(LOCUST)
+test: setup lint redis deploy-tools llama-server vllm $(LOCUST)
 	$(BIN)/lockgate fetch-model --config $(CONFIG)
 	$(BIN)/pytest -q
 
@@ -81,6 +81,15 @@ unit: setup
 redis:
 	@command -v redis-server >/dev/null || { echo "installing redis-server"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
+
+# Debian's prometheus (promtool, and a real Prometheus scraping a gateway) and
+# docker-compose (`config` validates compose.yaml offline), for tests/deploy/.
+deploy-tools:
+	@command -v promtool >/dev/null && command -v docker-compose >/dev/null || { \
+	  echo "installing prometheus and docker-compose"; apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    prometheus docker-compose; }
+	@systemctl disable --now prometheus >/dev/null 2>&1 || pkill -x prometheus || true
 
 # llama.cpp's own llama-server, for the remote-backend tests and the benchmarks. Its package runs a bare
 # `make -j` unless LLAMA_CPP_BUILD_JOBS is set; the UI download and OpenSSL are turned off.

@@ -45,6 +45,7 @@ from gateway.batch.redis_store import RedisBatchStore
 from gateway.batch.runner import BatchRunner, RunnerSettings
 from gateway.batch.service import BatchService, FileLimits
 from gateway.batch.store import BatchStore, SQLiteBatchStore
+from gateway.drain import Drain, DrainGate
 from gateway.errors import (
     ErrorInfo,
     GatewayError,
@@ -234,9 +235,13 @@ def _error_body(path: str, info: ErrorInfo) -> bytes:
     return _errors_for(path).body(info)
 
 
-def create_app(settings: Settings, *, backends: Mapping[str, Backend] | None = None) -> FastAPI:
-    """Build the app; ``backends`` (name → backend) replaces the configured ones in tests."""
+def create_app(
+    settings: Settings, *, backends: Mapping[str, Backend] | None = None, drain: Drain | None = None
+) -> FastAPI:
+    """Build the app; ``backends`` (name → backend) replaces the configured ones in tests,
+    ``drain`` is the server's (:class:`gateway.drain.DrainingServer` begins it)."""
     created = int(time.time())
+    drain = drain or Drain(settings.server.drain_seconds)
     metrics = Metrics(tenant_label_cap=settings.auth.tenant_label_cap)
     tenancy = Tenancy(settings, metrics, models=None if backends is None else list(backends))
     policy = settings.scheduler.policy
@@ -329,7 +334,9 @@ def create_app(settings: Settings, *, backends: Mapping[str, Backend] | None = N
     # /admin/tenants/ is not /admin/tenants: no redirect is answered before authentication.
     app.router.redirect_slashes = False
     app.state.metrics = metrics
+    app.state.drain = drain
     app.state.readiness = Readiness(
+        drain,
         registry,
         starting=lambda: starting,
         redis=tenancy.link,
@@ -347,7 +354,9 @@ def create_app(settings: Settings, *, backends: Mapping[str, Backend] | None = N
         ]
     )
     app.state.router = router
-    app.state.service = service = InferenceService(registry, metrics, tenancy.admission, router)
+    app.state.service = service = InferenceService(
+        registry, metrics, tenancy.admission, router, drain=drain
+    )
     b = settings.batches
     batch_store: BatchStore = (
         SQLiteBatchStore(b.database) if tenancy.link is None else RedisBatchStore(tenancy.link)
@@ -419,6 +428,7 @@ def create_app(settings: Settings, *, backends: Mapping[str, Backend] | None = N
         # An upload's multipart body: the file's limit plus room for the form around it.
         larger={("POST", "/v1/files"): b.max_file_bytes + 64 * 1024},
     )
+    app.add_middleware(DrainGate, drain=drain, body=_error_body)
     app.add_middleware(
         AccessLog, metrics=metrics, routes=app.router.routes, format=settings.server.access_log
     )

@@ -20,6 +20,7 @@ nothing about the internals (the traceback goes to the log only).
     ├── RateLimited           429 rate_limit_exceeded, Retry-After and x-ratelimit-*
     ├── QuotaExceeded         429 insufficient_quota (a token budget is spent)
     ├── StateUnavailable      503 (Redis unreachable and no local answer)
+    ├── ShuttingDown          503 shutting_down, Retry-After (draining: gateway/drain.py)
     └── SchedulerRefusal      not queued, or waited too long; Retry-After from the drain rate
         ├── TenantQueueFull   429 rate_limit_exceeded (this tenant has too many waiting)
         ├── QueueFull         503 queue_full (the model's queue is full)
@@ -130,6 +131,13 @@ class StateUnavailable(GatewayError):
         super().__init__(message, headers=retry_after_header(1))
 
 
+class ShuttingDown(GatewayError):
+    """This server is draining: new requests are refused, what is open at the deadline cut."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers=retry_after_header(1))
+
+
 class SchedulerRefusal(GatewayError):
     """The scheduler would not queue the request, or it waited too long."""
 
@@ -182,6 +190,7 @@ _TABLE: tuple[tuple[type[Exception], int, str, str | None, str | None], ...] = (
     (QueueFull, 503, "server_error", "queue_full", "rejected_full"),
     (QueueTimeout, 503, "server_error", "queue_timeout", "expired"),
     (StateUnavailable, 503, "server_error", "service_unavailable", "unavailable"),
+    (ShuttingDown, 503, "server_error", "shutting_down", None),
     (StoreUnavailable, 503, "server_error", "service_unavailable", None),
     (BackendOverloaded, 503, "server_error", "overloaded", None),
     (BackendUnavailable, 503, "server_error", "service_unavailable", None),

@@ -245,6 +245,13 @@ class Metrics:
             ["tenant", "reason"],
             registry=r,
         )
+        self.budget_used_share = Gauge(
+            "lockgate_tenant_budget_used_ratio",
+            "Share of a token budget spent (1: spent), by period (daily or monthly): the"
+            " tightest of the tenant's budgets at its last admitted request",
+            ["tenant", "period"],
+            registry=r,
+        )
         self.redis_degraded = Gauge(
             "lockgate_redis_degraded",
             "1 while Redis is unreachable and auth/limits run on their outage policy",
@@ -362,6 +369,9 @@ class Metrics:
             self.tenant_tokens.labels(label, model, "prompt").inc(prompt_tokens)
         if completion_tokens:
             self.tenant_tokens.labels(label, model, "completion").inc(completion_tokens)
+
+    def budget_used(self, tenant: str, period: str, share: float) -> None:
+        self.budget_used_share.labels(self.tenant_label(tenant), period).set(share)
 
     def rejected(self, tenant: str, reason: str) -> None:
         self.rejections.labels(self.tenant_label(tenant), reason).inc()

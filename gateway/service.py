@@ -39,6 +39,7 @@ from backends.base import (
     GenerationRequest,
 )
 from gateway.choices import ChoiceStream, close_all, first_chunks, merge
+from gateway.drain import Drain
 from gateway.errors import (
     CLIENT_CLOSED,
     Forbidden,
@@ -161,12 +162,19 @@ class _Request:
 
 class InferenceService:
     def __init__(
-        self, registry: ModelRegistry, metrics: Metrics, admission: Admission, router: Router
+        self,
+        registry: ModelRegistry,
+        metrics: Metrics,
+        admission: Admission,
+        router: Router,
+        *,
+        drain: Drain | None = None,
     ) -> None:
         self.registry = registry
         self.metrics = metrics
         self.admission = admission
         self.router = router
+        self.drain = drain  # past its deadline, a run closed early was cut (503), not left
 
     # -- reading the catalogue ------------------------------------------------
 
@@ -252,6 +260,8 @@ class InferenceService:
         finally:
             # However it ended: the engines stop work nobody reads, then the slots go, even
             # if closing a stream is itself interrupted.
+            if status == CLIENT_CLOSED and self.drain is not None and self.drain.cut_off:
+                status = 503
             try:
                 await close_all([s.rest for s in request.streams])
             finally:

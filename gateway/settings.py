@@ -62,6 +62,8 @@ class ServerSettings(_Strict):
     body_timeout: Annotated[float, Field(gt=0, le=3600)] = 30.0  # between body reads
     keep_alive_timeout: Annotated[int, Field(ge=1, le=3600)] = 5  # s idle between requests
     max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 2048
+    # SIGTERM: requests inside get this long to finish, then are cut (gateway/drain.py).
+    drain_seconds: Annotated[float, Field(ge=0, le=3600)] = 30.0
 
 
 InstanceId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]

@@ -5,7 +5,8 @@ has finished, every model served in this process is loaded and, where the limits
 need it (``limits_on_redis_outage: fail_closed``), Redis answers. A remote upstream
 that is down makes only its own model unavailable; the body lists every model's
 backends and their state, and ``?model=NAME`` asks about one model (200 if one of
-its backends can serve, 503 if none, 404 for a name not served)::
+its backends can serve, 503 if none, 404 for a name not served). While the server
+drains (:mod:`gateway.drain`) both answer 503 with ``"status": "draining"``::
 
     {"status": "ready", "redis": "up",
      "models": {"gemma": {"ready": true, "backends": {"embedded": "ready"}},
@@ -21,6 +22,7 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from gateway.drain import Drain
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.registry import ModelRegistry, ServedModel
 from gateway.tenancy.redis_link import RedisLink
@@ -30,8 +32,10 @@ router = APIRouter()
 
 @dataclass(frozen=True, slots=True)
 class Readiness:
-    """What readiness reads: the models, which are still starting, and Redis if needed."""
+    """What readiness reads: the drain, the models, which are still starting, and Redis
+    if needed."""
 
+    drain: Drain
     registry: ModelRegistry
     starting: Callable[[], Collection[ServedModel]]
     redis: RedisLink | None = None
@@ -55,8 +59,10 @@ class Readiness:
         if self.redis is not None:
             redis = "up" if await self.redis.ping() else "down"
             ready = ready and (redis == "up" or not self.redis_required)
+        if self.drain.draining:  # first: a load balancer must stop sending at once
+            ready = False
         body: dict[str, object] = {
-            "status": "ready" if ready else "not_ready",
+            "status": "draining" if self.drain.draining else "ready" if ready else "not_ready",
             "redis": redis,
             "models": models,
         }
@@ -80,8 +86,9 @@ async def ready(request: Request, model: str | None = None) -> Response:
         if instances is None:
             return _json({"status": "unknown_model", "model": model}, 404)
         states = {m.public_id: readiness.state(m) for m in instances}
-        serving = "ready" in states.values()
-        one = {"status": "ready" if serving else "not_ready", "model": model, "backends": states}
+        serving = "ready" in states.values() and not readiness.drain.draining
+        status = "draining" if readiness.drain.draining else "ready" if serving else "not_ready"
+        one = {"status": status, "model": model, "backends": states}
         return _json(one, 200 if serving else 503)
     ok, body = await readiness.report()
     return _json(body, 200 if ok else 503)

@@ -24,7 +24,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from backends.base import GenerationChunk
 from gateway.access import access_of
 from gateway.api.disconnect import ClientDisconnected, hangup_cancels
-from gateway.errors import CLIENT_CLOSED, ErrorInfo, InvalidRequest, describe
+from gateway.drain import Drain
+from gateway.errors import CLIENT_CLOSED, ErrorInfo, InvalidRequest, ShuttingDown, describe
 from gateway.events import (
     Delta,
     Embedded,
@@ -71,6 +72,11 @@ def service_of(request: Request) -> InferenceService:
     return service
 
 
+def drain_of(request: Request) -> Drain:
+    drain: Drain = request.app.state.drain
+    return drain
+
+
 def json_response(payload: object, headers: Mapping[str, str] | None = None) -> Response:
     return Response(orjson.dumps(payload), media_type="application/json", headers=headers)
 
@@ -105,7 +111,7 @@ async def serve(
     run = service_of(request).run(principal, plan, priority=priority)
     handed_over = False
     try:
-        async with hangup_cancels(request):
+        async with hangup_cancels(request, drain_of(request)):
             started = await run.__anext__()
             assert type(started) is Started
             if plan.stream:
@@ -122,7 +128,7 @@ async def serve(
 async def embed(request: Request, principal: Principal, plan: EmbedPlan) -> Embedded:
     """Run an embedding ``plan`` while watching for the client to hang up."""
     _handed_to_service(request, plan)
-    async with hangup_cancels(request):
+    async with hangup_cancels(request, drain_of(request)):
         return await service_of(request).embed(principal, plan)
 
 
@@ -162,10 +168,11 @@ class EventStream:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         encoder = self.encoder
         record = access_of(scope)
+        pending = encoder.start(self.started)
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-            pending = encoder.start(self.started)
-            async with hangup_cancels(Request(scope, receive)):
+            request = Request(scope, receive)
+            async with hangup_cancels(request, drain_of(request)):
                 async for event in self.run:
                     if type(event) is Delta:
                         data = encoder.delta(event.index, event.chunk)
@@ -184,5 +191,11 @@ class EventStream:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except ClientDisconnected:
             record.outcome = CLIENT_CLOSED  # the run's own finally billed what it produced
+        except ShuttingDown as exc:  # the drain's deadline: an error event, never a silent cut
+            info = describe(exc)
+            record.outcome = info.status
+            await self.run.aclose()  # billed and counted before the last bytes go
+            data = pending + encoder.fail(info)
+            await send({"type": "http.response.body", "body": data, "more_body": False})
         finally:
             await self.run.aclose()  # a no-op once it has run to its end

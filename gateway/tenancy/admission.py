@@ -194,11 +194,23 @@ class Admission:
             verdict = await self._fallback.acquire(checks, request_id)
             ticket.counters = self._fallback
         ticket.headers = rate_headers(checks, verdict)
+        if verdict.ok:
+            self._budget_used(principal.tenant.id, checks, verdict)
         if not verdict.ok:
             check = checks[verdict.failed]
             self._reject(principal, "quota" if check.kind == "budget" else "rate")
             raise _refusal(check, verdict, ticket.headers)
         return ticket
+
+    def _budget_used(self, tenant: str, checks: list[Check], verdict: Verdict) -> None:
+        """The tightest budget of each period (the tenant's own, or a model's) as spent."""
+        used: dict[str, float] = {}
+        for check, left in zip(checks, verdict.remaining, strict=True):
+            if check.kind == "budget":
+                share = 1.0 - max(0.0, left) / check.limit
+                used[check.what] = max(used.get(check.what, 0.0), share)
+        for period, share in used.items():
+            self._metrics.budget_used(tenant, period, share)
 
     def _plan(self, principal: Principal, model: str, tokens: int) -> list[Check]:
         # The checks differ between requests of one tenant and model only in their cost, so

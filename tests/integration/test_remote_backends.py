@@ -172,8 +172,7 @@ def test_llama_server_load_capacity_and_disconnect(gateway: Server, llama_server
     with streaming(f"{gateway.base_url}/v1/chat/completions", body, lines=4):
         assert busy_slots(llama_server) == 1
         eventually(
-            lambda: gateway.metric("lockgate_engine_running_sequences", "gemma-cpp", instance)
-            == 1,
+            lambda: gateway.metric("lockgate_engine_running_sequences", "gemma-cpp", instance) == 1,
             timeout=30,
         )
     # Closing our client closed the upstream connection: llama-server frees the slot.
@@ -227,8 +226,9 @@ def test_vllm_load_from_its_metrics_and_disconnect(gateway: Server, vllm_server:
     with streaming(f"{gateway.base_url}/v1/chat/completions", body, lines=4):
         eventually(lambda: vllm_running(vllm_server) == 1, timeout=30)
         eventually(
-            lambda: gateway.metric("lockgate_engine_running_sequences", "gemma-vllm", instance)
-            == 1,
+            lambda: (
+                gateway.metric("lockgate_engine_running_sequences", "gemma-vllm", instance) == 1
+            ),
             timeout=30,
         )
     # Closing the client closed the upstream connection: vLLM aborts the request.
