@@ -60,6 +60,7 @@ from gateway.metrics import Metrics
 from gateway.outliers_redis import RedisBoard
 from gateway.registry import ModelRegistry, ServedModel
 from gateway.remote import build_remote_backend
+from gateway.request_log import RequestLog
 from gateway.router import Router
 from gateway.scheduler.base import PoolLimits, Scheduler
 from gateway.scheduler.memory import MemoryScheduler
@@ -242,6 +243,7 @@ def create_app(
     ``drain`` is the server's (:class:`gateway.drain.DrainingServer` begins it)."""
     created = int(time.time())
     drain = drain or Drain(settings.server.drain_seconds)
+    request_log = RequestLog(settings.request_log)
     metrics = Metrics(tenant_label_cap=settings.auth.tenant_label_cap)
     tenancy = Tenancy(settings, metrics, models=None if backends is None else list(backends))
     policy = settings.scheduler.policy
@@ -299,6 +301,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        request_log.start()
         await tenancy.start()
         schedulers = {id(s): s for s in (local, shared)}.values()
         for s in schedulers:
@@ -322,6 +325,7 @@ def create_app(
                 await s.stop()
             await asyncio.gather(*(m.backend.close() for m in served), return_exceptions=True)
             await tenancy.stop()
+            request_log.stop()
 
     app = FastAPI(
         title="Lockgate",
@@ -355,7 +359,7 @@ def create_app(
     )
     app.state.router = router
     app.state.service = service = InferenceService(
-        registry, metrics, tenancy.admission, router, drain=drain
+        registry, metrics, tenancy.admission, router, drain=drain, request_log=request_log
     )
     b = settings.batches
     batch_store: BatchStore = (

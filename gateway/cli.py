@@ -125,6 +125,15 @@ def _refuse_open_bind(settings: Settings) -> None:
         raise typer.Exit(2)
 
 
+def _refuse_unwritable_log(settings: Settings) -> None:
+    from gateway.request_log import RequestLog
+
+    problem = RequestLog(settings.request_log).check()
+    if problem is not None:
+        typer.echo(f"lockgate: {problem}", err=True)
+        raise typer.Exit(2)
+
+
 @app.command()
 def serve(
     config: ConfigOption = None,
@@ -160,6 +169,7 @@ def serve(
         level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     _refuse_open_bind(settings)
+    _refuse_unwritable_log(settings)
     paths = _prepare_models(settings)
     if not skip_memory_check:
         _refuse_what_cannot_fit(settings, paths)

@@ -61,6 +61,7 @@ from gateway.events import (
 )
 from gateway.metrics import Metrics
 from gateway.registry import ModelRegistry, ServedModel
+from gateway.request_log import RequestLog
 from gateway.router import Router
 from gateway.scheduler.base import Grant
 from gateway.tenancy.admission import Admission, Ticket
@@ -169,12 +170,14 @@ class InferenceService:
         router: Router,
         *,
         drain: Drain | None = None,
+        request_log: RequestLog | None = None,
     ) -> None:
         self.registry = registry
         self.metrics = metrics
         self.admission = admission
         self.router = router
         self.drain = drain  # past its deadline, a run closed early was cut (503), not left
+        self.request_log = request_log
 
     # -- reading the catalogue ------------------------------------------------
 
@@ -189,13 +192,20 @@ class InferenceService:
     # -- serving ----------------------------------------------------------------
 
     async def run(
-        self, principal: Principal, plan: Plan, *, priority: Priority
+        self, principal: Principal, plan: Plan, *, priority: Priority, body: bytes | None = None
     ) -> AsyncGenerator[Event, None]:
-        """Serve ``plan``: see the module docstring for the events and the stages."""
+        """Serve ``plan``: see the module docstring for the events and the stages.
+
+        ``body`` is the request as the client sent it, for the request log."""
         # Counted under model "-" until the name is known to be served and allowed: a
         # client-chosen name never becomes a label value.
         request = _Request(self.metrics, "-", plan.endpoint, len(plan.requests))
         status = CLIENT_CLOSED  # unless it ends otherwise: the client left, or a shutdown
+        log = self.request_log
+        logged = log is not None and log.wants(principal)
+        # The text produced, kept only when the log writes bodies.
+        text: list[str] | None = [] if logged and log is not None and log.bodies else None
+        served: ServedModel | None = None
         self.router.in_flight += 1
         try:
             instances = self._instances(principal, plan.model)
@@ -231,9 +241,13 @@ class InferenceService:
                     else:
                         whole[0].add(only.first)
                     chunk = only.first
+                    if text is not None:
+                        text.append(chunk.text)
                     while chunk.finish_reason is None:  # then closed, not read to its end
                         chunk = await anext(only.rest)
                         only.advance(chunk)
+                        if text is not None:
+                            text.append(chunk.text)
                         if whole is None:
                             yield Delta(0, chunk)
                         else:
@@ -242,6 +256,8 @@ class InferenceService:
                     async with contextlib.aclosing(merge(streams)) as merged:
                         async for index, chunk in merged:
                             streams[index].advance(chunk)
+                            if text is not None:
+                                text.append(chunk.text)
                             if whole is None:
                                 yield Delta(index, chunk)
                             else:
@@ -269,11 +285,17 @@ class InferenceService:
                 self.router.in_flight -= 1
                 if request.retried:
                     self.router.retrying -= 1
+                if logged:
+                    self._log(principal, plan, request, served, status, priority, body, text)
 
-    async def embed(self, principal: Principal, plan: EmbedPlan) -> Embedded:
+    async def embed(
+        self, principal: Principal, plan: EmbedPlan, *, body: bytes | None = None
+    ) -> Embedded:
         """Embed ``plan.texts`` on the model's placed instance; the same finish as run()."""
         request = _Request(self.metrics, "-", plan.endpoint, 1)
         status = CLIENT_CLOSED
+        logged = self.request_log is not None and self.request_log.wants(principal)
+        served: ServedModel | None = None
         try:
             instances = self._instances(principal, plan.model)
             request.model = plan.model
@@ -305,6 +327,8 @@ class InferenceService:
             raise
         finally:
             request.finish(status)
+            if logged:
+                self._log(principal, plan, request, served, status, "interactive", body, None)
 
     # -- the stages --------------------------------------------------------------
 
@@ -389,6 +413,47 @@ class InferenceService:
         except BaseException:  # an early error, or the client left
             await close_all(pending)
             raise
+
+    def _log(
+        self,
+        principal: Principal,
+        plan: Plan | EmbedPlan,
+        request: _Request,
+        served: ServedModel | None,
+        status: int,
+        priority: Priority,
+        body: bytes | None,
+        text: list[str] | None,
+    ) -> None:
+        """One line in the request log (gateway/request_log.py redacts it)."""
+        log = self.request_log
+        assert log is not None
+        prompt, completion = request.produced()
+        t = request.timings()
+        entry: dict[str, object] = {
+            "request_id": plan.request_id,
+            "tenant": principal.tenant.id,
+            "key_id": principal.key_id,
+            "model": request.model,
+            "instance": None if served is None else served.public_id,
+            "endpoint": plan.endpoint,
+            "priority": priority,
+            "stream": isinstance(plan, Plan) and plan.stream,
+            "status": status,
+            "finish_reason": [s.latest.finish_reason for s in request.streams] or None,
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "cached_tokens": request.cached(),
+            "queued_ms": round(t.queued * 1000, 1),
+            "ttft_ms": None if request.first_seen is None else round(
+                (request.first_seen - request.started) * 1000, 1
+            ),
+            "duration_ms": round(t.total * 1000, 1),
+        }
+        if log.bodies:
+            entry["request"] = log.body(body)
+            entry["response"] = None if text is None else log.body("".join(text))
+        log.write(entry)
 
     def _instances(self, principal: Principal, model: str) -> Sequence[ServedModel]:
         if not principal.tenant.allows(model):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -250,6 +251,32 @@ class BatchSettings(_Strict):
     enabled: bool = True  # off: this replica serves the APIs but runs no batch lines
 
 
+def _compiles(patterns: list[str]) -> list[str]:
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from None
+    return patterns
+
+
+EMAIL = r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"
+CARD_NUMBER = r"\b(?:\d[ -]?){12,18}\d\b"  # 13 to 19 digits, spaces or dashes between
+
+
+class RequestLogSettings(_Strict):
+    """Per-request JSON lines for tenants with ``log_requests`` (gateway/request_log.py)."""
+
+    path: str | None = None  # a file (rotated by size), "-" for stdout; None: off
+    max_bytes: Annotated[int, Field(ge=1024)] = 100 * 1024 * 1024  # then rotated
+    backups: Annotated[int, Field(ge=0, le=1000)] = 5  # rotated files kept
+    bodies: bool = False  # the request as sent and the text generated, redacted
+    max_body_chars: Annotated[int, Field(ge=0, le=10_000_000)] = 4096
+    sample_rate: Annotated[float, Field(ge=0, le=1)] = 1.0
+    # Replaced by [REDACTED] in every field (keys and bearer tokens always are).
+    redact: Annotated[list[str], AfterValidator(_compiles)] = [EMAIL, CARD_NUMBER]
+
+
 def _redis_scheme(url: SecretStr) -> SecretStr:
     # A secret (it may hold a password), so the message never repeats it.
     value = url.get_secret_value()
@@ -293,6 +320,7 @@ class Settings(_Strict):
     scheduler: SchedulerSettings = SchedulerSettings()
     routing: RoutingSettings = RoutingSettings()
     batches: BatchSettings = BatchSettings()
+    request_log: RequestLogSettings = RequestLogSettings()
     tenants: list[ConfiguredTenant] = []
     # Shared state for several replicas: tenants, keys, usage, counters, remote models' queues.
     redis_url: Annotated[SecretStr, AfterValidator(_redis_scheme)] | None = None

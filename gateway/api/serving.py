@@ -12,7 +12,6 @@ the answer ends, which is what finishes the request in the service.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any, Protocol
 
@@ -41,8 +40,6 @@ from gateway.events import (
 from gateway.service import InferenceService
 from gateway.tenancy.records import Principal, Priority
 
-# Request bodies, at debug level, and only for tenants whose `log_requests` allows it.
-body_log = logging.getLogger("lockgate.requests")
 # A client may lower its own priority (a batch job on an interactive key), never raise it.
 PRIORITY_HEADER = "x-lockgate-priority"
 # Requests carrying one id go to one instance (routing.affinity: session).
@@ -61,10 +58,7 @@ class StreamEncoder(Protocol):
 
 
 async def read_body(request: Request, principal: Principal) -> bytes:
-    raw = await request.body()
-    if principal.tenant.log_requests and body_log.isEnabledFor(logging.DEBUG):
-        body_log.debug("tenant %s: %s", principal.tenant.id, raw.decode(errors="replace"))
-    return raw
+    return await request.body()  # kept by Starlette: the request log reads it again
 
 
 def service_of(request: Request) -> InferenceService:
@@ -108,7 +102,9 @@ async def serve(
     if session:
         plan.session = session
     _handed_to_service(request, plan)
-    run = service_of(request).run(principal, plan, priority=priority)
+    service = service_of(request)
+    raw = await _logged_body(request, principal, service)
+    run = service.run(principal, plan, priority=priority, body=raw)
     handed_over = False
     try:
         async with hangup_cancels(request, drain_of(request)):
@@ -128,8 +124,20 @@ async def serve(
 async def embed(request: Request, principal: Principal, plan: EmbedPlan) -> Embedded:
     """Run an embedding ``plan`` while watching for the client to hang up."""
     _handed_to_service(request, plan)
+    service = service_of(request)
+    raw = await _logged_body(request, principal, service)
     async with hangup_cancels(request, drain_of(request)):
-        return await service_of(request).embed(principal, plan)
+        return await service.embed(principal, plan, body=raw)
+
+
+async def _logged_body(
+    request: Request, principal: Principal, service: InferenceService
+) -> bytes | None:
+    """The body as sent, when the request log may write it (read once already: cached)."""
+    log = service.request_log
+    if log is None or not log.bodies or not principal.tenant.log_requests:
+        return None
+    return await request.body()
 
 
 def _handed_to_service(request: Request, plan: Plan | EmbedPlan) -> None:

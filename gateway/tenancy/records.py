@@ -50,7 +50,7 @@ class Tenant(_Record):
     model_limits: dict[str, Limits] = {}
     priority: Priority = "interactive"
     weight: Annotated[float, Field(gt=0, le=1000)] = 1.0
-    log_requests: bool = False  # may request bodies be written to the debug log?
+    log_requests: bool = False  # are its requests written to the request log (request_log)?
     spillover: bool = True  # may its requests go to a higher tier (a CPU twin) when tier 0 is busy?
 
     def allows(self, model: str) -> bool:
