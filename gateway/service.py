@@ -445,9 +445,9 @@ class InferenceService:
             "completion_tokens": completion,
             "cached_tokens": request.cached(),
             "queued_ms": round(t.queued * 1000, 1),
-            "ttft_ms": None if request.first_seen is None else round(
-                (request.first_seen - request.started) * 1000, 1
-            ),
+            "ttft_ms": None
+            if request.first_seen is None
+            else round((request.first_seen - request.started) * 1000, 1),
             "duration_ms": round(t.total * 1000, 1),
         }
         if log.bodies:

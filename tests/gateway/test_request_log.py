@@ -29,7 +29,7 @@ Gateway = Callable[..., Any]
 
 
 @pytest.fixture
-async def gateway(tmp_path: Path) -> AsyncIterator[Gateway]:
+def gateway(tmp_path: Path) -> Gateway:
     """``async with gateway(**request_log) as http`` → a client of the app; the app's
     logs (application, access) go to files in ``tmp_path`` while it runs."""
     import contextlib
@@ -67,7 +67,16 @@ async def gateway(tmp_path: Path) -> AsyncIterator[Gateway]:
             root.setLevel(old_level)
             handler.close()
 
-    yield start
+    return start
+
+
+def written(tmp_path: Path) -> dict[str, str]:
+    """Every file the gateway wrote (not its databases): name → text."""
+    return {
+        p.name: p.read_text(errors="replace")
+        for p in sorted(tmp_path.rglob("*"))
+        if p.is_file() and p.suffix != ".db"
+    }
 
 
 def lines(tmp_path: Path) -> list[dict[str, Any]]:
@@ -94,7 +103,8 @@ async def test_an_opted_in_tenants_requests_are_logged_with_their_facts(
         )
         assert r.status_code == 200
         await http.post("/v1/chat/completions", json=chat("not me"), headers=auth(QUIET))
-        await http.post("/v1/embeddings", json={"model": "echo", "input": "x y"}, headers=auth(LOGGED))
+        embed = {"model": "echo", "input": "x y"}
+        await http.post("/v1/embeddings", json=embed, headers=auth(LOGGED))
     plain, streamed, embedded = lines(tmp_path)  # the private tenant's request is not there
     assert plain["tenant"] == "audited" and plain["key_id"] == "a-key"
     assert plain["model"] == "echo" and plain["instance"] == "injected"
@@ -113,7 +123,7 @@ async def test_without_bodies_only_the_facts_are_written(gateway: Gateway, tmp_p
         await http.post("/v1/chat/completions", json=chat("secret plans"), headers=auth(LOGGED))
     (line,) = lines(tmp_path)
     assert "request" not in line and "response" not in line
-    assert "secret plans" not in (tmp_path / "requests.jsonl").read_text()
+    assert "secret plans" not in written(tmp_path)["requests.jsonl"]
 
 
 async def test_a_canary_key_never_reaches_any_log_file(gateway: Gateway, tmp_path: Path) -> None:
@@ -133,13 +143,12 @@ async def test_a_canary_key_never_reaches_any_log_file(gateway: Gateway, tmp_pat
             "/v1/responses", json={"model": "echo", "input": f"x {LOGGED}"}, headers=auth(LOGGED)
         )
         await http.post("/api/chat", json={**body, "stream": False}, headers=auth(LOGGED))
-    files = sorted(p for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".db")
-    assert {p.name for p in files} >= {"requests.jsonl", "app.log"}
-    assert "POST /v1/chat/completions 401" in (tmp_path / "app.log").read_text()  # the access log
-    for path in files:
-        text = path.read_text(errors="replace")
+    files = written(tmp_path)
+    assert set(files) >= {"requests.jsonl", "app.log"}
+    assert "POST /v1/chat/completions 401" in files["app.log"]  # the access log is there
+    for name, text in files.items():
         for canary in (LOGGED, unknown, LOGGED[3:], unknown[3:]):
-            assert canary not in text, f"a key in {path.name}"
+            assert canary not in text, f"a key in {name}"
     logged = lines(tmp_path)
     assert len(logged) == 3 and all(REDACTED in line["request"] for line in logged)
 
@@ -151,7 +160,7 @@ async def test_configured_patterns_are_redacted_and_bodies_cut(
         content = "mail ann@example.com card 4111 1111 1111 1111 order ACME-42 " + "z " * 200
         await http.post("/v1/chat/completions", json=chat(content), headers=auth(LOGGED))
     (line,) = lines(tmp_path)
-    text = (tmp_path / "requests.jsonl").read_text()
+    text = written(tmp_path)["requests.jsonl"]
     assert "ACME-42" not in text and "ann@example.com" in text  # the list replaces the default
     assert line["request"].endswith("…[truncated]") and len(line["request"]) <= 120 + 20
 
