@@ -48,7 +48,7 @@ Url = Annotated[str, typer.Option(envvar="LOCKGATE_URL", help="the gateway's bas
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
-def _call(url: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+def call(url: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
     admin_key = os.environ.get("LOCKGATE_AUTH__ADMIN_KEY")
     if not admin_key:
         typer.echo("lockgate: set LOCKGATE_AUTH__ADMIN_KEY to the gateway's admin key", err=True)
@@ -272,22 +272,22 @@ def create_tenant(
     body = {"id": tenant_id, **fields, "limits": _without_removals(limits)}
     if per_model:
         body["model_limits"] = per_model
-    out = {"tenant": _call(url, "POST", "/admin/tenants", body)}
+    out = {"tenant": call(url, "POST", "/admin/tenants", body)}
     if with_key:
-        out["key"] = _call(url, "POST", f"/admin/tenants/{tenant_id}/keys", {})
+        out["key"] = call(url, "POST", f"/admin/tenants/{tenant_id}/keys", {})
     _show(out)
 
 
 @tenants.command("list")
 def list_tenants(url: Url = DEFAULT_URL) -> None:
     """Every tenant, with its models and limits."""
-    _show(_call(url, "GET", "/admin/tenants")["data"])
+    _show(call(url, "GET", "/admin/tenants")["data"])
 
 
 @tenants.command("show")
 def show_tenant(tenant_id: str, url: Url = DEFAULT_URL) -> None:
     """One tenant, with its models and limits."""
-    _show(_call(url, "GET", f"/admin/tenants/{tenant_id}"))
+    _show(call(url, "GET", f"/admin/tenants/{tenant_id}"))
 
 
 @tenants.command("update")
@@ -315,7 +315,7 @@ def update_tenant(
     })  # fmt: skip
     per_model = _model_limits(model_limit)
     if limits or per_model:
-        current = _call(url, "GET", f"/admin/tenants/{tenant_id}")
+        current = call(url, "GET", f"/admin/tenants/{tenant_id}")
         if limits:
             body["limits"] = _without_removals({**current["limits"], **limits})
         if per_model:
@@ -326,13 +326,13 @@ def update_tenant(
                 else:
                     merged[model] = _without_removals({**merged.get(model, {}), **changes})
             body["model_limits"] = merged
-    _show(_call(url, "PATCH", f"/admin/tenants/{tenant_id}", body))
+    _show(call(url, "PATCH", f"/admin/tenants/{tenant_id}", body))
 
 
 @tenants.command("delete")
 def delete_tenant(tenant_id: str, url: Url = DEFAULT_URL) -> None:
     """Delete a tenant and all its keys."""
-    _show(_call(url, "DELETE", f"/admin/tenants/{tenant_id}"))
+    _show(call(url, "DELETE", f"/admin/tenants/{tenant_id}"))
 
 
 @keys.command("create")
@@ -346,19 +346,19 @@ def create_key(
 ) -> None:
     """Create a key; it is printed once and cannot be shown again."""
     body: dict[str, Any] = {"name": name, "expires_in": duration(expires_in, "--expires-in")}
-    _show(_call(url, "POST", f"/admin/tenants/{tenant_id}/keys", body))
+    _show(call(url, "POST", f"/admin/tenants/{tenant_id}/keys", body))
 
 
 @keys.command("list")
 def list_keys(tenant_id: str, url: Url = DEFAULT_URL) -> None:
     """A tenant's keys (their ids, prefixes and expiry; never the keys themselves)."""
-    _show(_call(url, "GET", f"/admin/tenants/{tenant_id}/keys")["data"])
+    _show(call(url, "GET", f"/admin/tenants/{tenant_id}/keys")["data"])
 
 
 @keys.command("revoke")
 def revoke_key(key_id: str, url: Url = DEFAULT_URL) -> None:
     """Stop a key working, at once."""
-    _show(_call(url, "POST", f"/admin/keys/{key_id}/revoke", {}))
+    _show(call(url, "POST", f"/admin/keys/{key_id}/revoke", {}))
 
 
 @keys.command("rotate")
@@ -371,13 +371,13 @@ def rotate_key(
 ) -> None:
     """Replace a key with a new one (printed once) that expires when the old one would."""
     body = {"grace_seconds": duration(grace, "--grace")}
-    _show(_call(url, "POST", f"/admin/keys/{key_id}/rotate", body))
+    _show(call(url, "POST", f"/admin/keys/{key_id}/rotate", body))
 
 
 @models.command("status")
 def models_status(url: Url = DEFAULT_URL) -> None:
     """Every model's instances: tier, weight, canary, state (ready, ejected...), load."""
-    _show(_call(url, "GET", "/admin/models")["data"])
+    _show(call(url, "GET", "/admin/models")["data"])
 
 
 @models.command("weight")
@@ -390,7 +390,7 @@ def models_weight(
     """Change an instance's share of new requests now (a canary's, say); no restart."""
     quote = urllib.parse.quote
     path = f"/admin/models/{quote(model)}/instances/{quote(instance)}/weight"
-    _show(_call(url, "PUT", path, {"weight": weight}))
+    _show(call(url, "PUT", path, {"weight": weight}))
 
 
 @keys.command("generate")
@@ -414,4 +414,4 @@ def usage(
     """
     query = {"tenant": tenant, "model": model, "start": start, "end": end}
     params = urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
-    _show(_call(url, "GET", "/admin/usage" + (f"?{params}" if params else "")))
+    _show(call(url, "GET", "/admin/usage" + (f"?{params}" if params else "")))

@@ -46,6 +46,7 @@ from gateway.batch.runner import BatchRunner, RunnerSettings
 from gateway.batch.service import BatchService, FileLimits
 from gateway.batch.store import BatchStore, SQLiteBatchStore
 from gateway.drain import Drain, DrainGate
+from gateway.drift import DriftTracker
 from gateway.errors import (
     ErrorInfo,
     GatewayError,
@@ -245,6 +246,9 @@ def create_app(
     drain = drain or Drain(settings.server.drain_seconds)
     request_log = RequestLog(settings.request_log)
     metrics = Metrics(tenant_label_cap=settings.auth.tenant_label_cap)
+    drift = DriftTracker(settings.drift) if settings.drift.enabled else None
+    if drift is not None:
+        metrics.watch_drift(drift.summary)
     tenancy = Tenancy(settings, metrics, models=None if backends is None else list(backends))
     policy = settings.scheduler.policy
     # An embedded engine's slots belong to this process; a remote engine's are shared by
@@ -359,7 +363,13 @@ def create_app(
     )
     app.state.router = router
     app.state.service = service = InferenceService(
-        registry, metrics, tenancy.admission, router, drain=drain, request_log=request_log
+        registry,
+        metrics,
+        tenancy.admission,
+        router,
+        drain=drain,
+        request_log=request_log,
+        drift=drift,
     )
     b = settings.batches
     batch_store: BatchStore = (

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from backends.model_store import ModelFileError, resolve_model_path
-from gateway import admin_cli, batch_cli, plan_cli
+from gateway import admin_cli, batch_cli, drift_cli, plan_cli
 from gateway.settings import ConfigError, ModelSettings, Settings, load_settings
 
 app = typer.Typer(
@@ -26,6 +26,7 @@ app.add_typer(admin_cli.keys, name="keys")
 app.add_typer(admin_cli.models, name="models")
 app.command("usage")(admin_cli.usage)
 app.add_typer(batch_cli.batch, name="batch")
+app.add_typer(drift_cli.drift, name="drift")
 app.command("plan")(plan_cli.plan)
 app.add_typer(plan_cli.quantize, name="quantize")
 

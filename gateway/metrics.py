@@ -185,6 +185,44 @@ class RouterCollector(Collector):
         return [weight, ejected]
 
 
+class DriftCollector(Collector):
+    """Drift scores per model and feature (gateway/drift.py), computed on each scrape.
+
+    A model gets series once its reference and current windows hold enough requests:
+    before that there is nothing to compare, and no score is exported (never a 0).
+    """
+
+    def __init__(
+        self, models: Callable[[], Iterable[tuple[str, int, int, list[tuple[str, str, float]]]]]
+    ) -> None:
+        self._models = models  # (model, reference size, current size, scores)
+
+    def collect(self) -> Iterable[Metric]:
+        psi = GaugeMetricFamily(
+            "lockgate_drift_psi",
+            "Population stability index of a numeric feature, current window vs reference"
+            " (0.1: moderate, 0.25: significant shift)",
+            labels=["model", "feature"],
+        )
+        js = GaugeMetricFamily(
+            "lockgate_drift_jensen_shannon",
+            "Jensen-Shannon divergence (base 2, 0 to 1) of a categorical feature,"
+            " current window vs reference",
+            labels=["model", "feature"],
+        )
+        sizes = GaugeMetricFamily(
+            "lockgate_drift_window_requests",
+            "Requests in a model's drift windows (reference, current)",
+            labels=["model", "window"],
+        )
+        for model, reference, current, scores in self._models():
+            sizes.add_metric([model, "reference"], reference)
+            sizes.add_metric([model, "current"], current)
+            for feature, test, value in scores:
+                (psi if test == "psi" else js).add_metric([model, feature], value)
+        return [psi, js, sizes]
+
+
 class Metrics:
     """Built once per app; pass it to whatever records."""
 
@@ -348,6 +386,11 @@ class Metrics:
         """Read engine load and scheduler pools at each scrape (once the app has them)."""
         self.registry.register(EngineCollector(backends))
         self.registry.register(SchedulerCollector(pools))
+
+    def watch_drift(
+        self, models: Callable[[], Iterable[tuple[str, int, int, list[tuple[str, str, float]]]]]
+    ) -> None:
+        self.registry.register(DriftCollector(models))
 
     def watch_router(self, instances: Callable[[], Iterable[tuple[str, str, float, str]]]) -> None:
         self.registry.register(RouterCollector(instances))

@@ -40,6 +40,7 @@ from backends.base import (
 )
 from gateway.choices import ChoiceStream, close_all, first_chunks, merge
 from gateway.drain import Drain
+from gateway.drift import DriftTracker, features
 from gateway.errors import (
     CLIENT_CLOSED,
     Forbidden,
@@ -171,6 +172,7 @@ class InferenceService:
         *,
         drain: Drain | None = None,
         request_log: RequestLog | None = None,
+        drift: DriftTracker | None = None,
     ) -> None:
         self.registry = registry
         self.metrics = metrics
@@ -178,6 +180,8 @@ class InferenceService:
         self.router = router
         self.drain = drain  # past its deadline, a run closed early was cut (503), not left
         self.request_log = request_log
+        self.drift = drift
+        self._versions: dict[str, tuple[tuple[int, ...], str]] = {}  # model → its instances
 
     # -- reading the catalogue ------------------------------------------------
 
@@ -203,8 +207,9 @@ class InferenceService:
         status = CLIENT_CLOSED  # unless it ends otherwise: the client left, or a shutdown
         log = self.request_log
         logged = log is not None and log.wants(principal)
-        # The text produced, kept only when the log writes bodies.
-        text: list[str] | None = [] if logged and log is not None and log.bodies else None
+        # The first choice's text, kept for the request log's bodies and the drift features.
+        keep = self.drift is not None or (logged and log is not None and log.bodies)
+        text: list[str] | None = [] if keep else None
         served: ServedModel | None = None
         self.router.in_flight += 1
         try:
@@ -256,7 +261,7 @@ class InferenceService:
                     async with contextlib.aclosing(merge(streams)) as merged:
                         async for index, chunk in merged:
                             streams[index].advance(chunk)
-                            if text is not None:
+                            if text is not None and index == 0:
                                 text.append(chunk.text)
                             if whole is None:
                                 yield Delta(index, chunk)
@@ -287,6 +292,8 @@ class InferenceService:
                     self.router.retrying -= 1
                 if logged:
                     self._log(principal, plan, request, served, status, priority, body, text)
+                if status == 200 and self.drift is not None and text is not None:
+                    self._observe(plan, request, "".join(text))
 
     async def embed(
         self, principal: Principal, plan: EmbedPlan, *, body: bytes | None = None
@@ -454,6 +461,38 @@ class InferenceService:
             entry["request"] = log.body(body)
             entry["response"] = None if text is None else log.body("".join(text))
         log.write(entry)
+
+    def _observe(self, plan: Plan, request: _Request, text: str) -> None:
+        """The drift features of a finished generation (its first choice)."""
+        drift = self.drift
+        assert drift is not None and request.first_seen is not None
+        first = request.streams[0].latest
+        drift.observe(
+            plan.model,
+            self._version(plan.model),
+            features(
+                prompt_tokens=first.prompt_tokens,
+                completion_tokens=first.completion_tokens,
+                ttft_seconds=request.first_seen - request.started,
+                finish_reason=first.finish_reason,
+                text=text,
+                json_mode=plan.requests[0].response_format is not None,
+                refusal=drift.refusal,
+            ),
+        )
+
+    def _version(self, model: str) -> str:
+        """What identifies the model's version: its instances and what they serve."""
+        instances = self.registry.instances_of(model)
+        key = tuple(id(m) for m in instances)
+        known = self._versions.get(model)
+        if known is None or known[0] != key:
+            parts = []
+            for m in instances:
+                info = m.backend.describe()
+                parts.append(f"{m.public_id}:{info.family}:{info.quantization}:{info.parameters}")
+            known = self._versions[model] = (key, " ".join(parts))
+        return known[1]
 
     def _instances(self, principal: Principal, model: str) -> Sequence[ServedModel]:
         if not principal.tenant.allows(model):

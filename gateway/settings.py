@@ -277,6 +277,23 @@ class RequestLogSettings(_Strict):
     redact: Annotated[list[str], AfterValidator(_compiles)] = [EMAIL, CARD_NUMBER]
 
 
+REFUSAL = (
+    r"(?i)\b(?:I can(?:no|')t (?:help|assist|do|provide)|I'm (?:sorry|unable)|"
+    r"I am (?:sorry|unable)|as an AI\b)"
+)
+
+
+class DriftSettings(_Strict):
+    """Drift signals per model (gateway/drift.py; README: Drift)."""
+
+    enabled: bool = True
+    reference: Annotated[int, Field(ge=10, le=100_000)] = 500  # first requests of a version
+    window: Annotated[int, Field(ge=10, le=100_000)] = 500  # the latest requests
+    min_requests: Annotated[int, Field(ge=10, le=100_000)] = 100  # in both, before any score
+    # An answer whose first 200 characters match counts as a refusal.
+    refusal_pattern: Annotated[str, AfterValidator(lambda p: _compiles([p])[0])] = REFUSAL
+
+
 def _redis_scheme(url: SecretStr) -> SecretStr:
     # A secret (it may hold a password), so the message never repeats it.
     value = url.get_secret_value()
@@ -321,6 +338,7 @@ class Settings(_Strict):
     routing: RoutingSettings = RoutingSettings()
     batches: BatchSettings = BatchSettings()
     request_log: RequestLogSettings = RequestLogSettings()
+    drift: DriftSettings = DriftSettings()
     tenants: list[ConfiguredTenant] = []
     # Shared state for several replicas: tenants, keys, usage, counters, remote models' queues.
     redis_url: Annotated[SecretStr, AfterValidator(_redis_scheme)] | None = None

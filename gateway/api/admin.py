@@ -26,6 +26,7 @@ from fastapi.responses import Response
 from pydantic import Field
 
 from gateway.api.security import Admin
+from gateway.drift import DriftTracker, window_values
 from gateway.errors import InvalidRequest, NotFound
 from gateway.protocol.wire import StrictBody, parse
 from gateway.registry import ModelRegistry
@@ -211,3 +212,39 @@ async def set_weight(request: Request, name: str, backend_id: str) -> Response:
     instances = registry.instances_of(name)
     _router(request).set_weight(instances, backend_id, body.weight)
     return _json({"object": "model", "id": name, "instances": _router(request).status(instances)})
+
+
+def _drift(request: Request) -> DriftTracker:
+    drift: DriftTracker | None = request.app.state.service.drift
+    if drift is None:
+        raise NotFound("Drift signals are off (drift.enabled: false).")
+    return drift
+
+
+@router.get("/drift/{model}")
+async def drift_report(request: Request, model: str) -> Response:
+    """The model's reference and current windows (each feature's values) and scores."""
+    drift = _drift(request)
+    windows = drift.windows(model)
+    if windows is None:
+        raise NotFound(f"No requests of the model '{model}' have been seen yet.")
+    version, reference, current = windows
+    return _json(
+        {
+            "object": "drift",
+            "model": model,
+            "version": version,
+            "min_requests": drift.settings.min_requests,
+            "reference": window_values(reference),
+            "current": window_values(current),
+            "scores": [{"feature": f, "test": t, "value": v} for f, t, v in drift.scores(model)],
+        }
+    )
+
+
+@router.post("/drift/{model}/pin")
+async def drift_pin(request: Request, model: str) -> Response:
+    """Make the current window the model's reference (after a deliberate change)."""
+    if not _drift(request).pin(model):
+        raise NotFound(f"No requests of the model '{model}' have been seen yet.")
+    return await drift_report(request, model)
