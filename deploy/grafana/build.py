@@ -224,6 +224,41 @@ ROWS: list[tuple[str, list[tuple[str, str, list[dict[str, str]]]]]] = [
         ],
     ),
     (
+        "Drift (README: Drift)",
+        [
+            (
+                "PSI of numeric features (0.25: significant)",
+                "short",
+                [
+                    q(
+                        f"max by (model, feature) (lockgate_drift_psi{{{M}}})",
+                        "{{model}} {{feature}}",
+                    )
+                ],
+            ),
+            (
+                "Jensen-Shannon of categories (0.1: look)",
+                "short",
+                [
+                    q(
+                        f"max by (model, feature) (lockgate_drift_jensen_shannon{{{M}}})",
+                        "{{model}} {{feature}}",
+                    )
+                ],
+            ),
+            (
+                "Requests in the drift windows",
+                "short",
+                [
+                    q(
+                        f"max by (model, window) (lockgate_drift_window_requests{{{M}}})",
+                        "{{model}} {{window}}",
+                    )
+                ],
+            ),
+        ],
+    ),
+    (
         "Tenants",
         [
             (
