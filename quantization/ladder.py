@@ -80,17 +80,39 @@ class Run:
     peak_rss: int  # bytes
 
 
+def _high_water(pid: int) -> int:
+    """The process's peak resident memory so far (``VmHWM``), in bytes; 0 if unknown."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    found = re.search(r"^VmHWM:\s+(\d+) kB", status, re.M)
+    return int(found[1]) * 1024 if found else 0
+
+
 def run(cmd: Sequence[str | Path], log: Path) -> Run:
-    """Run a tool with its output in ``log``; its own peak memory from the kernel."""
+    """Run a tool with its output in ``log``, and its own peak memory.
+
+    Not ``ru_maxrss`` from wait4: a child's high-water mark carries over the parent's
+    resident size at fork (through exec), and this process holds the dequantized
+    reference (~2 GiB). ``VmHWM`` belongs to the tool's own address space; it only
+    grows, so polling it keeps the peak (the tools allocate as they start).
+    """
+    peak = 0
     with log.open("w") as sink:
         proc = subprocess.Popen([str(c) for c in cmd], stdout=sink, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        while True:
+            peak = max(peak, _high_water(proc.pid))
+            try:
+                proc.wait(timeout=0.05)
+                break
+            except subprocess.TimeoutExpired:
+                continue
     text = log.read_text(errors="replace")
     if proc.returncode != 0:
         tail = "\n".join(text.splitlines()[-15:])
         raise LadderError(f"{Path(cmd[0]).name} failed ({proc.returncode}); {log}:\n{tail}")
-    return Run(text, usage.ru_maxrss * 1024)
+    return Run(text, peak)
 
 
 _PATTERNS = {

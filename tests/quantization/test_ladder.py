@@ -37,6 +37,10 @@ def test_ladder_of_two_types_on_the_default_model(tmp_path: Path) -> None:
     for row in rows.values():
         m = row["measures"]
         assert m["tg_1"] > 0 and m["tg_16"] > m["tg_1"] and m["peak_rss"] > 100 << 20
+    # Each tool's own memory: the F16 reference's weights are ~290 MiB larger than q4_0's
+    # (not the same figure for all, as a child's wait4 maxrss inherited from this process).
+    ref_rss = rows["reference (f16)"]["measures"]["peak_rss"]
+    assert ref_rss - q4["peak_rss"] > 150 << 20
     assert "q4_0" in pareto(report["variants"])  # the smallest is always on the front
     table = (tmp_path / "ladder.md").read_text()
     assert "relative to the dequantized Q4_K_M" in table and "| q4_0 *" in table
