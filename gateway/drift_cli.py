@@ -70,7 +70,11 @@ def table(report: dict[str, Any]) -> str:
 
 def plot(report: dict[str, Any], path: Path) -> None:
     """Each feature's distribution, reference against current."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        typer.echo("lockgate: --png needs matplotlib: pip install 'lockgate[bench]'", err=True)
+        raise typer.Exit(2) from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -285,8 +285,9 @@ class Metrics:
         )
         self.budget_used_share = Gauge(
             "lockgate_tenant_budget_used_ratio",
-            "Share of a token budget spent (1: spent), by period (daily or monthly): the"
-            " tightest of the tenant's budgets at its last admitted request",
+            "Share of a token budget spent (1: spent, a request was refused), by period"
+            " (daily or monthly): the tightest of the tenant's budgets at its last request,"
+            " that request's reservation included; cleared when the day turns",
             ["tenant", "period"],
             registry=r,
         )

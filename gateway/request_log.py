@@ -8,8 +8,9 @@ total), and with ``bodies: true`` the request as sent and the text generated.
 
 Every string is redacted before it is written, whatever its field: bearer tokens,
 Lockgate and OpenAI-style keys, and the configured patterns (``redact``; by default
-e-mail addresses and card numbers) become ``[REDACTED]``; then bodies are cut to
-``max_body_chars``. Writing happens on a thread of its own (a queue in between), so
+e-mail addresses and card numbers) become ``[REDACTED]`` (gateway/redaction.py);
+bodies are cut to ``max_body_chars``, so a 16 MiB body costs no more than a short one.
+Writing happens on a thread of its own (a queue in between), so
 a slow disk never holds the event loop.
 
     log = RequestLog(settings.request_log)
@@ -24,45 +25,17 @@ import logging
 import logging.handlers
 import queue
 import random
-import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from gateway.redaction import LONGEST_SECRET, Redactor
 from gateway.settings import RequestLogSettings
 from gateway.tenancy.records import Principal
-
-REDACTED = "[REDACTED]"
-# Secrets, whatever the configuration says: they are never written.
-SECRETS = (
-    r"\b[Bb][Ee][Aa][Rr][Ee][Rr]\s+[A-Za-z0-9._~+/=-]+",
-    r"\blg-[A-Za-z0-9_-]{8,}",  # Lockgate keys (gateway/tenancy/keys.py)
-    r"\bsk-[A-Za-z0-9_-]{8,}",  # OpenAI-style keys
-)
-
-
-class Redactor:
-    """Replaces every match of the secret and configured patterns in a string."""
-
-    def __init__(self, patterns: Sequence[str]) -> None:
-        self._pattern = re.compile("|".join(f"(?:{p})" for p in (*SECRETS, *patterns)))
-
-    def __call__(self, text: str) -> str:
-        return self._pattern.sub(REDACTED, text)
-
-    def value(self, value: Any) -> Any:
-        """``value`` with every string in it redacted (dicts, lists, nested)."""
-        if isinstance(value, str):
-            return self(value)
-        if isinstance(value, dict):
-            return {self(str(k)): self.value(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return [self.value(v) for v in value]
-        return value
 
 
 class RequestLog:
@@ -135,14 +108,20 @@ class RequestLog:
         return rate >= 1.0 or self._sample() < rate
 
     def body(self, text: str | bytes | None) -> str | None:
-        """A body as written: redacted, then cut to ``max_body_chars``."""
+        """A body as written: cut to ``max_body_chars``, redacted.
+
+        Cut first, with a margin that holds any secret straddling the limit whole, so
+        the cost is bounded whatever the body's size; redacted; then cut to the limit
+        (what remained of a straddling secret is ``[REDACTED]``, never a prefix of it).
+        """
         if text is None:
             return None
-        if isinstance(text, bytes):
-            text = text.decode("utf-8", errors="replace")
-        cut = self.redact(text)
         limit = self.settings.max_body_chars
-        return cut if len(cut) <= limit else cut[:limit] + "…[truncated]"
+        margin = limit + LONGEST_SECRET
+        if isinstance(text, bytes):
+            text = text[: margin * 4].decode("utf-8", errors="ignore")  # ≤ 4 bytes a char
+        clean = self.redact(text[:margin])
+        return clean if len(text) <= limit else clean[:limit] + "…[truncated]"
 
     def write(self, entry: dict[str, Any]) -> None:
         """One line: ``entry`` with every string redacted, and a timestamp."""

@@ -333,6 +333,8 @@ class InferenceService:
             status = status_of(exc)
             raise
         finally:
+            if status == CLIENT_CLOSED and self.drain is not None and self.drain.cut_off:
+                status = 503
             request.finish(status)
             if logged:
                 self._log(principal, plan, request, served, status, "interactive", body, None)
@@ -473,7 +475,8 @@ class InferenceService:
             features(
                 prompt_tokens=first.prompt_tokens,
                 completion_tokens=first.completion_tokens,
-                ttft_seconds=request.first_seen - request.started,
+                # The engine's (dispatch to first token): a queue's wait is load, not drift.
+                ttft_seconds=request.first_seen - (request.dispatched or request.started),
                 finish_reason=first.finish_reason,
                 text=text,
                 json_mode=plan.requests[0].response_format is not None,

@@ -260,7 +260,11 @@ def _compiles(patterns: list[str]) -> list[str]:
     return patterns
 
 
-EMAIL = r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"
+# Linear: a match starts only where a run of address characters starts.
+EMAIL = (
+    r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]{1,64}"
+    r"@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63}){1,8}"
+)
 CARD_NUMBER = r"\b(?:\d[ -]?){12,18}\d\b"  # 13 to 19 digits, spaces or dashes between
 
 
@@ -292,6 +296,15 @@ class DriftSettings(_Strict):
     min_requests: Annotated[int, Field(ge=10, le=100_000)] = 100  # in both, before any score
     # An answer whose first 200 characters match counts as a refusal.
     refusal_pattern: Annotated[str, AfterValidator(lambda p: _compiles([p])[0])] = REFUSAL
+
+    @model_validator(mode="after")
+    def _windows_hold_enough(self) -> DriftSettings:
+        if self.min_requests > min(self.reference, self.window):
+            raise ValueError(
+                f"min_requests ({self.min_requests}) must be at most reference and window"
+                f" ({self.reference}, {self.window}): no score could ever be computed"
+            )
+        return self
 
 
 def _redis_scheme(url: SecretStr) -> SecretStr:

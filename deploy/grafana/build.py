@@ -5,7 +5,9 @@
 
 tests/deploy/test_dashboards.py runs the check and fails if a panel names a metric the
 gateway does not export. Every query uses the dashboard's ``model`` and ``tenant``
-variables (multi-select, "All" by default).
+variables (multi-select, "All" by default). Queue and slot figures are shown per replica
+(``instance``): for a pool shared through Redis each replica reports the cluster's figure,
+so summing replicas would count it twice.
 """
 
 from __future__ import annotations
@@ -102,8 +104,8 @@ ROWS: list[tuple[str, list[tuple[str, str, list[dict[str, str]]]]]] = [
                 "short",
                 [
                     q(
-                        f"sum by (model, priority) (lockgate_queue_depth{{{M}}})",
-                        "{{model}} {{priority}}",
+                        f"max by (model, priority, instance) (lockgate_queue_depth{{{M}}})",
+                        "{{model}} {{priority}} ({{instance}})",
                     )
                 ],
             ),
@@ -111,8 +113,14 @@ ROWS: list[tuple[str, list[tuple[str, str, list[dict[str, str]]]]]] = [
                 "Slots used / capacity",
                 "short",
                 [
-                    q(f"sum by (model) (lockgate_slots_used{{{M}}})", "used {{model}}"),
-                    q(f"sum by (model) (lockgate_slots_capacity{{{M}}})", "capacity {{model}}"),
+                    q(
+                        f"max by (model, instance) (lockgate_slots_used{{{M}}})",
+                        "used {{model}} ({{instance}})",
+                    ),
+                    q(
+                        f"max by (model, instance) (lockgate_slots_capacity{{{M}}})",
+                        "capacity {{model}} ({{instance}})",
+                    ),
                 ],
             ),
             (
@@ -130,8 +138,8 @@ ROWS: list[tuple[str, list[tuple[str, str, list[dict[str, str]]]]]] = [
                 "short",
                 [
                     q(
-                        f"sum by (model, backend_id) (lockgate_engine_running_sequences{{{M}}})",
-                        "running {{backend_id}}",
+                        f"max by (model, backend_id, instance) (lockgate_engine_running_sequences{{{M}}})",
+                        "running {{backend_id}} ({{instance}})",
                     ),
                     q(
                         f"max by (model, backend_id) (lockgate_engine_kv_cache_usage{{{M}}})",

@@ -176,8 +176,9 @@ class EventStream:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         encoder = self.encoder
         record = access_of(scope)
-        pending = encoder.start(self.started)
+        pending = b""
         try:
+            pending = encoder.start(self.started)
             await send({"type": "http.response.start", "status": 200, "headers": self.headers})
             request = Request(scope, receive)
             async with hangup_cancels(request, drain_of(request)):

@@ -198,12 +198,15 @@ class Admission:
             self._budget_used(principal.tenant.id, checks, verdict)
         if not verdict.ok:
             check = checks[verdict.failed]
+            if check.kind == "budget":  # as spent as it gets: the request is refused
+                self._metrics.budget_used(principal.tenant.id, check.what, 1.0)
             self._reject(principal, "quota" if check.kind == "budget" else "rate")
             raise _refusal(check, verdict, ticket.headers)
         return ticket
 
     def _budget_used(self, tenant: str, checks: list[Check], verdict: Verdict) -> None:
-        """The tightest budget of each period (the tenant's own, or a model's) as spent."""
+        """The tightest budget of each period (the tenant's own, or a model's) as spent,
+        this request's reservation (prompt + max_tokens) included; refunds come later."""
         used: dict[str, float] = {}
         for check, left in zip(checks, verdict.remaining, strict=True):
             if check.kind == "budget":
@@ -219,6 +222,7 @@ class Admission:
         if now >= self._periods.day_end:
             self._periods = Periods.at(now)
             self._plans.clear()
+            self._metrics.budget_used_share.clear()  # a new day (or month): nothing spent
         tenant = principal.tenant
         cached = self._plans.get((id(tenant), model))
         if cached is None or cached[0] is not tenant:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +36,17 @@ def tool(name: str) -> str:
     return found
 
 
-def compose(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [tool("docker-compose"), "-f", str(ROOT / "compose.yaml"), *args],
-        capture_output=True,
-        text=True,
-        env={"LOCKGATE_AUTH__ADMIN_KEY": ADMIN_KEY, "PATH": "/usr/bin:/bin"},
-        cwd=ROOT,
-        check=False,
-    )
+def compose(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``docker-compose`` on the repo's file; an empty env file, so that a user's .env in
+    the checkout does not change what is checked."""
+    with tempfile.NamedTemporaryFile("w", suffix=".env") as empty:
+        return subprocess.run(
+            [tool("docker-compose"), "--env-file", empty.name, "-f", str(ROOT / "compose.yaml"),
+             *args],
+            capture_output=True, text=True, cwd=ROOT, check=False,
+            env={"LOCKGATE_AUTH__ADMIN_KEY": ADMIN_KEY, "PATH": "/usr/bin:/bin"} if env is None
+            else env,
+        )  # fmt: skip
 
 
 def manifests() -> list[tuple[Path, dict[str, Any]]]:
@@ -82,10 +85,7 @@ def test_compose_file_is_valid_with_every_profile() -> None:
 
 
 def test_compose_refuses_to_start_without_an_admin_key() -> None:
-    done = subprocess.run(
-        [tool("docker-compose"), "-f", str(ROOT / "compose.yaml"), "config", "-q"],
-        capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"}, cwd=ROOT, check=False,
-    )  # fmt: skip
+    done = compose("config", "-q", env={"PATH": "/usr/bin:/bin"})
     assert done.returncode != 0
     assert "LOCKGATE_AUTH__ADMIN_KEY" in done.stderr
 
@@ -112,7 +112,7 @@ def test_prometheus_in_compose_scrapes_both_replicas() -> None:
 
 
 def drain_seconds() -> float:
-    return load_settings(ROOT / "configs" / "replicas.yaml").server.drain_seconds
+    return load_settings(ROOT / "configs" / "replicas.yaml", {}).server.drain_seconds
 
 
 def test_replicas_config_is_valid_and_the_configmap_carries_it_verbatim() -> None:
@@ -162,7 +162,11 @@ def test_disruption_budget_and_autoscaler_target_the_gateway() -> None:
     assert kind("PodDisruptionBudget")["spec"]["selector"]["matchLabels"] == selector
     hpa = kind("HorizontalPodAutoscaler")["spec"]
     assert hpa["scaleTargetRef"]["name"] == "lockgate"
-    assert hpa["metrics"][0]["pods"]["metric"]["name"] == "lockgate_queue_depth"
+    assert hpa["metrics"][0]["external"]["metric"]["name"] == "lockgate_queue_depth"
+    volumes = {v["name"]: v for v in kind("Deployment")["spec"]["template"]["spec"]["volumes"]}
+    claim = volumes["batch-files"]["persistentVolumeClaim"]["claimName"]
+    (pvc,) = [d for _, d in manifests() if d["kind"] == "PersistentVolumeClaim"]
+    assert pvc["metadata"]["name"] == claim and pvc["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
 # -- Prometheus rules -------------------------------------------------------------

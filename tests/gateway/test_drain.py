@@ -11,7 +11,7 @@ import asyncio
 import json
 import signal
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,27 +36,53 @@ class Gateway:
 
 
 @pytest.fixture
-async def gateway(tmp_path: Path) -> AsyncIterator[Gateway]:
-    settings = Settings(
-        models=[{"name": "slow", "max_sequences": 1}],
-        auth={"database": str(tmp_path / "lockgate.db")},
-        batches={"database": str(tmp_path / "b.db"), "files_dir": str(tmp_path / "files")},
+async def start(tmp_path: Path) -> AsyncIterator[Callable[[float], Awaitable[Gateway]]]:
+    """``await start(drain_seconds)`` → the app behind uvicorn, one slot, a slow backend."""
+    started: list[Gateway] = []
+
+    async def run(seconds: float) -> Gateway:
+        settings = Settings(
+            models=[{"name": "slow", "max_sequences": 1}],
+            auth={"database": str(tmp_path / "lockgate.db")},
+            batches={"database": str(tmp_path / "b.db"), "files_dir": str(tmp_path / "files")},
+        )
+        fake = FakeBackend("slow", delay=WORD_DELAY, capacity=1)
+        drain = Drain(seconds=seconds)
+        app = create_app(settings, backends={"slow": fake}, drain=drain)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=2
+        )  # as `lockgate serve` runs it
+        server = DrainingServer(config, drain)
+        task = asyncio.create_task(server.serve())
+        while not server.started:  # noqa: ASYNC110 - uvicorn has no started event
+            await asyncio.sleep(0.01)
+        await fake.start()
+        started.append(Gateway(server, task, f"http://127.0.0.1:{port}"))
+        return started[-1]
+
+    yield run
+    for gateway in started:
+        gateway.server.should_exit = True
+        await asyncio.wait_for(gateway.task, 10)
+
+
+def gauge(gateway: Gateway, name: str) -> float:
+    """A series' value (summed over its labels), read from the app, not over HTTP."""
+    text = gateway.server.config.app.state.metrics.render().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")
     )
-    fake = FakeBackend("slow", delay=WORD_DELAY, capacity=1)
-    drain = Drain(seconds=1.0)
-    app = create_app(settings, backends={"slow": fake}, drain=drain)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-    server = DrainingServer(config, drain)
-    task = asyncio.create_task(server.serve())
-    while not server.started:  # noqa: ASYNC110 - uvicorn has no started event
+
+
+async def until(check: Callable[[], bool]) -> None:
+    for _ in range(1000):
+        if check():
+            return
         await asyncio.sleep(0.01)
-    await fake.start()
-    yield Gateway(server, task, f"http://127.0.0.1:{port}")
-    server.should_exit = True
-    await asyncio.wait_for(task, 10)
+    raise AssertionError("condition not reached in 10 s")
 
 
 def requests(gateway: Gateway, status: str) -> float:
@@ -72,12 +98,13 @@ def chat(words: int, *, stream: bool = False) -> dict[str, Any]:
 
 
 async def test_draining_refuses_new_requests_in_each_doors_shape_and_turns_unready(
-    gateway: Gateway,
+    start: Callable[[float], Awaitable[Gateway]],
 ) -> None:
-    async with httpx.AsyncClient(base_url=gateway.url) as http:
+    gateway = await start(30)  # a long drain: the one request inside holds it open
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as http:
         assert (await http.get("/health/ready")).status_code == 200
-        long = asyncio.create_task(http.post("/v1/chat/completions", json=chat(10)))
-        await asyncio.sleep(0.2)  # inside, generating
+        inside = asyncio.create_task(http.post("/v1/chat/completions", json=chat(120)))
+        await until(lambda: gauge(gateway, "lockgate_slots_used") == 1)  # generating
         gateway.sigterm()
         ready = await http.get("/health/ready")
         assert ready.status_code == 503 and ready.json()["status"] == "draining"
@@ -93,16 +120,20 @@ async def test_draining_refuses_new_requests_in_each_doors_shape_and_turns_unrea
         ollama = await http.post("/api/chat", json=chat(2))
         assert ollama.status_code == 503 and isinstance(ollama.json()["error"], str)
         assert (await http.get("/v1/models")).status_code == 503  # every door, not only chat
+        assert not inside.done()  # all of that while the request inside still ran
 
-        # The request that was inside is answered whole, within the drain.
-        answered = await long
+        # The request that was inside is answered whole, and then the server stops.
+        answered = await inside
         assert answered.status_code == 200
         assert answered.json()["choices"][0]["finish_reason"] == "stop"
+    await asyncio.wait_for(gateway.task, 10)
+    assert not gateway.server.drain.cut_off
 
 
 async def test_a_stream_still_open_at_the_deadline_ends_with_an_error_event(
-    gateway: Gateway,
+    start: Callable[[float], Awaitable[Gateway]],
 ) -> None:
+    gateway = await start(1)
     async with (
         httpx.AsyncClient(base_url=gateway.url, timeout=10) as http,
         http.stream("POST", "/v1/chat/completions", json=chat(400, stream=True)) as response,
@@ -120,12 +151,15 @@ async def test_a_stream_still_open_at_the_deadline_ends_with_an_error_event(
     assert gateway.server.drain.cut_off
 
 
-async def test_a_request_still_queued_at_the_deadline_gets_a_503(gateway: Gateway) -> None:
-    async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as http:
+async def test_a_request_still_queued_at_the_deadline_gets_a_503(
+    start: Callable[[float], Awaitable[Gateway]],
+) -> None:
+    gateway = await start(1)
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as http:
         running = asyncio.create_task(http.post("/v1/chat/completions", json=chat(400)))
-        await asyncio.sleep(0.2)
+        await until(lambda: gauge(gateway, "lockgate_slots_used") == 1)
         queued = asyncio.create_task(http.post("/v1/chat/completions", json=chat(2)))
-        await asyncio.sleep(0.2)  # waiting for the one slot
+        await until(lambda: gauge(gateway, "lockgate_queue_depth") == 1)  # for the one slot
         gateway.sigterm()
         first, second = await running, await queued
     for response in (first, second):
@@ -136,17 +170,28 @@ async def test_a_request_still_queued_at_the_deadline_gets_a_503(gateway: Gatewa
     assert requests(gateway, "503") == 2 and requests(gateway, "499") == 0
 
 
-async def test_with_nothing_inside_the_server_stops_at_once(gateway: Gateway) -> None:
+async def test_with_nothing_inside_the_server_stops_at_once(
+    start: Callable[[float], Awaitable[Gateway]],
+) -> None:
+    gateway = await start(30)
     gateway.sigterm()
-    await asyncio.wait_for(gateway.task, 3)
+    await asyncio.wait_for(gateway.task, 5)
+    assert not gateway.server.drain.cut_off
 
 
-async def test_a_second_signal_exits_without_waiting(gateway: Gateway) -> None:
-    async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as http:
-        stream = asyncio.create_task(http.post("/v1/chat/completions", json=chat(400)))
-        await asyncio.sleep(0.2)
+async def test_a_second_signal_cuts_at_once(
+    start: Callable[[float], Awaitable[Gateway]],
+) -> None:
+    gateway = await start(30)
+    async with (
+        httpx.AsyncClient(base_url=gateway.url, timeout=30) as http,
+        http.stream("POST", "/v1/chat/completions", json=chat(400, stream=True)) as response,
+    ):
+        lines = response.aiter_lines()
+        assert (await anext(lines)).startswith("data: ")
         gateway.sigterm()
-        gateway.sigterm()
-        await asyncio.wait_for(gateway.task, 5)
-        assert not gateway.server.drain.cut_off  # uvicorn's own exit, before the deadline
-        stream.cancel()
+        gateway.sigterm()  # not 30 s: now, with the error event all the same
+        events = [line async for line in lines if line.startswith("data: ")]
+    assert any("shutting_down" in e for e in events)
+    await asyncio.wait_for(gateway.task, 10)
+    assert gateway.server.drain.cut_off

@@ -18,7 +18,8 @@ import pytest
 
 from backends.fake import FakeBackend
 from gateway.app import create_app
-from gateway.request_log import REDACTED, Redactor, RequestLog
+from gateway.redaction import LONGEST_SECRET, REDACTED, Redactor
+from gateway.request_log import RequestLog
 from gateway.settings import ConfigError, RequestLogSettings, Settings, load_settings
 from gateway.tenancy.keys import key_hash, new_key
 from gateway.tenancy.records import Principal, Tenant
@@ -131,7 +132,8 @@ async def test_a_canary_key_never_reaches_any_log_file(gateway: Gateway, tmp_pat
     unknown one refused with 401; a third in a Responses request and an Ollama chat."""
     unknown = new_key()
     async with gateway(bodies=True) as http:
-        body = chat(f"my key is {LOGGED}, and Bearer {unknown}")
+        # After a newline, glued to a word, after an escaped character (raw JSON: \n, \u00e9).
+        body = chat(f"my key is {LOGGED}, and Bearer {unknown}\n{LOGGED} x{LOGGED} é{LOGGED}")
         r = await http.post(
             f"/v1/chat/completions?api_key={LOGGED}", json=body, headers=auth(LOGGED)
         )
@@ -143,6 +145,11 @@ async def test_a_canary_key_never_reaches_any_log_file(gateway: Gateway, tmp_pat
             "/v1/responses", json={"model": "echo", "input": f"x {LOGGED}"}, headers=auth(LOGGED)
         )
         await http.post("/api/chat", json={**body, "stream": False}, headers=auth(LOGGED))
+        # A key where a path or a model name goes: the access log redacts it too.
+        await http.get(f"/v1/models/{LOGGED}", headers=auth(LOGGED))
+        await http.post(
+            "/v1/chat/completions", json={**body, "model": LOGGED}, headers=auth(LOGGED)
+        )
     files = written(tmp_path)
     assert set(files) >= {"requests.jsonl", "app.log"}
     assert "POST /v1/chat/completions 401" in files["app.log"]  # the access log is there
@@ -150,7 +157,8 @@ async def test_a_canary_key_never_reaches_any_log_file(gateway: Gateway, tmp_pat
         for canary in (LOGGED, unknown, LOGGED[3:], unknown[3:]):
             assert canary not in text, f"a key in {name}"
     logged = lines(tmp_path)
-    assert len(logged) == 3 and all(REDACTED in line["request"] for line in logged)
+    assert len(logged) == 4 and all(REDACTED in line["request"] for line in logged)
+    assert "/v1/models/[REDACTED]" in files["app.log"]
 
 
 async def test_configured_patterns_are_redacted_and_bodies_cut(
@@ -211,3 +219,18 @@ def test_a_bad_pattern_is_refused_with_its_key(tmp_path: Path) -> None:
     config.write_text("request_log: {path: r.jsonl, redact: ['(unclosed']}\n")
     with pytest.raises(ConfigError, match=r"request_log\.redact"):
         load_settings(config, {})
+
+
+def test_a_long_body_is_cut_before_it_is_scanned() -> None:
+    """16 MiB without an @ or a digit: scanned whole, patterns cost in its size (the
+    first e-mail pattern was quadratic on it); the redactor only ever sees the cut."""
+    log = RequestLog(RequestLogSettings(path="-", max_body_chars=4096))
+    seen: list[int] = []
+    redact = log.redact
+    log.redact = lambda text: seen.append(len(text)) or redact(text)  # type: ignore[method-assign,func-returns-value]
+    out = log.body(b"a" * (16 << 20) + b" lg-0123456789abcdef")
+    assert seen == [4096 + LONGEST_SECRET]
+    assert out is not None and out.endswith("[truncated]") and "lg-" not in out
+    straddling = "x" * 4090 + " lg-" + "k" * 40  # a key across the cut: no prefix of it left
+    cut = log.body(straddling)
+    assert cut is not None and "lg-" not in cut and "kkk" not in cut

@@ -23,9 +23,9 @@ from tests.integration.conftest import NO_EOG, Server, lockgate, stop
 
 pytestmark = pytest.mark.integration
 
-DRAIN_SECONDS = 12  # as in CONFIG
+DRAIN_SECONDS = 10  # as in CONFIG
 CONFIG = """
-server: {{host: 127.0.0.1, port: {port}, log_level: warning, drain_seconds: 12}}
+server: {{host: 127.0.0.1, port: {port}, log_level: warning, drain_seconds: 10}}
 models:
   - {{name: gemma, n_ctx: 2048, max_sequences: 2}}
 """
@@ -75,7 +75,7 @@ def test_sigterm_drains_streams_answers_the_queue_and_exits(tmp_path: Path) -> N
         with ThreadPoolExecutor(3) as pool:
             long: Future[str] = pool.submit(stream_text, server, 1900, long_started)
             wait_for(lambda: long_started)
-            short = pool.submit(stream_text, server, 24, short_started)
+            short = pool.submit(stream_text, server, 48, short_started)
             wait_for(lambda: short_started)
             with client(server) as c:  # both slots busy: this one waits
                 queued = pool.submit(
