@@ -50,6 +50,9 @@ def ladder(
         "quantize-ladder"
     ),
     llama_bin: Annotated[Path | None, typer.Option(help="llama.cpp's tools")] = None,
+    repeats: Annotated[
+        int, typer.Option(min=1, help="speed runs per variant (the median is reported)")
+    ] = 3,
 ) -> None:
     """Quantize SOURCE to each type and measure each: size, KLD, PPL, speed, memory."""
     from quantization.ladder import LadderConfig, LadderError
@@ -57,7 +60,7 @@ def ladder(
 
     chosen = tuple(t.strip().lower() for t in types.split(",") if t.strip())
     try:
-        run_ladder(LadderConfig(source, chosen, out, imatrix, bin_dir=llama_bin))
+        run_ladder(LadderConfig(source, chosen, out, imatrix, bin_dir=llama_bin, repeats=repeats))
     except LadderError as exc:
         typer.echo(f"lockgate: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -30,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -170,6 +171,7 @@ class LadderConfig:
     calibration: Path = TEXTS / "calibration.txt"
     prompt_tokens: int = 128
     generated_tokens: int = 32
+    repeats: int = 3  # speed runs per variant; the median is reported
 
 
 def n_params(path: Path) -> int:
@@ -257,13 +259,19 @@ def ladder(cfg: LadderConfig) -> dict[str, Any]:
             v.measures.update(parse_kld(out.output))
             v.measures["ppl_delta"] = v.measures["ppl"] - v.measures["ppl_reference"]
             bar.update()
-        step(f"speed of {v.name}")
-        bench = run([tools / "llama-batched-bench", "-m", v.path, "-c", "8192", "-b", "512",
-                     "-ub", "512", "-npp", str(cfg.prompt_tokens), "-ntg",
-                     str(cfg.generated_tokens), "-npl", "1,16", *t, "--output-format", "jsonl"],
-                    logs / f"bench-{v.name}.log")  # fmt: skip
-        v.measures.update(parse_speed(bench.output))
-        v.measures["peak_rss"] = bench.peak_rss
+        runs = []
+        for i in range(cfg.repeats):
+            step(f"speed of {v.name} ({i + 1}/{cfg.repeats})")
+            runs.append(run([tools / "llama-batched-bench", "-m", v.path, "-c", "8192", "-b",
+                             "512", "-ub", "512", "-npp", str(cfg.prompt_tokens), "-ntg",
+                             str(cfg.generated_tokens), "-npl", "1,16", *t,
+                             "--output-format", "jsonl"],
+                            logs / f"bench-{v.name}-{i + 1}.log"))  # fmt: skip
+        # The median of each figure: one short run on a shared 2-core VM varies by a third.
+        speeds = [parse_speed(r.output) for r in runs]
+        v.measures.update({k: statistics.median(s[k] for s in speeds) for k in speeds[0]})
+        v.measures["peak_rss"] = max(r.peak_rss for r in runs)
+        v.measures["speed_runs"] = cfg.repeats
         bar.update()
     bar.close()
     ppl = [v.measures["ppl_reference"] for v in variants if "ppl_reference" in v.measures]
@@ -280,7 +288,11 @@ def ladder(cfg: LadderConfig) -> dict[str, Any]:
         "evaluation_text": str(cfg.evaluation),
         "calibration_text": str(cfg.calibration) if cfg.imatrix else None,
         "kld_context": KLD_CONTEXT,
-        "bench": {"prompt_tokens": cfg.prompt_tokens, "generated_tokens": cfg.generated_tokens},
+        "bench": {
+            "prompt_tokens": cfg.prompt_tokens,
+            "generated_tokens": cfg.generated_tokens,
+            "repeats": cfg.repeats,
+        },
         "variants": [{**asdict(v), "path": str(v.path)} for v in variants],
     }
     ladder_report.write(report, cfg.out)
@@ -295,11 +307,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("quantize-ladder"))
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--llama-bin", type=Path)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     types = tuple(t.strip().lower() for t in args.types.split(",") if t.strip())
     try:
         ladder(LadderConfig(args.source, types, args.out, args.imatrix, args.threads,
-                            args.llama_bin))  # fmt: skip
+                            args.llama_bin, repeats=args.repeats))  # fmt: skip
     except LadderError as exc:
         sys.exit(f"ladder: {exc}")
     print((args.out / "ladder.md").read_text())

@@ -41,7 +41,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"KLD over `{Path(report['evaluation_text']).name}` in chunks of "
         f"{report['kld_context']} tokens; speed from llama-batched-bench "
         f"({report['bench']['prompt_tokens']} prompt + {report['bench']['generated_tokens']} "
-        "generated tokens per sequence). * = on the Pareto front (size vs mean KLD).",
+        "generated tokens per sequence; the median of "
+        f"{report['bench'].get('repeats', 1)} runs). * = on the Pareto front (size vs mean KLD).",
         "",
         "| variant | size MiB | bits/weight | mean KLD | p99 KLD | PPL | ΔPPL | same top | "
         "pp tok/s x1 | tg tok/s x1 | pp tok/s x16 | tg tok/s x16 | peak RSS MiB |",

@@ -21,7 +21,7 @@ def test_ladder_of_two_types_on_the_default_model(tmp_path: Path) -> None:
     source = default_model_path(progress=False)
     done = subprocess.run(
         [str(lockgate), "quantize", "ladder", str(source), "--types", "q8_0,q4_0",
-         "--out", str(tmp_path)],
+         "--out", str(tmp_path), "--repeats", "1"],
         capture_output=True, text=True, timeout=900, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
