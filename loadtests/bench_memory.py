@@ -1,10 +1,12 @@
 """Planned vs measured memory: `lockgate plan` against a real `lockgate serve`'s peak RSS.
 
 For each setting (n_ctx x max_sequences) the gateway is started on the default model,
-every slot is filled with a streamed completion (a ~200-token prompt, 64 tokens out),
-and the server's peak resident memory (VmHWM) is read from /proc. The same gateway on
-a fake backend gives what Python and the gateway cost without an engine; the rest is
-the engine's, which `lockgate plan --json` predicts from the GGUF header.
+every slot is filled with a streamed completion whose prompt takes ~80% of the context
+(memory the engine allocates but never writes is not resident: short prompts would
+flatter the plan), and the server's peak resident memory (VmHWM) is read from /proc.
+The same gateway on a fake backend gives what Python and the gateway cost without an
+engine; the rest is the engine's, which `lockgate plan --json` predicts from the GGUF
+header.
 
     python loadtests/bench_memory.py [--out loadtests/results/memory]
 
@@ -26,7 +28,7 @@ import httpx
 
 MiB = 1 << 20
 SETTINGS = [(2048, 16), (512, 8), (4096, 4)]
-PROMPT = " ".join(["The tide came in over the sand and the gulls rose from the rocks."] * 14)
+SENTENCE = "The tide came in over the sand and the gulls rose from the rocks."  # ~16 tokens
 
 
 def high_water(pid: int) -> int:
@@ -36,15 +38,16 @@ def high_water(pid: int) -> int:
     raise RuntimeError("no VmHWM")
 
 
-async def fill(url: str, slots: int) -> None:
+async def fill(url: str, slots: int, n_ctx: int) -> None:
+    prompt = " ".join([SENTENCE] * (n_ctx * 4 // 5 // 16))
     body = {
-        "model": "bench", "prompt": PROMPT, "max_tokens": 64, "stream": True,
+        "model": "bench", "prompt": prompt, "max_tokens": 32, "stream": True,
         "logit_bias": harness.NO_EOG,
     }  # fmt: skip
     async with httpx.AsyncClient(timeout=300) as client:
 
         async def one(i: int) -> None:
-            request = {**body, "prompt": f"{i}. {PROMPT}"}
+            request = {**body, "prompt": f"{i}. {prompt}"}
             async with client.stream("POST", url, json=request) as r:
                 r.raise_for_status()
                 async for _ in r.aiter_lines():
@@ -53,7 +56,7 @@ async def fill(url: str, slots: int) -> None:
         await asyncio.gather(*(one(i) for i in range(slots)))
 
 
-def serve(models_yaml: str, workdir: Path, slots: int) -> int:
+def serve(models_yaml: str, workdir: Path, slots: int, n_ctx: int) -> int:
     """Start the gateway, fill its slots, return its peak RSS in bytes."""
     port = harness.free_port()
     config = workdir / "lockgate.yaml"
@@ -61,7 +64,7 @@ def serve(models_yaml: str, workdir: Path, slots: int) -> int:
     cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
     with harness.spawned(cmd, workdir / "lockgate.log") as proc:
         harness.wait_http(f"http://127.0.0.1:{port}/health/ready", proc)
-        asyncio.run(fill(f"http://127.0.0.1:{port}/v1/completions", slots))
+        asyncio.run(fill(f"http://127.0.0.1:{port}/v1/completions", slots, n_ctx))
         return high_water(proc.pid)
 
 
@@ -84,10 +87,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         fake = "  - {name: bench, backend: fake, capacity: 16}\n"
-        base = serve(fake, root, 16)
+        base = serve(fake, root, 16, 512)
         for n_ctx, slots in SETTINGS:
             yaml = f"  - {{name: bench, path: '{model}', n_ctx: {n_ctx}, max_sequences: {slots}}}\n"
-            peak = serve(yaml, root, slots)
+            peak = serve(yaml, root, slots, n_ctx)
             plan = planned(model, n_ctx, slots)
             rows.append(
                 {
