@@ -36,6 +36,7 @@ CATEGORICAL = ("finish_reason", "empty", "refusal", "json_valid")
 # How much of an answer the refusal pattern sees: refusals come first.
 REFUSAL_PREFIX = 200
 _EPSILON = 1e-4  # an empty bin's share, so that PSI stays finite
+RESOLUTION = 0.05  # of the reference's median: the finest difference PSI's bins resolve
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +94,16 @@ def psi(reference: Sequence[float], current: Sequence[float], bins: int = 10) ->
 
     ref = np.asarray(reference, dtype=float)
     cur = np.asarray(current, dtype=float)
-    edges = np.unique(np.quantile(ref, np.linspace(0, 1, bins + 1)[1:-1]))
+    deciles = np.unique(np.quantile(ref, np.linspace(0, 1, bins + 1)[1:-1]))
+    # Edges closer than 5% of the reference's median are merged: on a tight distribution
+    # (a TTFT of 55 +- 1 ms) deciles a fraction of a millisecond apart would make noise
+    # look like a shift. A real 10% move still crosses a bin.
+    tolerance = RESOLUTION * max(abs(float(np.median(ref))), 1e-9)
+    kept: list[float] = []
+    for edge in deciles:
+        if not kept or edge - kept[-1] >= tolerance:
+            kept.append(float(edge))
+    edges = np.asarray(kept)
     # Bins (-inf, e1], (e1, e2]... (ek, inf) between the reference's deciles: values
     # beyond its range count, and a constant reference still has a bin of its own.
     ref_share = np.bincount(np.searchsorted(edges, ref, side="left"), minlength=len(edges) + 1)

@@ -34,6 +34,10 @@ def test_psi_is_near_zero_for_the_same_distribution_and_large_for_a_shift() -> N
     assert psi(reference, shifted) > 1.0
     assert psi([5.0] * 100, [5.0] * 100) == pytest.approx(0.0)  # one bin: no error
     assert psi([5.0] * 100, [9.0] * 100) > 0.0  # beyond the reference's range counts
+    # A tight distribution: a 0.5% wobble is not a shift, a 10% move is.
+    tight = [rng.gauss(0.055, 0.0005) for _ in range(500)]
+    assert psi(tight, [v * 1.005 for v in tight]) < 0.1
+    assert psi(tight, [v * 1.10 for v in tight]) > 0.25  # significant
 
 
 def test_jensen_shannon_is_zero_alike_one_disjoint_and_symmetric() -> None:

@@ -31,6 +31,7 @@ models:
 tenants:
   - {{id: team, keys: [{{id: team-key, hash: 'HASH'}}]}}
 drift: {{reference: 10, window: 10, min_requests: 10}}
+auth: {{database: 'DB'}}
 """.replace("HASH", key_hash(KEY))
 
 
@@ -45,7 +46,8 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("drift")
     os.environ["LOCKGATE_AUTH__ADMIN_KEY"] = ADMIN
     try:
-        server = lockgate(CONFIG, root)
+        # Its own tenant store: the session's shared one must stay without tenants.
+        server = lockgate(CONFIG.replace("DB", str(root / "lockgate.db")), root)
     finally:
         del os.environ["LOCKGATE_AUTH__ADMIN_KEY"]
     yield server
