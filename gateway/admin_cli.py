@@ -217,7 +217,7 @@ LogRequests = Annotated[
     bool | None,
     typer.Option(
         "--log-requests/--no-log-requests",
-        help="may its request bodies be written to the debug log",
+        help="are its requests written to the request log (request_log in the config)",
         show_default=False,
     ),
 ]
