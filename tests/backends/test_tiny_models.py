@@ -184,8 +184,9 @@ async def test_four_sequences_decode_in_shared_batches(
         assert (chunks[-1].prompt_tokens, chunks[-1].completion_tokens) == (prompt, 8)
     steps, sequences = steps_after - steps_before, sequences_after - sequences_before
     assert sequences == 4 * 8
-    # One sequence at a time would take 32 steps; batched, about 8 (one per token).
-    assert steps <= 16, (steps, sequences)
+    # One sequence at a time would take 32 steps; batched, about 8 (one per token), more
+    # when the four arrive a few steps apart on a loaded machine (17 seen in CI).
+    assert steps <= 24, (steps, sequences)
     assert backend.load().running == 0
 
 
