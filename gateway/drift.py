@@ -26,7 +26,7 @@ import re
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from gateway.settings import DriftSettings
@@ -142,6 +142,7 @@ class DriftTracker:
         self.settings = settings
         self.refusal = re.compile(settings.refusal_pattern)
         self._models: dict[str, _Model] = {}
+        self._versions: dict[tuple[int, ...], str] = {}
 
     def observe(self, model: str, version: str, f: Features) -> None:
         m = self._models.get(model)
@@ -150,6 +151,19 @@ class DriftTracker:
         if len(m.reference) < self.settings.reference:
             m.reference.append(f)
         m.current.append(f)
+
+    def version(self, instances: Sequence[Any]) -> str:
+        """What identifies a model's version: its instances and what they serve (cached
+        per instance list, which changes only when the instances do)."""
+        key = tuple(id(m) for m in instances)
+        known = self._versions.get(key)
+        if known is None:
+            parts = []
+            for m in instances:
+                info = m.backend.describe()
+                parts.append(f"{m.public_id}:{info.family}:{info.quantization}:{info.parameters}")
+            known = self._versions[key] = " ".join(parts)
+        return known
 
     def pin(self, model: str) -> bool:
         """Make the current window the reference; False if the model has none."""

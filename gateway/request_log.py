@@ -123,6 +123,13 @@ class RequestLog:
         clean = self.redact(text[:margin])
         return clean if len(text) <= limit else clean[:limit] + "…[truncated]"
 
+    def record(self, entry: dict[str, Any], *, body: bytes | None, text: str | None) -> None:
+        """A request's line; with ``bodies``, the request as sent and the text generated."""
+        if self.bodies:
+            entry["request"] = self.body(body)
+            entry["response"] = self.body(text)
+        self.write(entry)
+
     def write(self, entry: dict[str, Any]) -> None:
         """One line: ``entry`` with every string redacted, and a timestamp."""
         if self._listener is None:

@@ -40,7 +40,7 @@ from backends.base import (
 )
 from gateway.choices import ChoiceStream, close_all, first_chunks, merge
 from gateway.drain import Drain
-from gateway.drift import DriftTracker, features
+from gateway.drift import DriftTracker
 from gateway.errors import (
     CLIENT_CLOSED,
     Forbidden,
@@ -61,6 +61,7 @@ from gateway.events import (
     Timings,
 )
 from gateway.metrics import Metrics
+from gateway.observers import log_request, observe
 from gateway.registry import ModelRegistry, ServedModel
 from gateway.request_log import RequestLog
 from gateway.router import Router
@@ -181,7 +182,6 @@ class InferenceService:
         self.drain = drain  # past its deadline, a run closed early was cut (503), not left
         self.request_log = request_log
         self.drift = drift
-        self._versions: dict[str, tuple[tuple[int, ...], str]] = {}  # model → its instances
 
     # -- reading the catalogue ------------------------------------------------
 
@@ -290,10 +290,10 @@ class InferenceService:
                 self.router.in_flight -= 1
                 if request.retried:
                     self.router.retrying -= 1
-                if logged:
-                    self._log(principal, plan, request, served, status, priority, body, text)
+                if logged and log is not None:
+                    log_request(log, principal, plan, request, served, status, priority, body, text)
                 if status == 200 and self.drift is not None and text is not None:
-                    self._observe(plan, request, "".join(text))
+                    observe(self.drift, self.registry, plan, request, "".join(text))
 
     async def embed(
         self, principal: Principal, plan: EmbedPlan, *, body: bytes | None = None
@@ -336,8 +336,11 @@ class InferenceService:
             if status == CLIENT_CLOSED and self.drain is not None and self.drain.cut_off:
                 status = 503
             request.finish(status)
-            if logged:
-                self._log(principal, plan, request, served, status, "interactive", body, None)
+            if logged and self.request_log is not None:
+                log_request(
+                    self.request_log, principal, plan, request, served, status, "interactive",
+                    body, None,
+                )  # fmt: skip
 
     # -- the stages --------------------------------------------------------------
 
@@ -422,80 +425,6 @@ class InferenceService:
         except BaseException:  # an early error, or the client left
             await close_all(pending)
             raise
-
-    def _log(
-        self,
-        principal: Principal,
-        plan: Plan | EmbedPlan,
-        request: _Request,
-        served: ServedModel | None,
-        status: int,
-        priority: Priority,
-        body: bytes | None,
-        text: list[str] | None,
-    ) -> None:
-        """One line in the request log (gateway/request_log.py redacts it)."""
-        log = self.request_log
-        assert log is not None
-        prompt, completion = request.produced()
-        t = request.timings()
-        entry: dict[str, object] = {
-            "request_id": plan.request_id,
-            "tenant": principal.tenant.id,
-            "key_id": principal.key_id,
-            "model": request.model,
-            "instance": None if served is None else served.public_id,
-            "endpoint": plan.endpoint,
-            "priority": priority,
-            "stream": isinstance(plan, Plan) and plan.stream,
-            "status": status,
-            "finish_reason": [s.latest.finish_reason for s in request.streams] or None,
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "cached_tokens": request.cached(),
-            "queued_ms": round(t.queued * 1000, 1),
-            "ttft_ms": None
-            if request.first_seen is None
-            else round((request.first_seen - request.started) * 1000, 1),
-            "duration_ms": round(t.total * 1000, 1),
-        }
-        if log.bodies:
-            entry["request"] = log.body(body)
-            entry["response"] = None if text is None else log.body("".join(text))
-        log.write(entry)
-
-    def _observe(self, plan: Plan, request: _Request, text: str) -> None:
-        """The drift features of a finished generation (its first choice)."""
-        drift = self.drift
-        assert drift is not None and request.first_seen is not None
-        first = request.streams[0].latest
-        drift.observe(
-            plan.model,
-            self._version(plan.model),
-            features(
-                prompt_tokens=first.prompt_tokens,
-                completion_tokens=first.completion_tokens,
-                # The engine's (dispatch to first token): a queue's wait is load, not drift.
-                ttft_seconds=request.first_seen - (request.dispatched or request.started),
-                finish_reason=first.finish_reason,
-                text=text,
-                json_mode=plan.requests[0].response_format is not None,
-                refusal=drift.refusal,
-            ),
-        )
-
-    def _version(self, model: str) -> str:
-        """What identifies the model's version: its instances and what they serve."""
-        instances = self.registry.instances_of(model)
-        key = tuple(id(m) for m in instances)
-        known = self._versions.get(model)
-        if known is None or known[0] != key:
-            parts = []
-            for m in instances:
-                info = m.backend.describe()
-                parts.append(f"{m.public_id}:{info.family}:{info.quantization}:{info.parameters}")
-            known = self._versions[model] = (key, " ".join(parts))
-        return known[1]
 
     def _instances(self, principal: Principal, model: str) -> Sequence[ServedModel]:
         if not principal.tenant.allows(model):

@@ -92,6 +92,19 @@ def requests(gateway: Gateway, status: str) -> float:
     return sum(float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix))
 
 
+async def stream_through(gateway: Gateway, *, signals: int) -> list[str]:
+    """Start a long stream, send ``signals`` SIGTERMs once it streams, return its events."""
+    async with (
+        httpx.AsyncClient(base_url=gateway.url, timeout=30) as http,
+        http.stream("POST", "/v1/chat/completions", json=chat(400, stream=True)) as response,
+    ):
+        lines = response.aiter_lines()
+        assert (await anext(lines)).startswith("data: ")  # streaming
+        for _ in range(signals):
+            gateway.sigterm()
+        return [line async for line in lines if line.startswith("data: ")]
+
+
 def chat(words: int, *, stream: bool = False) -> dict[str, Any]:
     text = " ".join(f"w{i}" for i in range(words))
     return {"model": "slow", "messages": [{"role": "user", "content": text}], "stream": stream}
@@ -134,14 +147,7 @@ async def test_a_stream_still_open_at_the_deadline_ends_with_an_error_event(
     start: Callable[[float], Awaitable[Gateway]],
 ) -> None:
     gateway = await start(1)
-    async with (
-        httpx.AsyncClient(base_url=gateway.url, timeout=10) as http,
-        http.stream("POST", "/v1/chat/completions", json=chat(400, stream=True)) as response,
-    ):
-        lines = response.aiter_lines()
-        assert (await anext(lines)).startswith("data: ")  # streaming
-        gateway.sigterm()
-        events = [line async for line in lines if line.startswith("data: ")]  # ends cleanly
+    events = await stream_through(gateway, signals=1)  # the stream ends cleanly
     assert events[-1] == "data: [DONE]" or "shutting_down" in events[-1]
     error = json.loads(next(e for e in events if "shutting_down" in e)[len("data: ") :])
     assert error["error"]["code"] == "shutting_down"
@@ -183,15 +189,7 @@ async def test_a_second_signal_cuts_at_once(
     start: Callable[[float], Awaitable[Gateway]],
 ) -> None:
     gateway = await start(30)
-    async with (
-        httpx.AsyncClient(base_url=gateway.url, timeout=30) as http,
-        http.stream("POST", "/v1/chat/completions", json=chat(400, stream=True)) as response,
-    ):
-        lines = response.aiter_lines()
-        assert (await anext(lines)).startswith("data: ")
-        gateway.sigterm()
-        gateway.sigterm()  # not 30 s: now, with the error event all the same
-        events = [line async for line in lines if line.startswith("data: ")]
+    events = await stream_through(gateway, signals=2)  # not 30 s: now, with the error event
     assert any("shutting_down" in e for e in events)
     await asyncio.wait_for(gateway.task, 10)
     assert gateway.server.drain.cut_off

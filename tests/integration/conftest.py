@@ -134,12 +134,15 @@ def stop(server: Server) -> None:
         server.process.wait()
 
 
-def lockgate(config_text: str, root: Path) -> Server:
+def lockgate(config_text: str, root: Path, *, admin_key: str | None = None) -> Server:
+    """`lockgate serve` on ``config_text`` (``{port}`` filled in), with ``admin_key`` in
+    its environment if given."""
     port = free_port()
     config = root / "config.yaml"
     config.write_text(config_text.format(port=port))
     cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
-    return spawn(cmd, f"http://127.0.0.1:{port}", "/health/ready", root / "server.log")
+    env = None if admin_key is None else {**os.environ, "LOCKGATE_AUTH__ADMIN_KEY": admin_key}
+    return spawn(cmd, f"http://127.0.0.1:{port}", "/health/ready", root / "server.log", env=env)
 
 
 EMBEDDED_CONFIG = """

@@ -44,12 +44,8 @@ def drift_psi(gateway: Server, feature: str) -> float:
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("drift")
-    os.environ["LOCKGATE_AUTH__ADMIN_KEY"] = ADMIN
-    try:
-        # Its own tenant store: the session's shared one must stay without tenants.
-        server = lockgate(CONFIG.replace("DB", str(root / "lockgate.db")), root)
-    finally:
-        del os.environ["LOCKGATE_AUTH__ADMIN_KEY"]
+    # Its own tenant store: the session's shared one must stay without tenants.
+    server = lockgate(CONFIG.replace("DB", str(root / "lockgate.db")), root, admin_key=ADMIN)
     yield server
     stop(server)
 

@@ -57,11 +57,7 @@ def cli(*args: str, url: str | None = None, check: bool = True) -> Any:
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("tenancy-cli")
-    os.environ["LOCKGATE_AUTH__ADMIN_KEY"] = ADMIN
-    try:
-        server = lockgate(CONFIG.replace("DB", str(root / "lockgate.db")), root)
-    finally:
-        del os.environ["LOCKGATE_AUTH__ADMIN_KEY"]
+    server = lockgate(CONFIG.replace("DB", str(root / "lockgate.db")), root, admin_key=ADMIN)
     yield server
     stop(server)
 
