@@ -48,7 +48,17 @@ Url = Annotated[str, typer.Option(envvar="LOCKGATE_URL", help="the gateway's bas
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
-def call(url: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+def call(
+    url: str,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None = None,
+    *,
+    timeout: float = 30.0,
+    flags: bool = True,
+) -> Any:
+    """The admin API's answer; an error is printed (its fields named as ``flags`` when
+    the message is about this command's flags) and exits 1."""
     admin_key = os.environ.get("LOCKGATE_AUTH__ADMIN_KEY")
     if not admin_key:
         typer.echo("lockgate: set LOCKGATE_AUTH__ADMIN_KEY to the gateway's admin key", err=True)
@@ -60,14 +70,14 @@ def call(url: str, method: str, path: str, body: dict[str, Any] | None = None) -
         headers={"Authorization": f"Bearer {admin_key}", "Content-Type": "application/json"},
     )
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
             return json.load(response)
     except urllib.error.HTTPError as exc:
         try:
             message = json.load(exc)["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = exc.reason
-        typer.echo(f"lockgate: {exc.code}: {_in_flags(message)}", err=True)
+        typer.echo(f"lockgate: {exc.code}: {_in_flags(message) if flags else message}", err=True)
         raise typer.Exit(1) from None
     except urllib.error.URLError as exc:
         typer.echo(f"lockgate: cannot reach {url}: {exc.reason}", err=True)
@@ -391,6 +401,18 @@ def models_weight(
     quote = urllib.parse.quote
     path = f"/admin/models/{quote(model)}/instances/{quote(instance)}/weight"
     _show(call(url, "PUT", path, {"weight": weight}))
+
+
+def reload(url: Url = DEFAULT_URL) -> None:
+    """Make a running gateway read its config file again and apply it, without a restart.
+
+    Prints what changed and what needs a restart; a file that does not validate is
+    refused whole (exit 1, the key named) and the old configuration goes on serving.
+    Sending the server SIGHUP does the same (the outcome is in its log). Needs the
+    admin key in $LOCKGATE_AUTH__ADMIN_KEY.
+    """
+    # New embedded models load before the answer: allow for a large one.
+    _show(call(url, "POST", "/admin/reload", timeout=600, flags=False))
 
 
 @keys.command("generate")

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -31,8 +33,6 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute, Route
 
 from backends.base import Backend, BackendError
-from backends.fake import FakeBackend
-from backends.llama.backend import EmbeddedBackend
 from gateway.access import AccessLog
 from gateway.api import admin, batches, health, ollama, openai, responses
 from gateway.api.disconnect import ClientDisconnected
@@ -55,24 +55,19 @@ from gateway.errors import (
     ModelNotFound,
     NotFound,
 )
+from gateway.fleet import Fleet
 from gateway.limits import BodySizeLimit
-from gateway.memory_plan import embedded_config
 from gateway.metrics import Metrics
 from gateway.outliers_redis import RedisBoard
-from gateway.registry import ModelRegistry, ServedModel
-from gateway.remote import build_remote_backend
+from gateway.registry import ServedModel
+from gateway.reload import Reloader
 from gateway.request_log import RequestLog
 from gateway.router import Router
-from gateway.scheduler.base import PoolLimits, Scheduler
+from gateway.scheduler.base import Scheduler
 from gateway.scheduler.memory import MemoryScheduler
 from gateway.scheduler.redis_scheduler import RedisScheduler
 from gateway.service import InferenceService
 from gateway.settings import (
-    AnyModelSettings,
-    ConfigError,
-    FakeModelSettings,
-    ModelSettings,
-    RemoteModelSettings,
     Settings,
 )
 from gateway.tenancy.records import ANONYMOUS, Tenant
@@ -80,86 +75,6 @@ from gateway.tenancy.runtime import Tenancy
 from gateway.tenancy.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
-
-
-def build_backend(model: AnyModelSettings) -> Backend:
-    if isinstance(model, ModelSettings):
-        return EmbeddedBackend(embedded_config(model))
-    if isinstance(model, FakeModelSettings):
-        return FakeBackend(
-            model.behaviour or model.name,
-            context_length=model.context_length,
-            delay=model.delay,
-            capacity=model.capacity,
-        )
-    return build_remote_backend(model)
-
-
-def _public_ids(models: Sequence[AnyModelSettings]) -> list[str]:
-    """What clients are told served them: the configured ``id``, else the backend kind —
-    numbered among a name's remote instances (``llamacpp-0``), and from the second on
-    among its local ones (``embedded``, ``embedded-1``) — never an upstream's URL."""
-    remote: dict[str, int] = {}
-    local: dict[tuple[str, str], int] = {}
-    ids: list[str] = []
-    for m in models:
-        if m.id is not None:
-            ids.append(m.id)
-        elif isinstance(m, ModelSettings | FakeModelSettings):
-            n = local.get((m.name, m.backend), 0)
-            local[m.name, m.backend] = n + 1
-            ids.append(m.backend if n == 0 else f"{m.backend}-{n}")
-        else:
-            n = remote.get(m.name, 0)
-            remote[m.name] = n + 1
-            ids.append(f"{m.backend}-{n}")
-    seen: set[tuple[str, str]] = set()
-    for m, id in zip(models, ids, strict=True):
-        if (m.name, id) in seen:  # a configured id equal to a generated one
-            raise ConfigError(
-                f"model '{m.name}': two instances would both be '{id}'; give each an `id`"
-            )
-        seen.add((m.name, id))
-    return ids
-
-
-def _kind(m: ServedModel) -> str:
-    """What a newcomer needs to know of a loaded model: a base model garbles chats."""
-    info = m.backend.describe()
-    facts = [f for f in (info.family, info.quantization) if f]
-    if info.parameters:
-        facts.append(f"{info.parameters / 1e6:,.0f}M parameters")
-    said = f": {', '.join(facts)}" if facts else ""
-    if info.chat_template is False:
-        said += (
-            "; a base model (its GGUF has no chat template): completions suit it, chats"
-            " get a built-in template and answers of little sense. For chat, serve an"
-            " instruction-tuned GGUF: lockgate serve --model PATH"
-        )
-    elif info.chat_template:
-        said += "; a chat model (its GGUF carries a chat template)"
-    return said
-
-
-async def _start_all(models: Sequence[ServedModel], starting: set[ServedModel]) -> None:
-    """Start every backend at once; each leaves ``starting`` when its start has ended."""
-
-    async def start(m: ServedModel) -> None:
-        began = time.perf_counter()
-        try:
-            await m.backend.start()
-        except Exception:
-            log.exception("model %s (%s) failed to load; it answers 503", m.name, m.public_id)
-            return
-        finally:
-            starting.discard(m)
-        took = time.perf_counter() - began
-        if m.backend.ready:
-            log.info("model %s (%s) ready in %.1fs%s", m.name, m.public_id, took, _kind(m))
-        else:  # the backend has said why (an upstream not answering)
-            log.info("model %s (%s) started, not ready yet", m.name, m.public_id)
-
-    await asyncio.gather(*(start(m) for m in models))
 
 
 def _errors_for(path: str) -> ErrorFormat:
@@ -223,32 +138,28 @@ def require_guards(app: FastAPI) -> None:
             raise RuntimeError(f"route {route} is neither an APIRoute nor an Endpoint")
 
 
-def _pool_limits(settings: Settings, backend: Backend) -> PoolLimits:
-    s = settings.scheduler
-    return PoolLimits(
-        capacity=backend.load().capacity,
-        max_queue=s.max_queue,
-        max_queue_per_tenant=s.max_queue_per_tenant,
-        max_wait=s.max_wait,
-    )
-
-
 def _error_body(path: str, info: ErrorInfo) -> bytes:
     return _errors_for(path).body(info)
 
 
 def create_app(
-    settings: Settings, *, backends: Mapping[str, Backend] | None = None, drain: Drain | None = None
+    settings: Settings,
+    *,
+    backends: Mapping[str, Backend] | None = None,
+    drain: Drain | None = None,
+    reload_from: Callable[[], Settings] | None = None,
+    check_memory: bool = True,
 ) -> FastAPI:
     """Build the app; ``backends`` (name → backend) replaces the configured ones in tests,
-    ``drain`` is the server's (:class:`gateway.drain.DrainingServer` begins it)."""
+    ``drain`` is the server's (:class:`gateway.drain.DrainingServer` begins it).
+
+    ``reload_from`` reads the configuration again for a reload (``POST /admin/reload``;
+    ``SIGHUP`` too when the app runs on the main thread), as the server was started;
+    ``check_memory`` refuses a reload whose new embedded models would not fit."""
     created = int(time.time())
     drain = drain or Drain(settings.server.drain_seconds)
     request_log = RequestLog(settings.request_log)
     metrics = Metrics(tenant_label_cap=settings.auth.tenant_label_cap)
-    drift = DriftTracker(settings.drift) if settings.drift.enabled else None
-    if drift is not None:
-        metrics.watch_drift(drift.summary)
     tenancy = Tenancy(settings, metrics, models=None if backends is None else list(backends))
     policy = settings.scheduler.policy
     # An embedded engine's slots belong to this process; a remote engine's are shared by
@@ -258,26 +169,12 @@ def create_app(
     if tenancy.link is not None:
         shared = RedisScheduler(tenancy.link, policy=policy, lease_ttl=settings.scheduler.lease_ttl)
     if backends is None:
-        served = [
-            ServedModel(
-                m.name,
-                build_backend(m),
-                local if isinstance(m, ModelSettings | FakeModelSettings) else shared,
-                max_n=m.max_n,
-                created=created,
-                # A remote engine's slots are named by its URL, the same on every replica.
-                instance=m.base_url if isinstance(m, RemoteModelSettings) else public_id,
-                public_id=public_id,
-                remote=isinstance(m, RemoteModelSettings),
-                tier=m.tier,
-                weight=m.weight,
-                canary=m.canary,
-            )
-            for m, public_id in zip(settings.models, _public_ids(settings.models), strict=True)
-        ]
+        fleet = Fleet.from_settings(
+            settings.models, settings.scheduler, local=local, shared=shared, created=created
+        )
     else:
         limits = {m.name: m.max_n for m in settings.models}
-        served = [
+        injected = [
             ServedModel(
                 name,
                 b,
@@ -289,19 +186,12 @@ def create_app(
             )
             for name, b in backends.items()
         ]
-    registry = ModelRegistry(served)
-    for m in served:
-        m.scheduler.add_pool(m.pool, _pool_limits(settings, m.backend))
+        fleet = Fleet(injected, settings.scheduler)
+    registry = fleet.registry
     metrics.watch(
         lambda: [(m.name, m.public_id, m.backend) for m in registry.instances()],
         lambda: [(m.name, m.public_id, m.scheduler.load(m.pool)) for m in registry.instances()],
     )
-    starting = set(served)
-
-    async def load_models() -> None:
-        await _start_all(served, starting)
-        for m in served:  # llama-server reports its real slot count once it is up
-            m.scheduler.add_pool(m.pool, _pool_limits(settings, m.backend))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -310,15 +200,21 @@ def create_app(
         schedulers = {id(s): s for s in (local, shared)}.values()
         for s in schedulers:
             await s.start()
-        loading = asyncio.create_task(load_models())
+        loading = asyncio.create_task(fleet.start())
         if board is not None:
             await board.start()
         await batch_store.open()
         if settings.batches.enabled:
             await runner.start()
+        hangup = reload_from is not None and threading.current_thread() is threading.main_thread()
+        if hangup:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloader.reload_soon)
         try:
             yield
         finally:
+            if hangup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            await reloader.stop()
             await runner.stop()  # its claims go back: another replica resumes at once
             await batch_store.close()
             if board is not None:
@@ -327,7 +223,7 @@ def create_app(
             await asyncio.gather(loading, return_exceptions=True)
             for s in schedulers:
                 await s.stop()
-            await asyncio.gather(*(m.backend.close() for m in served), return_exceptions=True)
+            await fleet.close()
             await tenancy.stop()
             request_log.stop()
 
@@ -346,7 +242,7 @@ def create_app(
     app.state.readiness = Readiness(
         drain,
         registry,
-        starting=lambda: starting,
+        starting=lambda: fleet.starting,
         redis=tenancy.link,
         redis_required=settings.auth.limits_on_redis_outage == "fail_closed",
     )
@@ -369,7 +265,20 @@ def create_app(
         router,
         drain=drain,
         request_log=request_log,
-        drift=drift,
+        drift=DriftTracker(settings.drift) if settings.drift.enabled else None,
+    )
+    metrics.watch_drift(lambda: [] if service.drift is None else service.drift.summary())
+    app.state.reloader = reloader = Reloader(
+        reload_from,
+        settings,
+        fleet=fleet,
+        router=router,
+        tenancy=tenancy,
+        service=service,
+        request_log=request_log,
+        drain=drain,
+        board=board,
+        check_memory=check_memory,
     )
     b = settings.batches
     batch_store: BatchStore = (

@@ -144,6 +144,15 @@ class DriftTracker:
         self._models: dict[str, _Model] = {}
         self._versions: dict[tuple[int, ...], str] = {}
 
+    def configure(self, settings: DriftSettings) -> None:
+        """A reload: new window sizes and refusal pattern; what was seen is kept (the
+        windows cut to their new sizes)."""
+        self.settings = settings
+        self.refusal = re.compile(settings.refusal_pattern)
+        for m in self._models.values():
+            del m.reference[settings.reference :]
+            m.current = deque(m.current, maxlen=settings.window)
+
     def observe(self, model: str, version: str, f: Features) -> None:
         m = self._models.get(model)
         if m is None or m.version != version:  # a new model version: a new reference

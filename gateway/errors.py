@@ -16,6 +16,7 @@ nothing about the internals (the traceback goes to the log only).
     ├── NotFound              404 (unknown route or admin resource)
     ├── MethodNotAllowed      405 (a known path, another method)
     ├── Conflict              409 conflict (admin: the id exists)
+    ├── ConfigRefused         422 invalid_config (a reload's file is refused whole)
     ├── RequestTooLarge       413 request_too_large
     ├── RateLimited           429 rate_limit_exceeded, Retry-After and x-ratelimit-*
     ├── QuotaExceeded         429 insufficient_quota (a token budget is spent)
@@ -109,6 +110,10 @@ class Conflict(GatewayError):
     """An admin create whose id already exists."""
 
 
+class ConfigRefused(GatewayError):
+    """A reload's configuration does not validate, or cannot be applied: nothing changed."""
+
+
 class RateLimited(GatewayError):
     """A rate or concurrency limit is reached; ``headers`` say when to retry.
 
@@ -184,6 +189,7 @@ _TABLE: tuple[tuple[type[Exception], int, str, str | None, str | None], ...] = (
     (Unauthorized, 401, "invalid_request_error", "invalid_api_key", None),
     (Forbidden, 403, "invalid_request_error", "permission_denied", None),
     (Conflict, 409, "invalid_request_error", "conflict", None),
+    (ConfigRefused, 422, "invalid_request_error", "invalid_config", None),
     (RateLimited, 429, "requests", "rate_limit_exceeded", None),
     (QuotaExceeded, 429, "insufficient_quota", "insufficient_quota", None),
     (TenantQueueFull, 429, "requests", "rate_limit_exceeded", "rejected_tenant"),

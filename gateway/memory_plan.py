@@ -11,11 +11,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from backends.llama.backend import EmbeddedConfig, engine_config
 from backends.llama.engine import MAX_SEQUENCE_IDS, context_config
 from gateway.settings import ModelSettings
-from quantization.plan import GGUFModel, GGUFPlan, mib, plan_gguf
+from quantization.plan import (
+    GGUFModel,
+    GGUFPlan,
+    PlanError,
+    available_memory,
+    mib,
+    plan_gguf,
+    read_gguf,
+)
 
 
 def embedded_config(model: ModelSettings) -> EmbeddedConfig:
@@ -79,3 +88,18 @@ def shortfall(planned: Sequence[Planned], available: int) -> str | None:
         "--skip-memory-check"
     )
     return "\n".join(lines)
+
+
+def cannot_load(models: Sequence[tuple[ModelSettings, Path]]) -> str | None:
+    """Why these embedded models (each with its GGUF file) cannot all be loaded in the
+    memory this process may still allocate, or None. Reads GGUF headers: run it off
+    the event loop."""
+    planned = []
+    for model, path in models:
+        try:
+            gguf = read_gguf(path)
+        except PlanError as exc:
+            return f"model '{model.name}': {exc}"
+        cfg = embedded_config(model)
+        planned.append(Planned(model.name, gguf, cfg, plan_embedded(gguf, cfg)))
+    return shortfall(planned, available_memory()) if planned else None

@@ -30,12 +30,18 @@ class RedisBoard:
         wall: Callable[[], float] = time.time,
     ) -> None:
         self._link = link
-        self._keys = {pool: f"lockgate:eject:{pool}" for pool in pools}
+        self._keys: dict[str, str] = {}
+        self.share(pools)
         self._interval = interval
         self._wall = wall
         self._seen: dict[str, tuple[float, int]] = {}
         self._task: asyncio.Task[None] | None = None
         self._writes: set[asyncio.Task[None]] = set()
+
+    def share(self, pools: Sequence[str]) -> None:
+        """Share these remote instances' ejections from now on (they stay shared)."""
+        for pool in pools:
+            self._keys[pool] = f"lockgate:eject:{pool}"
 
     def publish(self, pool: str, until_wall: float, times: int) -> None:
         key = self._keys.get(pool)

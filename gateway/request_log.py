@@ -45,15 +45,30 @@ class RequestLog:
         *,
         sample: Callable[[], float] = random.random,
     ) -> None:
-        self.settings = settings
-        self.enabled = settings.path is not None
-        self.bodies = settings.bodies
-        self.redact = Redactor(settings.redact)
+        self._settings(settings)
         self._sample = sample
         self._logger = logging.getLogger(f"lockgate.request_log.{id(self)}")
         self._logger.propagate = False  # its own file; never the application log
         self._logger.setLevel(logging.INFO)
         self._listener: logging.handlers.QueueListener | None = None
+
+    def _settings(self, settings: RequestLogSettings) -> None:
+        self.settings = settings
+        self.enabled = settings.path is not None
+        self.bodies = settings.bodies
+        self.redact = Redactor(settings.redact)
+
+    def configure(self, settings: RequestLogSettings) -> None:
+        """A reload: what is queued is written with the old settings, then the new apply
+        (a new path, rotation, redaction...). It runs on the event loop, between two
+        requests' lines, so none is lost."""
+        if settings == self.settings:
+            return
+        running = self._listener is not None
+        self.stop()
+        self._settings(settings)
+        if running:
+            self.start()
 
     def check(self) -> str | None:
         """Why the log file cannot be written, or None (``lockgate serve`` asks first)."""

@@ -240,6 +240,31 @@ class Router:
         self._windows[pool] = deque()  # judged afresh from here
         log.info("instance %s of model %s: weight %g", backend_id, found[0].name, weight)
 
+    def configure(
+        self,
+        settings: RoutingSettings,
+        before: Sequence[ServedModel],
+        after: Sequence[ServedModel],
+    ) -> None:
+        """A reload: new settings; an instance that is new, or whose configured weight or
+        canary flag changed, starts at its configured weight and is judged afresh; any
+        other keeps its run-time weight (and rollback)."""
+        self.settings = settings
+        self.outliers.eject_after = settings.eject_after
+        self.outliers.eject_seconds = settings.eject_seconds
+        was = {m.pool: m for m in before}
+        for m in after:
+            old = was.get(m.pool)
+            if old is None or (old.weight, old.canary) != (m.weight, m.canary):
+                self._weights[m.pool] = m.weight
+                self.rolled_back.pop(m.pool, None)
+                self._windows[m.pool] = deque()
+        kept = {m.pool for m in after}
+        for pool in [p for p in self._weights if p not in kept]:
+            del self._weights[pool]
+            self._windows.pop(pool, None)
+            self.rolled_back.pop(pool, None)
+
     def status(self, instances: Sequence[ServedModel]) -> list[dict[str, object]]:
         out: list[dict[str, object]] = []
         for m in instances:

@@ -84,6 +84,7 @@ class _Request:
         "endpoint",
         "first_seen",
         "grant",
+        "held",
         "model",
         "retried",
         "started",
@@ -102,10 +103,18 @@ class _Request:
         self.first_seen: float | None = None
         self.ticket: Ticket | None = None  # settled by finish()
         self.grant: Grant | None = None  # released by finish()
+        self.held: ServedModel | None = None  # the instance placed on; let go by finish()
         self.streams: Sequence[ChoiceStream] = ()
         self.usage: tuple[int, int] | None = None  # set by embeddings, which have no streams
         self.retried = False  # it counts against the router's retry budget
         self._done = False
+
+    def hold(self, served: ServedModel) -> None:
+        """Placed on ``served`` (a retry lets the previous instance go)."""
+        if self.held is not None:
+            self.held.in_use.leave()
+        served.in_use.enter()
+        self.held = served
 
     def first_token(self) -> None:
         self.first_seen = time.perf_counter()
@@ -140,6 +149,8 @@ class _Request:
         self._done = True
         if self.grant is not None:
             self.grant.release()  # first: the next waiter starts at once
+        if self.held is not None:
+            self.held.in_use.leave()  # a retired instance closes once none hold it
         prompt_tokens, completion_tokens = self.produced()
         m, now = self._metrics, time.perf_counter()
         if self.ticket is not None:
@@ -309,7 +320,10 @@ class InferenceService:
             request.ticket = ticket = await self.admission.admit(
                 principal, plan.model, tokens=plan.tokens, request_id=plan.request_id
             )
+            # Read again after admission's awaits: a reload may have retired an instance.
+            instances = self.registry.instances_of(plan.model)
             served, _ = self.router.place(instances, spill=principal.tenant.spillover)
+            request.hold(served)
             ticket.backend = served.instance
             request.dispatched = time.perf_counter()
             try:
@@ -365,9 +379,12 @@ class InferenceService:
             key = router.affinity_key(_shared_prefix(plan.requests[0]), plan.session)
         failure: Exception | None = None  # the last instance's, raised when none is left
         while True:
+            # Read again after every await: a reload may have retired an instance since.
+            instances = self.registry.instances_of(plan.model)
             served, _ = router.place(
                 instances, tried=tried, spill=principal.tenant.spillover, key=key
             )
+            request.hold(served)
             if failure is not None and served.pool in tried:
                 raise failure  # nowhere else to go: never the same instance twice
             assert request.ticket is not None

@@ -12,6 +12,9 @@ POST   /admin/keys/{key_id}/rotate      new key; the old one ends now or after a
 GET    /admin/usage?tenant=&model=&start=&end=    hourly usage rows and totals
 GET    /admin/models                    every model's instances: tier, weight, state, load
 PUT    /admin/models/{name}/instances/{id}/weight   body {"weight": 25}: at run time
+POST   /admin/reload                    read the config file again and apply it (or 422)
+GET    /admin/drift/{model}             a model's drift windows and scores
+POST   /admin/drift/{model}/pin         the current window becomes the reference
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from gateway.drift import DriftTracker, window_values
 from gateway.errors import InvalidRequest, NotFound
 from gateway.protocol.wire import StrictBody, parse
 from gateway.registry import ModelRegistry
+from gateway.reload import Reloader
 from gateway.router import Router
 from gateway.tenancy.admin import TenantAdmin
 from gateway.tenancy.ledger import UsageLedger
@@ -212,6 +216,13 @@ async def set_weight(request: Request, name: str, backend_id: str) -> Response:
     instances = registry.instances_of(name)
     _router(request).set_weight(instances, backend_id, body.weight)
     return _json({"object": "model", "id": name, "instances": _router(request).status(instances)})
+
+
+@router.post("/reload")
+async def reload(request: Request) -> Response:
+    """Apply the configuration file as it is now: what changed, or 422 naming the key."""
+    reloader: Reloader = request.app.state.reloader
+    return _json((await reloader.reload()).json())
 
 
 def _drift(request: Request) -> DriftTracker:

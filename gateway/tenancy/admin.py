@@ -44,6 +44,10 @@ class TenantAdmin:
         self._models = None if models is None else frozenset(models)
         self._wall = wall
 
+    def serve(self, models: Collection[str]) -> None:
+        """The names served from now on (a reload)."""
+        self._models = frozenset(models)
+
     def _check_models(self, tenant: Tenant, before: Tenant | None = None) -> None:
         """Refuse names this gateway does not serve, among those the change adds (a name
         kept from before may be served by another replica, or served again later)."""

@@ -117,6 +117,18 @@ class Tenancy:
             log.info("auth on: %s", await self._why_auth())
         self._ledger_task = asyncio.create_task(self.ledger.run())
 
+    async def reload(self, settings: Settings) -> None:
+        """A reload: the config file's tenants and keys written over the stored ones (a key
+        that left the file is revoked), at once on this replica (its cache dropped).
+        Keys turn on if the new file declares tenants; a reload never turns them off."""
+        self.settings = settings
+        self.admin.serve([m.name for m in settings.models])
+        await self.admin.apply_config(settings.tenants)
+        self.auth.forget()
+        if not self.auth.enabled and await self.auth_needed():
+            self.auth.enabled = True
+            log.info("auth on: %s", await self._why_auth())
+
     @property
     def where(self) -> str:
         """Where tenants, keys and usage live (never a Redis URL: it may hold a password)."""
