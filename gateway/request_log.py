@@ -51,6 +51,7 @@ class RequestLog:
         self._logger.propagate = False  # its own file; never the application log
         self._logger.setLevel(logging.INFO)
         self._listener: logging.handlers.QueueListener | None = None
+        self._running = False  # between start() and stop(), whether or not it writes
 
     def _settings(self, settings: RequestLogSettings) -> None:
         self.settings = settings
@@ -64,7 +65,7 @@ class RequestLog:
         requests' lines, so none is lost."""
         if settings == self.settings:
             return
-        running = self._listener is not None
+        running = self._running
         self.stop()
         self._settings(settings)
         if running:
@@ -84,6 +85,7 @@ class RequestLog:
         return None
 
     def start(self) -> None:
+        self._running = True
         if not self.enabled or self._listener is not None:
             return
         path = self.settings.path
@@ -107,6 +109,7 @@ class RequestLog:
 
     def stop(self) -> None:
         """Write what is queued, then close the file."""
+        self._running = False
         if self._listener is None:
             return
         self._listener.stop()

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from quantization.gguf_header import Array, HeaderError, read_header
+
 MiB = 1 << 20
 GiB = 1 << 30
 CELL_PAD = 256  # llama.cpp rounds n_ctx and the SWA cache up to this many cells
@@ -106,22 +108,26 @@ class GGUFModel:
         )
 
 
+def _length(array: object) -> int:
+    return array.count if isinstance(array, Array) else len(array)  # type: ignore[arg-type]
+
+
 def read_gguf(path: Path) -> GGUFModel:
     """The shape of a GGUF model, from its header (tensors are not read)."""
-    from gguf import GGUFReader  # numpy-heavy: imported when a plan is asked for
+    from gguf.constants import GGMLQuantizationType
 
     try:
-        reader = GGUFReader(path)
-    except (OSError, ValueError) as exc:
+        header = read_header(path)
+    except (OSError, HeaderError) as exc:
         raise PlanError(f"{path}: not a readable GGUF file ({exc})") from None
 
     def field(key: str, default: Any = None) -> Any:
-        found = reader.fields.get(key)
+        found = header.fields.get(key)
         if found is None:
             if default is None:
                 raise PlanError(f"{path}: the GGUF has no {key}")
             return default
-        return found.contents()
+        return found
 
     arch = str(field("general.architecture"))
     n_layer = int(field(f"{arch}.block_count"))
@@ -138,12 +144,12 @@ def read_gguf(path: Path) -> GGUFModel:
     pattern = int(field(f"{arch}.attention.sliding_window_pattern", SWA_PATTERNS.get(arch, 1)))
     # pattern n: layers i with i % n < n - 1 use the window (1: every layer, if it has one)
     swa = tuple(window > 0 and (pattern == 1 or i % pattern < pattern - 1) for i in range(n_layer))
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    weights = sum(int(t.n_bytes) for t in reader.tensors)
+    tokens = header.fields.get("tokenizer.ggml.tokens")
+    weights = sum(t.n_bytes for t in header.tensors)
     repack = sum(
-        int(t.n_bytes)
-        for t in reader.tensors
-        if t.tensor_type.name in REPACKED_TYPES and t.name != "token_embd.weight"
+        t.n_bytes
+        for t in header.tensors
+        if GGMLQuantizationType(t.type).name in REPACKED_TYPES and t.name != "token_embd.weight"
     )
     return GGUFModel(
         path=path,
@@ -151,7 +157,7 @@ def read_gguf(path: Path) -> GGUFModel:
         n_layer=n_layer,
         n_embd=n_embd,
         n_ff=int(field(f"{arch}.feed_forward_length", 4 * n_embd)),
-        n_vocab=len(tokens.data) if tokens is not None else int(field(f"{arch}.vocab_size")),
+        n_vocab=_length(tokens) if tokens is not None else int(field(f"{arch}.vocab_size")),
         n_ctx_train=int(field(f"{arch}.context_length", 0)),
         n_head_kv=per_layer,
         key_length=int(field(f"{arch}.attention.key_length", head_dim)),
