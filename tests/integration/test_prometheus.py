@@ -4,6 +4,7 @@ alert rules; the test reads both back through Prometheus's HTTP API."""
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,3 +88,34 @@ def test_prometheus_scrapes_the_gateway_and_loads_its_alerts(
     loaded = {r["name"]: r for g in rules for r in g["rules"]}
     assert "LockgateDown" in loaded and "LockgateModelDrift" in loaded
     assert all(r["health"] != "err" for r in loaded.values()), loaded
+
+
+def test_every_dashboard_query_runs_and_the_picture_is_drawn(
+    gateway: Server, prometheus: Server, tmp_path: Path
+) -> None:
+    """deploy/grafana/render.py against the real Prometheus: Prometheus accepts every
+    panel's query (a refused one raises), the traffic panels have series, a PNG is drawn."""
+    with openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key="x", max_retries=0) as c:
+        c.chat.completions.create(
+            model="gemma", max_tokens=4, messages=[{"role": "user", "content": "Hi"}]
+        )
+    sys.path.insert(0, str(REPO / "deploy" / "grafana"))
+    try:
+        import render
+    finally:
+        sys.path.pop(0)
+    end = time.time() + 1
+    deadline = time.monotonic() + 60
+    while True:
+        collected = render.collect(prometheus.base_url, start=end - 120, end=end, step=2)
+        panels = {p.title: p for _, ps in collected for p in ps}
+        if panels["Requests/s by model and door"].series or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+        end = time.time() + 1
+    assert len(panels) == 27
+    assert panels["Requests/s by model and door"].series
+    assert panels["Slots used / capacity"].series
+    out = tmp_path / "dashboard.png"
+    render.draw(collected, out, title="test")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
