@@ -123,7 +123,13 @@ class Tenancy:
         Keys turn on if the new file declares tenants; a reload never turns them off."""
         self.settings = settings
         self.admin.serve([m.name for m in settings.models])
-        await self.admin.apply_config(settings.tenants)
+        try:
+            await self.admin.apply_config(settings.tenants)
+        except StoreUnavailable:
+            log.warning("redis unreachable: the reloaded tenants are written when it is up")
+            if self._config_task is None or self._config_task.done():
+                self._config_task = asyncio.create_task(self._apply_config_when_up())
+            return
         self.auth.forget()
         if not self.auth.enabled and await self.auth_needed():
             self.auth.enabled = True
