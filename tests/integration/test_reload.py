@@ -39,7 +39,13 @@ TOKENS = 24
 
 
 def config(
-    port: int, *, path: str | None = None, n_ctx: int = 1024, second: bool, tenant_b: bool
+    port: int,
+    root: Path,
+    *,
+    path: str | None = None,
+    n_ctx: int = 1024,
+    second: bool,
+    tenant_b: bool,
 ) -> str:
     model: dict[str, object] = {"name": "gemma", "n_ctx": n_ctx, "max_sequences": 4}
     if path is not None:
@@ -53,6 +59,8 @@ def config(
     data = {
         "server": {"host": "127.0.0.1", "port": port, "log_level": "info"},
         "routing": {"affinity": "none"},
+        # Its own tenant store: the session's default one is shared by servers without keys.
+        "auth": {"database": str(root / "lockgate.db")},
         "models": models,
         "tenants": tenants,
     }
@@ -124,7 +132,7 @@ def instances(server: Server) -> list[str]:
 
 def test_reload_under_streaming_load_fails_no_request(tmp_path: Path) -> None:
     port, path = free_port(), tmp_path / "config.yaml"
-    path.write_text(config(port, second=False, tenant_b=False))
+    path.write_text(config(port, tmp_path, second=False, tenant_b=False))
     server = spawn(
         [sys.executable, "-m", "gateway", "serve", "--config", str(path)],
         f"http://127.0.0.1:{port}",
@@ -140,7 +148,9 @@ def test_reload_under_streaming_load_fails_no_request(tmp_path: Path) -> None:
         assert chat_status(server, KEY_B) == 401
 
         # 1. SIGHUP: a tenant added, the engine replaced, an instance added.
-        path.write_text(config(port, path=str(link), n_ctx=768, second=True, tenant_b=True))
+        path.write_text(
+            config(port, tmp_path, path=str(link), n_ctx=768, second=True, tenant_b=True)
+        )
         os.killpg(os.getpgid(server.process.pid), signal.SIGHUP)
         wait_for(lambda: "reloaded:" in server.log.read_text())
         log = server.log.read_text()
@@ -153,7 +163,9 @@ def test_reload_under_streaming_load_fails_no_request(tmp_path: Path) -> None:
         wait_for(lambda: load.done >= done + 6)  # on the new engines
 
         # 2. The admin API: the second instance and tenant b removed.
-        path.write_text(config(port, path=str(link), n_ctx=768, second=False, tenant_b=False))
+        path.write_text(
+            config(port, tmp_path, path=str(link), n_ctx=768, second=False, tenant_b=False)
+        )
         answer = httpx.post(
             f"{server.base_url}/admin/reload",
             headers={"Authorization": f"Bearer {ADMIN}"},
@@ -167,7 +179,7 @@ def test_reload_under_streaming_load_fails_no_request(tmp_path: Path) -> None:
         assert chat_status(server, KEY_B) == 401
 
         # 3. A bad file: refused whole, and the old configuration goes on serving.
-        path.write_text(config(port, n_ctx=8, second=True, tenant_b=True))
+        path.write_text(config(port, tmp_path, n_ctx=8, second=True, tenant_b=True))
         refused = httpx.post(
             f"{server.base_url}/admin/reload", headers={"Authorization": f"Bearer {ADMIN}"}
         )
