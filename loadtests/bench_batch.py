@@ -2,22 +2,27 @@
 
 One Lockgate on the default model (16 sequences), driven over HTTP, in one run:
 
-Baselines run before and after the batch and are averaged (the machine's speed drifts).
+Baselines run before and after the batches and are averaged (the machine's speed drifts).
 
 - ``saturated``: 16 closed-loop clients send the batch's own lines as plain requests
   (non-streamed): the engine's throughput when nothing else runs (completion tokens/s).
-- ``idle``: 2 interactive users chat (streamed, one request after another): TTFT.
-- ``batch``: the same lines as one batch (``/v1/batches``) while the 2 users chat:
-  batch completion tokens/s (from ``usage`` over the batch's run) and their TTFT.
+- ``idle``: 2 interactive users chat (streamed, one request after another, 0.5 s between
+  an answer and the next question): TTFT.
+- ``batch_alone``: the same lines as one batch (``/v1/batches``), nothing else running:
+  what the interactive reserve and the batch runner cost.
+- ``batch``: the lines as a batch again, while the 2 users chat: batch completion tokens/s
+  (from ``usage`` over the batch's run), the users' own tokens/s over the same time (the
+  engine's work for them, which the batch cannot have), and their TTFT.
 - ``vllm-run-batch`` (anchor): vLLM's offline ``run_batch`` command on the same lines, on
   the CPU build `make test` installs; its tokens/s over its whole run, start-up included
   (it has no other mode), and over its run less the start-up it logs.
 
 Every line asks for exactly ``--tokens`` tokens (end of generation banned). Ratios:
-batch / saturated tokens/s (goal >= 0.90) and interactive TTFT p99 during the batch /
-idle (goal <= 2). Table to stdout, JSON to ``--out``.
+batch / saturated tokens/s (goal >= 0.90), alone and beside the users; the engine's whole
+output beside the users (batch + users) / saturated, and the batch / what the users left;
+interactive TTFT p99 during the batch / idle (goal <= 2). Table to stdout, JSON to ``--out``.
 
-    python loadtests/bench_batch.py                 # 5,000 lines; about 25 minutes
+    python loadtests/bench_batch.py                 # 5,000 lines; about 50 minutes
     python loadtests/bench_batch.py --lines 1000 --skip-vllm
 """
 
@@ -33,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -64,18 +70,34 @@ def batch_file(path: Path, n: int, tokens: int) -> None:
             out.write(json.dumps(line) + "\n")
 
 
-async def chat_user(base: str, stop: asyncio.Event, ttfts: list[float], u: int) -> None:
+@dataclass
+class Users:
+    """What the interactive users saw: TTFTs, and when each answer ended with how many
+    completion tokens (the engine's work for them)."""
+
+    ttfts: list[float] = field(default_factory=list)
+    answers: list[tuple[float, int]] = field(default_factory=list)
+
+    def tokens_between(self, start: float, end: float) -> int:
+        return sum(n for at, n in self.answers if start <= at <= end)
+
+
+async def chat_user(base: str, stop: asyncio.Event, seen_by: Users, u: int) -> None:
     async with httpx.AsyncClient(base_url=base, timeout=300) as http:
         i = 0
         while not stop.is_set():
-            body = {**line_body(10_000 + 100 * u + i, 16), "stream": True}
+            body = {**line_body(10_000 + 100 * u + i, 16), "stream": True,
+                    "stream_options": {"include_usage": True}}  # fmt: skip
             began = time.perf_counter()
-            seen = False
+            seen, tokens = False, 0
             async with http.stream("POST", "/v1/chat/completions", json=body) as r:
                 async for raw in r.aiter_lines():  # read to the end: the user waits for it all
                     if not seen and raw.startswith("data: ") and '"content"' in raw:
-                        ttfts.append((time.perf_counter() - began) * 1000)
+                        seen_by.ttfts.append((time.perf_counter() - began) * 1000)
                         seen = True
+                    elif raw.startswith("data: {") and '"usage":{' in raw.replace(" ", ""):
+                        tokens = json.loads(raw[6:])["usage"]["completion_tokens"]
+            seen_by.answers.append((time.perf_counter(), tokens))
             i += 1
             await asyncio.sleep(0.5)  # a user reads the answer
 
@@ -99,12 +121,12 @@ async def saturated(base: str, n: int, tokens: int, clients: int) -> dict[str, f
 
 
 async def idle(base: str, seconds: float) -> dict[str, float]:
-    stop, ttfts = asyncio.Event(), list[float]()
-    users = [asyncio.create_task(chat_user(base, stop, ttfts, u)) for u in range(2)]
+    stop, seen_by = asyncio.Event(), Users()
+    users = [asyncio.create_task(chat_user(base, stop, seen_by, u)) for u in range(2)]
     await asyncio.sleep(seconds)
     stop.set()
     await asyncio.gather(*users)
-    return ttft_summary(ttfts)
+    return ttft_summary(seen_by.ttfts)
 
 
 def ttft_summary(ttfts: list[float]) -> dict[str, float]:
@@ -115,8 +137,10 @@ def ttft_summary(ttfts: list[float]) -> dict[str, float]:
     }
 
 
-async def batch_arm(base: str, source: Path) -> dict[str, Any]:
-    stop, ttfts = asyncio.Event(), list[float]()
+async def batch_arm(base: str, source: Path, chatting: int) -> dict[str, Any]:
+    """The lines as one batch while ``chatting`` users chat: the batch's tokens/s from the
+    first finished line to the end, and the users' own tokens/s over the same time."""
+    stop, seen_by = asyncio.Event(), Users()
     async with httpx.AsyncClient(base_url=base, timeout=600) as http:
         with source.open("rb") as f:
             uploaded = (await http.post("/v1/files", files={"file": f},
@@ -124,7 +148,7 @@ async def batch_arm(base: str, source: Path) -> dict[str, Any]:
         created = (await http.post("/v1/batches", json={
             "input_file_id": uploaded["id"], "endpoint": "/v1/chat/completions",
             "completion_window": "24h"})).json()  # fmt: skip
-        users = [asyncio.create_task(chat_user(base, stop, ttfts, u)) for u in range(2)]
+        users = [asyncio.create_task(chat_user(base, stop, seen_by, u)) for u in range(chatting)]
         first: tuple[float, int] | None = None
         while True:
             b = (await http.get(f"/v1/batches/{created['id']}")).json()
@@ -140,10 +164,11 @@ async def batch_arm(base: str, source: Path) -> dict[str, Any]:
     seconds = now - first[0]
     return {
         "tokens_per_s": (out - first[1]) / seconds,
+        "interactive_tokens_per_s": seen_by.tokens_between(first[0], now) / seconds,
         "seconds": seconds,
         "status": b["status"],
         "request_counts": b["request_counts"],
-        **ttft_summary(ttfts),
+        **(ttft_summary(seen_by.ttfts) if seen_by.ttfts else {}),
     }
 
 
@@ -208,8 +233,10 @@ def main() -> None:
         before, after = {}, {}
         for when, into in (("before", before), ("after", after)):
             if when == "after":
+                print("batch alone...", flush=True)
+                report["batch_alone"] = asyncio.run(batch_arm(base, source, 0))
                 print("batch with 2 interactive users...", flush=True)
-                report["batch"] = asyncio.run(batch_arm(base, source))
+                report["batch"] = asyncio.run(batch_arm(base, source, 2))
             print(f"idle interactive TTFT ({when})...", flush=True)
             into["idle"] = asyncio.run(idle(base, args.idle_seconds))
             print(f"saturated engine ({when})...", flush=True)
@@ -221,9 +248,19 @@ def main() -> None:
         if not args.skip_vllm:
             print("vLLM run_batch...", flush=True)
             report["vllm_run_batch"] = vllm_run_batch(source, root)
+    batch, full = report["batch"], report["saturated"]["tokens_per_s"]
     ratios = {
-        "batch_vs_saturated_tokens_per_s": report["batch"]["tokens_per_s"]
-        / report["saturated"]["tokens_per_s"],
+        "batch_alone_vs_saturated_tokens_per_s": report["batch_alone"]["tokens_per_s"] / full,
+        "batch_vs_saturated_tokens_per_s": batch["tokens_per_s"] / full,
+        # What the engine did while the users chatted (their answers and the batch's):
+        # work-conserving when it is the saturated engine's.
+        "engine_during_batch_vs_saturated_tokens_per_s": (
+            batch["tokens_per_s"] + batch["interactive_tokens_per_s"]
+        )
+        / full,
+        # The batch's share of what the users left.
+        "batch_vs_saturated_less_users": batch["tokens_per_s"]
+        / (full - batch["interactive_tokens_per_s"]),
         "ttft_p99_batch_vs_idle": report["batch"]["ttft_ms_p99"] / report["idle"]["ttft_ms_p99"],
         "ttft_p50_batch_vs_idle": report["batch"]["ttft_ms_p50"] / report["idle"]["ttft_ms_p50"],
     }
@@ -231,13 +268,15 @@ def main() -> None:
         ratios["batch_vs_vllm_run_batch_tokens_per_s"] = (
             report["batch"]["tokens_per_s"] / report["vllm_run_batch"]["tokens_per_s"]
         )
-    print(f"\n{'arm':<16} {'tok/s':>8} {'TTFT p50':>10} {'TTFT p99':>10}")
+    print(f"\n{'arm':<16} {'tok/s':>8} {'users tok/s':>12} {'TTFT p50':>10} {'TTFT p99':>10}")
     for name, row in report.items():
         if row and name != "baselines":
             p50 = f"{row['ttft_ms_p50']:.0f} ms" if "ttft_ms_p50" in row else "-"
             p99 = f"{row['ttft_ms_p99']:.0f} ms" if "ttft_ms_p99" in row else "-"
             rate = f"{row['tokens_per_s']:.1f}" if "tokens_per_s" in row else "-"
-            print(f"{name:<16} {rate:>8} {p50:>10} {p99:>10}")
+            users = row.get("interactive_tokens_per_s")
+            users_rate = "-" if users is None else f"{users:.1f}"
+            print(f"{name:<16} {rate:>8} {users_rate:>12} {p50:>10} {p99:>10}")
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

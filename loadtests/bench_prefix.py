@@ -20,10 +20,15 @@ Reported per arm: TTFT p50/p99 (and round 1's p50 for ``shared``), aggregate com
 tokens/s, and the KV cells cached prefixes hold (Lockgate: ``lockgate_prefix_cache_cells``
 after the workload; llama-server: the tokens its slots keep, from ``/slots``). Ratios:
 cache off / on for TTFT, on / off and on / llama-server for tokens/s. Median of
-``--rounds``. Tables to stdout, JSON to ``--out``, a PNG next to it.
+``--rounds``, the arms' order rotated each round; on / off tokens/s is also paired round by
+round (geometric mean, min, max). ``--control`` adds a second cache-off server, whose ratio
+to the first is what the comparison's noise is. Tables to stdout, JSON to ``--out``, a PNG
+next to it.
 
-    python loadtests/bench_prefix.py               # about 15 minutes on two idle cores
+    python loadtests/bench_prefix.py               # about 20 minutes on two idle cores
     python loadtests/bench_prefix.py --quick --out /tmp/p.json
+    python loadtests/bench_prefix.py --workloads distinct --rounds 12 --turns 1 --control \
+        --skip-llama-server --out loadtests/results/bench_prefix_distinct.json
 """
 
 from __future__ import annotations
@@ -240,7 +245,9 @@ def run(arms: list[Arm], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         per_arm: dict[str, list[Result]] = {a.name: [] for a in arms}
         cells: dict[str, tuple[int | None, str]] = {}
         for r in range(args.rounds):
-            for arm in arms if r % 2 == 0 else list(reversed(arms)):
+            # Rotated each round, so every arm runs in every place of the order equally
+            # often (the arm that runs after another has read up to 8% slower).
+            for arm in arms[r % len(arms) :] + arms[: r % len(arms)]:
                 tag = f"{workload}-{arm.name}-{r}-{os.getpid()}"
                 result = asyncio.run(WORKLOADS[workload](arm, tag, *shape[workload]))
                 per_arm[arm.name].append(result)
@@ -272,7 +279,24 @@ def ratios(report: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
                 row["first_round_ttft_llama_server_over_on"] = (
                     ls["first_round_ttft_ms_p50"] / on["first_round_ttft_ms_p50"]
                 )
+        row |= paired(by_arm)
         out[workload] = row
+    return out
+
+
+def paired(by_arm: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """tokens/s of cache on (and of the control) over cache off, round by round: their
+    geometric mean, which the order's effect cancels out of when the rounds rotate evenly,
+    and the per-round spread."""
+    off = [r["tokens_per_s"] for r in by_arm["lockgate-off"]["rounds"]]
+    out: dict[str, float] = {}
+    for name, key in (("lockgate-on", "on"), ("lockgate-off-control", "control")):
+        if name not in by_arm:
+            continue
+        each = [r["tokens_per_s"] / o for r, o in zip(by_arm[name]["rounds"], off, strict=True)]
+        out[f"tokens_per_s_{key}_over_off_paired"] = statistics.geometric_mean(each)
+        out[f"tokens_per_s_{key}_over_off_min"] = min(each)
+        out[f"tokens_per_s_{key}_over_off_max"] = max(each)
     return out
 
 
@@ -328,7 +352,10 @@ def servers(args: argparse.Namespace, root: Path) -> Any:
     cores = os.cpu_count() or 2
     arms: list[Arm] = []
     with contextlib.ExitStack() as stack:
-        for name, mode in (("lockgate-off", "off"), ("lockgate-on", "shared")):
+        lockgates = [("lockgate-off", "off"), ("lockgate-on", "shared")]
+        if args.control:  # a second cache-off server: the noise floor of the comparison
+            lockgates.append(("lockgate-off-control", "off"))
+        for name, mode in lockgates:
             port = harness.free_port()
             config = root / f"{name}.yaml"
             config.write_text(
@@ -363,6 +390,9 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=4, help="shared/distinct: per user")
     parser.add_argument("--quick", action="store_true", help="1 round, 2 turns")
     parser.add_argument("--skip-llama-server", action="store_true")
+    parser.add_argument(
+        "--control", action="store_true", help="a second cache-off Lockgate: the noise floor"
+    )
     parser.add_argument("--llama-server", help="its binary (default: as `make llama-server`)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "bench_prefix.json")
     args = parser.parse_args()
