@@ -27,7 +27,7 @@ next to it.
 
     python loadtests/bench_prefix.py               # about 20 minutes on two idle cores
     python loadtests/bench_prefix.py --quick --out /tmp/p.json
-    python loadtests/bench_prefix.py --workloads distinct --rounds 12 --turns 1 --control \
+    python loadtests/bench_prefix.py --workloads distinct --rounds 6 --turns 1 --control \
         --skip-llama-server --out loadtests/results/bench_prefix_distinct.json
 """
 
