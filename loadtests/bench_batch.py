@@ -22,8 +22,8 @@ batch / saturated tokens/s (goal >= 0.90), alone and beside the users; the engin
 output beside the users (batch + users) / saturated, and the batch / what the users left;
 interactive TTFT p99 during the batch / idle (goal <= 2). Table to stdout, JSON to ``--out``.
 
-    python loadtests/bench_batch.py                 # 5,000 lines; about 50 minutes
-    python loadtests/bench_batch.py --lines 1000 --skip-vllm
+    python loadtests/bench_batch.py                 # 5,000 lines; over 2 hours here
+    python loadtests/bench_batch.py --lines 1000 --skip-vllm   # about 30 minutes
 """
 
 from __future__ import annotations

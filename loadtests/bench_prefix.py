@@ -245,8 +245,9 @@ def run(arms: list[Arm], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         per_arm: dict[str, list[Result]] = {a.name: [] for a in arms}
         cells: dict[str, tuple[int | None, str]] = {}
         for r in range(args.rounds):
-            # Rotated each round, so every arm runs in every place of the order equally
-            # often (the arm that runs after another has read up to 8% slower).
+            # Rotated each round: with rounds a multiple of the arms, every arm runs in every
+            # place of the order equally often (an arm run after another has read up to 8%
+            # slower). Each arm still follows the same one.
             for arm in arms[r % len(arms) :] + arms[: r % len(arms)]:
                 tag = f"{workload}-{arm.name}-{r}-{os.getpid()}"
                 result = asyncio.run(WORKLOADS[workload](arm, tag, *shape[workload]))
