@@ -16,6 +16,9 @@ from quantization.ladder_report import pareto
 pytestmark = pytest.mark.integration
 
 
+# Two quantizations, perplexity and a benchmark of each: ~4 min on a fast day here, over the
+# suite's 300 s on a slow one; its own bound is the subprocess's 900 s.
+@pytest.mark.timeout(900)
 def test_ladder_of_two_types_on_the_default_model(tmp_path: Path) -> None:
     lockgate = Path(sys.executable).parent / "lockgate"
     source = default_model_path(progress=False)
