@@ -1,8 +1,9 @@
 """Offline batches beside interactive traffic: batch throughput, and what chat users feel.
 
-One Lockgate on the default model (16 sequences), driven over HTTP, in one run:
-
-Baselines run before and after the batches and are averaged (the machine's speed drifts).
+One Lockgate on the default model (16 sequences), driven over HTTP. Four arms, run in
+``--rounds`` rounds with their order rotated each round: this machine's speed drifts by
+tens of percent over minutes, and with rounds a multiple of 4 every arm holds every place
+in the order equally often.
 
 - ``saturated``: 16 closed-loop clients send the batch's own lines as plain requests
   (non-streamed): the engine's throughput when nothing else runs (completion tokens/s).
@@ -13,17 +14,19 @@ Baselines run before and after the batches and are averaged (the machine's speed
 - ``batch``: the lines as a batch again, while the 2 users chat: batch completion tokens/s
   (from ``usage`` over the batch's run), the users' own tokens/s over the same time (the
   engine's work for them, which the batch cannot have), and their TTFT.
-- ``vllm-run-batch`` (anchor): vLLM's offline ``run_batch`` command on the same lines, on
-  the CPU build `make test` installs; its tokens/s over its whole run, start-up included
-  (it has no other mode), and over its run less the start-up it logs.
+- ``vllm-run-batch`` (anchor, once, after the rounds): vLLM's offline ``run_batch`` command
+  on the same lines, on the CPU build `make test` installs; its tokens/s over its whole
+  run, start-up included (it has no other mode).
 
-Every line asks for exactly ``--tokens`` tokens (end of generation banned). Ratios:
-batch / saturated tokens/s (goal >= 0.90), alone and beside the users; the engine's whole
-output beside the users (batch + users) / saturated, and the batch / what the users left;
-interactive TTFT p99 during the batch / idle (goal <= 2). Table to stdout, JSON to ``--out``.
+Every line asks for exactly ``--tokens`` tokens (end of generation banned). Ratios, paired
+round by round (geometric mean, min, max): batch / saturated tokens/s (goal >= 0.90), alone
+and beside the users; the users' share; the engine's whole output beside the users (batch +
+users) / saturated and / the batch alone; the batch / what the users left. Interactive TTFT
+p99 during the batch / idle over all rounds' requests (goal <= 2). Table to stdout, JSON to
+``--out``, a PNG beside it.
 
-    python loadtests/bench_batch.py                 # 5,000 lines; over 2 hours here
-    python loadtests/bench_batch.py --lines 1000 --skip-vllm   # about 30 minutes
+    python loadtests/bench_batch.py                  # 4 rounds of 1,250 lines: hours here
+    python loadtests/bench_batch.py --lines 250 --skip-vllm   # about 25 minutes
 """
 
 from __future__ import annotations
@@ -120,13 +123,13 @@ async def saturated(base: str, n: int, tokens: int, clients: int) -> dict[str, f
     return {"tokens_per_s": produced / seconds, "seconds": seconds, "lines": n}
 
 
-async def idle(base: str, seconds: float) -> dict[str, float]:
+async def idle(base: str, seconds: float) -> dict[str, Any]:
     stop, seen_by = asyncio.Event(), Users()
     users = [asyncio.create_task(chat_user(base, stop, seen_by, u)) for u in range(2)]
     await asyncio.sleep(seconds)
     stop.set()
     await asyncio.gather(*users)
-    return ttft_summary(seen_by.ttfts)
+    return {**ttft_summary(seen_by.ttfts), "ttfts": seen_by.ttfts}
 
 
 def ttft_summary(ttfts: list[float]) -> dict[str, float]:
@@ -169,11 +172,8 @@ async def batch_arm(base: str, source: Path, chatting: int) -> dict[str, Any]:
         "status": b["status"],
         "request_counts": b["request_counts"],
         **(ttft_summary(seen_by.ttfts) if seen_by.ttfts else {}),
+        "ttfts": seen_by.ttfts,
     }
-
-
-def mean_of(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
-    return {k: (a[k] + b[k]) / 2 for k in a}
 
 
 def vllm_run_batch(source: Path, root: Path) -> dict[str, Any] | None:
@@ -196,14 +196,137 @@ def vllm_run_batch(source: Path, root: Path) -> dict[str, Any] | None:
     return {"tokens_per_s": tokens / seconds, "seconds": seconds, "lines": len(rows)}
 
 
+ARMS = ("saturated", "batch_alone", "batch", "idle")
+
+
+async def run_arm(arm: str, base: str, source: Path, args: argparse.Namespace) -> dict[str, Any]:
+    if arm == "saturated":
+        return await saturated(base, args.lines, args.tokens, 16)
+    if arm == "idle":
+        return await idle(base, args.idle_seconds)
+    return await batch_arm(base, source, 2 if arm == "batch" else 0)
+
+
+def rounds(base: str, source: Path, args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    by_arm: dict[str, list[dict[str, Any]]] = {a: [] for a in ARMS}
+    for r in range(args.rounds):
+        for arm in ARMS[r % len(ARMS) :] + ARMS[: r % len(ARMS)]:
+            row = asyncio.run(run_arm(arm, base, source, args))
+            by_arm[arm].append(row)
+            rate = f"{row['tokens_per_s']:6.1f} tok/s" if "tokens_per_s" in row else " " * 12
+            ttft = f"  TTFT p50 {row['ttft_ms_p50']:6.0f} ms" if "ttft_ms_p50" in row else ""
+            print(f"  round {r + 1} {arm:12} {rate}{ttft}", flush=True)
+    return by_arm
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over the rounds; TTFT over every round's requests together."""
+    out: dict[str, Any] = {
+        k: statistics.median(r[k] for r in rows)
+        for k in ("tokens_per_s", "interactive_tokens_per_s")
+        if k in rows[0]
+    }
+    ttfts = [t for r in rows for t in r.get("ttfts", ())]
+    if ttfts:
+        out |= ttft_summary(ttfts)
+    out["rounds"] = [{k: v for k, v in r.items() if k != "ttfts"} for r in rows]
+    return out
+
+
+def paired(by_arm: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
+    """Each ratio round by round (the arms of one round ran minutes apart): geometric mean,
+    min and max over the rounds."""
+    each: dict[str, list[float]] = {}
+    arms = zip(by_arm["saturated"], by_arm["batch_alone"], by_arm["batch"], strict=True)
+    for sat, alone, batch in arms:
+        full, users = sat["tokens_per_s"], batch["interactive_tokens_per_s"]
+        made = batch["tokens_per_s"] + users  # the engine's whole output beside the users
+        for name, value in (
+            ("batch_alone_vs_saturated", alone["tokens_per_s"] / full),
+            ("batch_vs_saturated", batch["tokens_per_s"] / full),
+            ("users_vs_saturated", users / full),
+            # Work-conserving when it is the saturated engine's.
+            ("engine_during_batch_vs_saturated", made / full),
+            ("batch_vs_saturated_less_users", batch["tokens_per_s"] / (full - users)),
+            # What protecting the users costs the engine, against the batch alone.
+            ("engine_during_batch_vs_batch_alone", made / alone["tokens_per_s"]),
+        ):
+            each.setdefault(name, []).append(value)
+    out: dict[str, float] = {}
+    for name, values in each.items():
+        out[f"{name}_paired"] = statistics.geometric_mean(values)
+        out[f"{name}_min"], out[f"{name}_max"] = min(values), max(values)
+    return out
+
+
+def print_tables(report: dict[str, Any], ratios: dict[str, float]) -> None:
+    print("\n| arm | batch tok/s | users' tok/s | chat TTFT p50 | p99 | requests |"
+          "\n|---|---:|---:|---:|---:|---:|")  # fmt: skip
+    for name, row in report.items():
+        if not row:
+            continue
+        cells = [
+            f"{row['tokens_per_s']:.1f}" if "tokens_per_s" in row else "-",
+            f"{row['interactive_tokens_per_s']:.1f}" if "interactive_tokens_per_s" in row else "-",
+            f"{row['ttft_ms_p50']:.0f} ms" if "ttft_ms_p50" in row else "-",
+            f"{row['ttft_ms_p99']:.0f} ms" if "ttft_ms_p99" in row else "-",
+            str(row.get("requests", "-")),
+        ]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print("\n| ratio | geomean | min | max |\n|---|---:|---:|---:|")
+    for key, value in ratios.items():
+        if key.endswith("_paired"):
+            name = key.removesuffix("_paired")
+            low, high = ratios[f"{name}_min"], ratios[f"{name}_max"]
+            print(f"| {name} | {value:.3f} | {low:.3f} | {high:.3f} |")
+        elif not key.endswith(("_min", "_max")):
+            print(f"| {key} | {value:.3f} | | |")
+
+
+def plot(by_arm: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    xs = list(range(len(by_arm["saturated"])))
+    width = 0.27
+    beside = [r["tokens_per_s"] for r in by_arm["batch"]]
+    bars = (
+        ("saturated (16 HTTP clients)", -width, [r["tokens_per_s"] for r in by_arm["saturated"]]),
+        ("batch alone", 0.0, [r["tokens_per_s"] for r in by_arm["batch_alone"]]),
+        ("batch beside 2 chat users", width, beside),
+    )
+    for label, shift, heights in bars:
+        left.bar([x + shift for x in xs], heights, width, label=label)
+    users = [r["interactive_tokens_per_s"] for r in by_arm["batch"]]
+    left.bar([x + width for x in xs], users, width, bottom=beside, label="the users' answers")
+    left.set_xticks(xs, [str(x + 1) for x in xs])
+    left.set_xlabel("round")
+    tallest = max(b + u for b, u in zip(beside, users, strict=True))
+    left.set_ylim(0, 1.4 * max(tallest, *(max(h) for _, _, h in bars)))
+    left.set_title("completion tokens/s")
+    left.legend(fontsize=8, loc="upper center", ncol=2)
+    for arm, label in (("idle", "2 users, engine idle"), ("batch", "2 users beside the batch")):
+        ttfts = sorted(t for r in by_arm[arm] for t in r["ttfts"])
+        right.plot(ttfts, [(i + 1) / len(ttfts) for i in range(len(ttfts))], label=label)
+    right.set_xlabel("TTFT (ms)")
+    right.set_title("chat TTFT: share of requests at or below")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--lines", type=int, default=5000)
+    parser.add_argument("--lines", type=int, default=1250, help="lines per arm and round")
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=16, help="completion tokens per line")
     parser.add_argument("--reserve", type=int, default=2, help="batches.interactive_reserve")
     parser.add_argument("--background-prefill", type=int, default=64,
                         help="models[].background_prefill")  # fmt: skip
-    parser.add_argument("--idle-seconds", type=float, default=60)
+    parser.add_argument("--idle-seconds", type=float, default=30, help="per round")
     parser.add_argument("--skip-vllm", action="store_true")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "bench_batch.json")
     args = parser.parse_args()
@@ -227,59 +350,23 @@ def main() -> None:
         )
         base = f"http://127.0.0.1:{port}"
         harness.wait_http(f"{base}/health/ready", proc)
-        report: dict[str, Any] = {}
-        # The baselines run before and after the batch, and their mean is what the batch
-        # is compared with: this machine's speed drifts by tens of percent over minutes.
-        before, after = {}, {}
-        for when, into in (("before", before), ("after", after)):
-            if when == "after":
-                print("batch alone...", flush=True)
-                report["batch_alone"] = asyncio.run(batch_arm(base, source, 0))
-                print("batch with 2 interactive users...", flush=True)
-                report["batch"] = asyncio.run(batch_arm(base, source, 2))
-            print(f"idle interactive TTFT ({when})...", flush=True)
-            into["idle"] = asyncio.run(idle(base, args.idle_seconds))
-            print(f"saturated engine ({when})...", flush=True)
-            into["saturated"] = asyncio.run(saturated(base, args.lines, args.tokens, 16))
-        report["idle"] = mean_of(before["idle"], after["idle"])
-        report["saturated"] = mean_of(before["saturated"], after["saturated"])
-        report["baselines"] = {"before": before, "after": after}
+        by_arm = rounds(base, source, args)
         stack.close()  # the gateway stops before vLLM starts: one engine on the CPU at a time
+        report: dict[str, Any] = {arm: summary(rows) for arm, rows in by_arm.items()}
         if not args.skip_vllm:
             print("vLLM run_batch...", flush=True)
             report["vllm_run_batch"] = vllm_run_batch(source, root)
-    batch, full = report["batch"], report["saturated"]["tokens_per_s"]
-    ratios = {
-        "batch_alone_vs_saturated_tokens_per_s": report["batch_alone"]["tokens_per_s"] / full,
-        "batch_vs_saturated_tokens_per_s": batch["tokens_per_s"] / full,
-        # What the engine did while the users chatted (their answers and the batch's):
-        # work-conserving when it is the saturated engine's.
-        "engine_during_batch_vs_saturated_tokens_per_s": (
-            batch["tokens_per_s"] + batch["interactive_tokens_per_s"]
-        )
-        / full,
-        # The batch's share of what the users left.
-        "batch_vs_saturated_less_users": batch["tokens_per_s"]
-        / (full - batch["interactive_tokens_per_s"]),
-        "ttft_p99_batch_vs_idle": batch["ttft_ms_p99"] / report["idle"]["ttft_ms_p99"],
-        "ttft_p50_batch_vs_idle": batch["ttft_ms_p50"] / report["idle"]["ttft_ms_p50"],
-    }
+    batch, quiet = report["batch"], report["idle"]
+    ratios = paired(by_arm)
+    ratios["ttft_p99_batch_vs_idle"] = batch["ttft_ms_p99"] / quiet["ttft_ms_p99"]
+    ratios["ttft_p50_batch_vs_idle"] = batch["ttft_ms_p50"] / quiet["ttft_ms_p50"]
     if report.get("vllm_run_batch"):
         ratios["batch_vs_vllm_run_batch_tokens_per_s"] = (
             batch["tokens_per_s"] / report["vllm_run_batch"]["tokens_per_s"]
         )
-    print(f"\n{'arm':<16} {'tok/s':>8} {'users tok/s':>12} {'TTFT p50':>10} {'TTFT p99':>10}")
-    for name, row in report.items():
-        if row and name != "baselines":
-            p50 = f"{row['ttft_ms_p50']:.0f} ms" if "ttft_ms_p50" in row else "-"
-            p99 = f"{row['ttft_ms_p99']:.0f} ms" if "ttft_ms_p99" in row else "-"
-            rate = f"{row['tokens_per_s']:.1f}" if "tokens_per_s" in row else "-"
-            users = row.get("interactive_tokens_per_s")
-            users_rate = "-" if users is None else f"{users:.1f}"
-            print(f"{name:<16} {rate:>8} {users_rate:>12} {p50:>10} {p99:>10}")
-    for k, v in ratios.items():
-        print(f"{k}: {v:.2f}")
+    print_tables(report, ratios)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    plot(by_arm, args.out.with_suffix(".png"))
     args.out.write_text(
         json.dumps(
             {
