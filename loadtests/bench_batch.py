@@ -18,15 +18,22 @@ in the order equally often.
   on the same lines, on the CPU build `make test` installs; its tokens/s over its whole
   run, start-up included (it has no other mode).
 
+The rotation is cyclic: ``batch`` follows ``batch_alone`` in 3 rounds of 4, so what one arm
+leaves behind for the next is not balanced. The users' TTFTs beside the batch are all their
+requests from upload to the batch's end (the upload and its validation take about a second;
+the batch's last lines run beside them too), while its tokens/s is from its first finished
+line to its end.
+
 Every line asks for exactly ``--tokens`` tokens (end of generation banned). Ratios, paired
 round by round (geometric mean, min, max): batch / saturated tokens/s (goal >= 0.90), alone
 and beside the users; the users' share; the engine's whole output beside the users (batch +
 users) / saturated and / the batch alone; the batch / what the users left. Interactive TTFT
-p99 during the batch / idle over all rounds' requests (goal <= 2). Table to stdout, JSON to
-``--out``, a PNG beside it.
+p99 during the batch / idle (goal <= 2), paired and over all rounds' requests pooled.
+Table to stdout, JSON to ``--out``, a PNG beside it.
 
-    python loadtests/bench_batch.py                  # 4 rounds of 1,250 lines: hours here
-    python loadtests/bench_batch.py --lines 250 --skip-vllm   # about 25 minutes
+    python loadtests/bench_batch.py                  # 4 rounds of 1,250 lines: over an hour
+    python loadtests/bench_batch.py --lines 250 --skip-vllm   # about 25 minutes here
+    python loadtests/bench_batch.py --again          # no run: the ratios again from the JSON
 """
 
 from __future__ import annotations
@@ -204,7 +211,10 @@ async def run_arm(arm: str, base: str, source: Path, args: argparse.Namespace) -
         return await saturated(base, args.lines, args.tokens, 16)
     if arm == "idle":
         return await idle(base, args.idle_seconds)
-    return await batch_arm(base, source, 2 if arm == "batch" else 0)
+    if arm == "batch_alone":
+        return await batch_arm(base, source, 0)
+    assert arm == "batch", arm
+    return await batch_arm(base, source, 2)
 
 
 def rounds(base: str, source: Path, args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
@@ -220,7 +230,8 @@ def rounds(base: str, source: Path, args: argparse.Namespace) -> dict[str, list[
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Medians over the rounds; TTFT over every round's requests together."""
+    """Medians over the rounds; TTFT over every round's requests together (each round's
+    TTFTs are kept, so ``--again`` can draw the PNG again from the JSON)."""
     out: dict[str, Any] = {
         k: statistics.median(r[k] for r in rows)
         for k in ("tokens_per_s", "interactive_tokens_per_s")
@@ -229,7 +240,7 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     ttfts = [t for r in rows for t in r.get("ttfts", ())]
     if ttfts:
         out |= ttft_summary(ttfts)
-    out["rounds"] = [{k: v for k, v in r.items() if k != "ttfts"} for r in rows]
+    out["rounds"] = rows
     return out
 
 
@@ -248,10 +259,15 @@ def paired(by_arm: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
             # Work-conserving when it is the saturated engine's.
             ("engine_during_batch_vs_saturated", made / full),
             ("batch_vs_saturated_less_users", batch["tokens_per_s"] / (full - users)),
-            # What protecting the users costs the engine, against the batch alone.
+            # The engine beside the users against the batch alone: below 1 by at most what
+            # protecting the users costs.
             ("engine_during_batch_vs_batch_alone", made / alone["tokens_per_s"]),
         ):
             each.setdefault(name, []).append(value)
+    for quiet, busy in zip(by_arm["idle"], by_arm["batch"], strict=True):
+        for q in ("p99", "p50"):
+            key = f"ttft_ms_{q}"
+            each.setdefault(f"ttft_{q}_batch_vs_idle", []).append(busy[key] / quiet[key])
     out: dict[str, float] = {}
     for name, values in each.items():
         out[f"{name}_paired"] = statistics.geometric_mean(values)
@@ -302,12 +318,9 @@ def plot(by_arm: dict[str, list[dict[str, Any]]], path: Path) -> None:
         left.bar([x + shift for x in xs], heights, width, label=label)
     users = [r["interactive_tokens_per_s"] for r in by_arm["batch"]]
     left.bar([x + width for x in xs], users, width, bottom=beside, label="the users' answers")
-    left.set_xticks(xs, [str(x + 1) for x in xs])
-    left.set_xlabel("round")
-    tallest = max(b + u for b, u in zip(beside, users, strict=True))
-    left.set_ylim(0, 1.4 * max(tallest, *(max(h) for _, _, h in bars)))
+    left.set_xticks(xs, [f"round {x + 1}" for x in xs])
     left.set_title("completion tokens/s")
-    left.legend(fontsize=8, loc="upper center", ncol=2)
+    left.legend(fontsize=8, loc="lower right")
     for arm, label in (("idle", "2 users, engine idle"), ("batch", "2 users beside the batch")):
         ttfts = sorted(t for r in by_arm[arm] for t in r["ttfts"])
         right.plot(ttfts, [(i + 1) / len(ttfts) for i in range(len(ttfts))], label=label)
@@ -316,6 +329,51 @@ def plot(by_arm: dict[str, list[dict[str, Any]]], path: Path) -> None:
     right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def ratios_of(report: dict[str, Any]) -> dict[str, float]:
+    """The paired ratios from the arms' rounds, and TTFT over all rounds' requests pooled."""
+    by_arm = {arm: report[arm]["rounds"] for arm in ARMS}
+    batch, quiet = report["batch"], report["idle"]
+    ratios = paired(by_arm)
+    ratios["ttft_p99_pooled_batch_vs_idle"] = batch["ttft_ms_p99"] / quiet["ttft_ms_p99"]
+    ratios["ttft_p50_pooled_batch_vs_idle"] = batch["ttft_ms_p50"] / quiet["ttft_ms_p50"]
+    if report.get("vllm_run_batch"):
+        ratios["batch_vs_vllm_run_batch_tokens_per_s"] = (
+            batch["tokens_per_s"] / report["vllm_run_batch"]["tokens_per_s"]
+        )
+    return ratios
+
+
+def write(out: Path, args: argparse.Namespace, report: dict[str, Any]) -> None:
+    ratios = ratios_of(report)
+    print_tables(report, ratios)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: str(v) for k, v in vars(args).items()}
+    out.write_text(
+        json.dumps(
+            {
+                "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+                "revision": harness.git_revision(),
+                "settings": settings,
+                "report": report,
+                "ratios": ratios,
+            },
+            indent=2,
+        )
+    )
+    plot({arm: report[arm]["rounds"] for arm in ARMS}, out.with_suffix(".png"))
+
+
+def again(out: Path) -> None:
+    """The ratios of a stored run computed again, and its PNG drawn again when its rounds
+    kept their TTFTs (runs before ``--again`` existed did not)."""
+    stored = json.loads(out.read_text())
+    stored["ratios"] = ratios_of(stored["report"])
+    print_tables(stored["report"], stored["ratios"])
+    out.write_text(json.dumps(stored, indent=2))
+    if all("ttfts" in r for r in stored["report"]["idle"]["rounds"]):
+        plot({arm: stored["report"][arm]["rounds"] for arm in ARMS}, out.with_suffix(".png"))
 
 
 def main() -> None:
@@ -329,7 +387,17 @@ def main() -> None:
     parser.add_argument("--idle-seconds", type=float, default=30, help="per round")
     parser.add_argument("--skip-vllm", action="store_true")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "bench_batch.json")
+    parser.add_argument("--again", action="store_true",
+                        help="no run: the ratios (and PNG) again from --out's rounds")  # fmt: skip
     args = parser.parse_args()
+    if args.again:
+        again(args.out)
+        return
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    if args.rounds % len(ARMS):
+        print(f"--rounds {args.rounds}: not a multiple of {len(ARMS)}, so the arms do not hold"
+              " every place in the order equally often", file=sys.stderr)  # fmt: skip
     cores = os.cpu_count() or 2
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         root = Path(tmp)
@@ -356,29 +424,7 @@ def main() -> None:
         if not args.skip_vllm:
             print("vLLM run_batch...", flush=True)
             report["vllm_run_batch"] = vllm_run_batch(source, root)
-    batch, quiet = report["batch"], report["idle"]
-    ratios = paired(by_arm)
-    ratios["ttft_p99_batch_vs_idle"] = batch["ttft_ms_p99"] / quiet["ttft_ms_p99"]
-    ratios["ttft_p50_batch_vs_idle"] = batch["ttft_ms_p50"] / quiet["ttft_ms_p50"]
-    if report.get("vllm_run_batch"):
-        ratios["batch_vs_vllm_run_batch_tokens_per_s"] = (
-            batch["tokens_per_s"] / report["vllm_run_batch"]["tokens_per_s"]
-        )
-    print_tables(report, ratios)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    plot(by_arm, args.out.with_suffix(".png"))
-    args.out.write_text(
-        json.dumps(
-            {
-                "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
-                "revision": harness.git_revision(),
-                "settings": {k: str(v) for k, v in vars(args).items()},
-                "report": report,
-                "ratios": ratios,
-            },
-            indent=2,
-        )
-    )
+    write(args.out, args, report)
 
 
 if __name__ == "__main__":
