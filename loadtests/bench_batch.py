@@ -32,7 +32,7 @@ p99 during the batch / idle (goal <= 2), paired and over all rounds' requests po
 Table to stdout, JSON to ``--out``, a PNG beside it.
 
     python loadtests/bench_batch.py                  # 4 rounds of 1,250 lines: over an hour
-    python loadtests/bench_batch.py --lines 250 --skip-vllm   # about 25 minutes here
+    python loadtests/bench_batch.py --lines 250 --skip-vllm   # about 15 minutes here
     python loadtests/bench_batch.py --again          # no run: the ratios again from the JSON
 """
 
