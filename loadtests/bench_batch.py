@@ -331,11 +331,14 @@ def plot(by_arm: dict[str, list[dict[str, Any]]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def rounds_of(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    return {arm: report[arm]["rounds"] for arm in ARMS}
+
+
 def ratios_of(report: dict[str, Any]) -> dict[str, float]:
     """The paired ratios from the arms' rounds, and TTFT over all rounds' requests pooled."""
-    by_arm = {arm: report[arm]["rounds"] for arm in ARMS}
     batch, quiet = report["batch"], report["idle"]
-    ratios = paired(by_arm)
+    ratios = paired(rounds_of(report))
     ratios["ttft_p99_pooled_batch_vs_idle"] = batch["ttft_ms_p99"] / quiet["ttft_ms_p99"]
     ratios["ttft_p50_pooled_batch_vs_idle"] = batch["ttft_ms_p50"] / quiet["ttft_ms_p50"]
     if report.get("vllm_run_batch"):
@@ -362,7 +365,7 @@ def write(out: Path, args: argparse.Namespace, report: dict[str, Any]) -> None:
             indent=2,
         )
     )
-    plot({arm: report[arm]["rounds"] for arm in ARMS}, out.with_suffix(".png"))
+    plot(rounds_of(report), out.with_suffix(".png"))
 
 
 def again(out: Path) -> None:
@@ -373,7 +376,7 @@ def again(out: Path) -> None:
     print_tables(stored["report"], stored["ratios"])
     out.write_text(json.dumps(stored, indent=2))
     if all("ttfts" in r for r in stored["report"]["idle"]["rounds"]):
-        plot({arm: stored["report"][arm]["rounds"] for arm in ARMS}, out.with_suffix(".png"))
+        plot(rounds_of(stored["report"]), out.with_suffix(".png"))
 
 
 def main() -> None:
