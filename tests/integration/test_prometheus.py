@@ -75,7 +75,9 @@ def test_prometheus_scrapes_the_gateway_and_loads_its_alerts(
             )  # fmt: skip
     deadline = time.monotonic() + 60
     found: list[dict[str, Any]] = []
-    while time.monotonic() < deadline and not found:
+    # A scrape (every second) may land between the first and the third request: wait for a
+    # sample taken after all three.
+    while time.monotonic() < deadline and not (found and float(found[0]["value"][1]) >= 3):
         found = query(
             prometheus, 'lockgate_requests_total{job="lockgate",model="gemma",status="200"}'
         )

@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -156,13 +157,20 @@ def fakes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def test_a_failing_canary_is_rolled_back_and_the_cli_shows_and_undoes_it(fakes: Server) -> None:
     key = cli("tenants", "create", "t", "--with-key", url=fakes.base_url)["key"]["key"]  # type: ignore[index]
     auth = {"Authorization": f"Bearer {key}"}
+    # Each request draws the canary with p = 1/3 (weight 50 beside 100), and the rollback needs
+    # 10 canary outcomes: a fixed 60 requests fell short about once in 850 runs. So send in tens
+    # until it is rolled back; 200 requests fall short with a chance of ~1e-23.
     with httpx.Client(base_url=fakes.base_url, timeout=30, headers=auth) as http:
-        for i in range(60):
+        for i in range(200):
             r = http.post("/v1/chat/completions", json=chat(f"q {i}"))
             assert r.status_code == 200, r.text  # the canary's failures were retried
             assert r.headers["x-lockgate-backend"] == "stable"
-    (chat_model,) = [m for m in cli("models", "status", url=fakes.base_url) if m["id"] == "chat"]  # type: ignore[union-attr,index]
-    canary = next(i for i in chat_model["instances"] if i["id"] == "canary")
+            if i % 10 == 9:
+                models = cast(list[dict[str, Any]], cli("models", "status", url=fakes.base_url))
+                (chat_model,) = [m for m in models if m["id"] == "chat"]
+                canary = next(x for x in chat_model["instances"] if x["id"] == "canary")
+                if canary["weight"] == 0:
+                    break
     assert canary["weight"] == 0 and canary["rolled_back"].startswith("error rate 100%")
     log = fakes.log.read_text()
     assert "canary canary of model chat rolled back (weight 0): error rate 100%" in log

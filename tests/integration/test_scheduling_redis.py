@@ -190,8 +190,9 @@ async def test_fairness_holds_across_replicas(
 ) -> None:
     stats(upstream, reset=True)
     async with clients(pair) as (on_a, on_b):
-        # heavy floods replica A with long streams: K run, the rest queue
-        flood = send(on_a, HEAVY, [f"h{i:02d}" for i in range(3 * K)], tokens=25, stream=True)
+        # heavy floods replica A with long streams (2 s, so light arrives while they run even
+        # on a stalled machine): K run, the rest queue
+        flood = send(on_a, HEAVY, [f"h{i:02d}" for i in range(3 * K)], tokens=100, stream=True)
         await eventually(lambda: stats(upstream)["in_flight"] == K)
         await asyncio.sleep(0.2)  # the running ones are producing (and charging) tokens
         light = send(on_b, LIGHT, ["l0", "l1"])

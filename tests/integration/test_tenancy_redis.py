@@ -146,7 +146,8 @@ def test_a_key_revoked_on_one_replica_is_refused_by_the_other(
         if status == 401:
             break
         assert status == 200
-        assert time.monotonic() - revoked_at < 1.0 + 0.5, "B still accepts the revoked key"
+        # the key cache lives 1 s; 1.5 s more for a stalled machine
+        assert time.monotonic() - revoked_at < 1.0 + 1.5, "B still accepts the revoked key"
         time.sleep(0.05)
 
 
